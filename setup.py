@@ -1,0 +1,39 @@
+"""Packaging for megatron_stablelm.
+
+torch is deliberately *not* pinned to a CUDA build: on a CPU machine install the local CPU wheel first
+(`pip install torch==2.13.0`), and the range below is then already satisfied, so pip pulls no CUDA
+packages. On a GPU cluster, install the torch build that matches the cluster's CUDA first.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_stablelm",
+    version="0.1.0",
+    description="GPT-NeoX-style distributed pretraining for the StableLM family on megatron-core + DeepSpeed",
+    packages=find_packages(include=["megatron_stablelm", "megatron_stablelm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.4",
+        # 0.17+ needs Python 3.12; 0.16.x is what Python 3.11 resolves. Both share the APIs used here.
+        "megatron-core>=0.16,<0.18",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "tiktoken>=0.7",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "zstandard>=0.22",
+        "pyarrow>=15",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5", "triton>=3.0", "liger-kernel>=0.5"],
+        "datasets": ["datasets>=2.18"],
+        "eval": ["lm-eval>=0.4"],
+        "wandb": ["wandb>=0.17"],
+        "tensorboard": ["tensorboard>=2.15"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+)
