@@ -1,0 +1,82 @@
+"""Process groups: torch.distributed plus megatron-core's ``parallel_state`` for TP × DP.
+
+Ranks are laid out as megatron-core does: consecutive ranks form a tensor-parallel group (so TP stays
+inside a node), data parallelism runs across them. One process without any launcher gets a
+single-rank gloo group, so the same model code runs in a notebook, a test and on a cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed (from the launcher's environment, or a single local rank) and build the
+    TP/DP groups. Idempotent for the same TP size."""
+    if not dist.is_initialized():
+        backend = backend or default_backend()
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    world = dist.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(
+            f"model_parallel_size={tensor_parallel_size} does not divide the world size {world}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+
+
+def destroy() -> None:
+    """Tear down the groups (tests build several layouts in one process)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def tp_rank() -> int:
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def dp_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
+
+
+def dp_size() -> int:
+    return parallel_state.get_data_parallel_world_size()
+
+
+def tp_group() -> dist.ProcessGroup:
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def dp_group() -> dist.ProcessGroup:
+    return parallel_state.get_data_parallel_group()
