@@ -345,6 +345,22 @@ def init_weights(model: StableLMModel, seed: int) -> None:
         param.copy_(spec.split(full, rank, size))
 
 
+def canonical_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Whole-model parameter shapes under canonical names, from a model built on the meta device (no
+    memory is allocated) at the current TP size, scaled back to whole tensors."""
+    with torch.device("meta"):
+        model = StableLMModel(cfg, vocab_size)
+    size = parallel.tp_size()
+    shapes = {}
+    for name, param in model.named_parameters():
+        shape = list(param.shape)
+        spec = model.canonical_spec(name)
+        if spec.dim is not None:
+            shape[spec.dim] *= size
+        shapes[name] = tuple(shape)
+    return shapes
+
+
 def build_model(cfg: Config, vocab_size: int, dtype: str | torch.dtype = torch.float32, seed: int | None = None):
     """Construct on the current default device and initialise (``seed`` defaults to the config's)."""
     if isinstance(dtype, str):

@@ -31,13 +31,17 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
     TP/DP groups. Idempotent for the same TP size."""
     if not dist.is_initialized():
         backend = backend or default_backend()
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # No launcher: a single local rank. The environment is left untouched so that child
+            # processes (tools, launchers) do not inherit a stale rendezvous address.
+            dist.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+            )
     world = dist.get_world_size()
     if world % tensor_parallel_size:
         raise ValueError(
