@@ -84,7 +84,9 @@ def write_model_files(
         (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def save_model(directory: str | Path, cfg: Config, shards: list[dict[str, torch.Tensor]], padded_vocab_size: int) -> None:
+def save_model(
+    directory: str | Path, cfg: Config, shards: list[dict[str, torch.Tensor]], padded_vocab_size: int
+) -> None:
     """Single-process save of all TP shards (conversion tools); published atomically."""
     with atomic_directory(directory) as tmp:
         for rank, state in enumerate(shards):
@@ -183,7 +185,9 @@ def read_config(directory: str | Path) -> Config:
     return config_from_dict(values)
 
 
-def iter_canonical_tensors(directory: str | Path, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_canonical_tensors(
+    directory: str | Path, names: list[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield whole-model tensors one at a time, merged across the saved TP shards."""
     directory = resolve_checkpoint(directory)
     meta = read_meta(directory)

@@ -522,7 +522,10 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None) -> Non
         fail("model_parallel_size", "must be >= 1")
     tp = cfg.model_parallel_size
     if heads % tp:
-        fail("model_parallel_size", f"num_attention_heads={heads} is not divisible by the tensor-parallel size {tp}")
+        fail(
+            "model_parallel_size",
+            f"num_attention_heads={heads} is not divisible by the tensor-parallel size {tp}",
+        )
     if kv % tp:
         fail("model_parallel_size", f"num_kv_heads={kv} is not divisible by the tensor-parallel size {tp}")
     if cfg.ffn_hidden_size % tp:
@@ -584,5 +587,7 @@ def expand_attention_config(spec: list, num_layers: int, source: str | None = No
                 f"expected one of {', '.join(ATTENTION_TYPES)}"
             )
     if len(out) != num_layers:
-        raise ConfigError(f"{where}key 'attention_config': covers {len(out)} layers, num_layers is {num_layers}")
+        raise ConfigError(
+            f"{where}key 'attention_config': covers {len(out)} layers, num_layers is {num_layers}"
+        )
     return out

@@ -60,7 +60,9 @@ def _qkv_from_hf(ts: list[torch.Tensor], cfg: Config) -> torch.Tensor:
 
 
 QKV_SPLIT = Transform(_qkv_to_hf, _qkv_from_hf)
-GATE_UP = Transform(lambda t, cfg: [c.contiguous() for c in t.chunk(2, dim=0)], lambda ts, cfg: torch.cat(ts, 0))
+GATE_UP = Transform(
+    lambda t, cfg: [c.contiguous() for c in t.chunk(2, dim=0)], lambda ts, cfg: torch.cat(ts, 0)
+)
 PER_HEAD = Transform(lambda t, cfg: [row.clone() for row in t], lambda ts, cfg: torch.stack(ts, 0))
 
 
@@ -128,7 +130,12 @@ STABLELM = Architecture(
             heads=lambda c: c.kv_heads,
         ),
         _km("layers.{i}.attention.dense.weight", f"{L}.self_attn.o_proj.weight"),
-        _km("layers.{i}.mlp.fc1.weight", f"{L}.mlp.gate_proj.weight", f"{L}.mlp.up_proj.weight", transform=GATE_UP),
+        _km(
+            "layers.{i}.mlp.fc1.weight",
+            f"{L}.mlp.gate_proj.weight",
+            f"{L}.mlp.up_proj.weight",
+            transform=GATE_UP,
+        ),
         _km("layers.{i}.mlp.fc2.weight", f"{L}.mlp.down_proj.weight"),
         _km("final_norm.weight", "model.norm.weight"),
         _km("final_norm.bias", "model.norm.bias"),
@@ -235,8 +242,11 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | No
             **common,
         )
     return GPTNeoXConfig(
-        use_parallel_residual=cfg.gpt_j_residual, attention_bias=cfg.dense_bias, rotary_pct=cfg.rotary_pct,
-        rotary_emb_base=cfg.rotary_emb_base, **common,
+        use_parallel_residual=cfg.gpt_j_residual,
+        attention_bias=cfg.dense_bias,
+        rotary_pct=cfg.rotary_pct,
+        rotary_emb_base=cfg.rotary_emb_base,
+        **common,
     )
 
 
@@ -254,7 +264,9 @@ def config_from_hf(hf: dict, norm_bias: bool, overrides: dict | None = None) -> 
     LayerNorm biases carry information (HF StableLM always stores them, zero for Stable LM 2 12B)."""
     arch = (hf.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
-        raise ConversionError(f"unsupported HF architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
+        raise ConversionError(
+            f"unsupported HF architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}"
+        )
     pct, theta = _rope(hf)
     heads = hf["num_attention_heads"]
     values = dict(
@@ -344,7 +356,9 @@ def to_hf_state_dict(cfg: Config, ours: dict[str, torch.Tensor], vocab_size: int
     for hf_name, shape in expected.items():
         if hf_name in out:
             if tuple(out[hf_name].shape) != shape:
-                raise ConversionError(f"{hf_name}: shape {tuple(out[hf_name].shape)}, {arch.hf_class} expects {shape}")
+                raise ConversionError(
+                    f"{hf_name}: shape {tuple(out[hf_name].shape)}, {arch.hf_class} expects {shape}"
+                )
         elif any(re.search(p, hf_name) for p in arch.zero_fill):
             out[hf_name] = torch.zeros(shape, dtype=dtype)
         else:
@@ -355,7 +369,9 @@ def to_hf_state_dict(cfg: Config, ours: dict[str, torch.Tensor], vocab_size: int
     return out
 
 
-def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], model_names: list[str]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    cfg: Config, hf: dict[str, torch.Tensor], model_names: list[str]
+) -> dict[str, torch.Tensor]:
     """HF tensors → canonical tensors for a model whose parameter names are ``model_names``. HF
     tensors with no place in the framework must be zero biases, else the conversion is refused."""
     arch = architecture_for(cfg)
@@ -386,7 +402,11 @@ def from_hf_state_dict(cfg: Config, hf: dict[str, torch.Tensor], model_names: li
         zero_ok = any(re.search(p, hf_name) for p in arch.zero_fill)
         if zero_ok and not torch.any(hf[hf_name]):
             continue
-        why = "it is non-zero but the config has use_bias_in_norms: false" if zero_ok else "no framework tensor maps to it"
+        why = (
+            "it is non-zero but the config has use_bias_in_norms: false"
+            if zero_ok
+            else "no framework tensor maps to it"
+        )
         raise ConversionError(f"cannot represent HF tensor '{hf_name}': {why}")
     return out
 
@@ -405,7 +425,9 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise ConversionError(f"{directory}: no model.safetensors (or index); only safetensors checkpoints are read")
+        raise ConversionError(
+            f"{directory}: no model.safetensors (or index); only safetensors checkpoints are read"
+        )
     tensors = {}
     for fname in files:
         with safe_open(str(directory / fname), framework="pt") as fh:

@@ -281,7 +281,9 @@ class StableLMModel(nn.Module):
                     continue
                 shard = self.canonical_spec(name).split(full[name], rank, size)
                 if shard.shape != param.shape:
-                    raise ValueError(f"{name}: checkpoint shard {tuple(shard.shape)} vs model {tuple(param.shape)}")
+                    raise ValueError(
+                        f"{name}: checkpoint shard {tuple(shard.shape)} vs model {tuple(param.shape)}"
+                    )
                 param.copy_(shard)
 
 
@@ -361,7 +363,9 @@ def canonical_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def build_model(cfg: Config, vocab_size: int, dtype: str | torch.dtype = torch.float32, seed: int | None = None):
+def build_model(
+    cfg: Config, vocab_size: int, dtype: str | torch.dtype = torch.float32, seed: int | None = None
+):
     """Construct on the current default device and initialise (``seed`` defaults to the config's)."""
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]

@@ -40,13 +40,15 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
             # No launcher: a single local rank. The environment is left untouched so that child
             # processes (tools, launchers) do not inherit a stale rendezvous address.
             dist.init_process_group(
-                backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timeout,
             )
     world = dist.get_world_size()
     if world % tensor_parallel_size:
-        raise ValueError(
-            f"model_parallel_size={tensor_parallel_size} does not divide the world size {world}"
-        )
+        raise ValueError(f"model_parallel_size={tensor_parallel_size} does not divide the world size {world}")
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel_size:
             return

@@ -18,7 +18,11 @@ def _free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, errors) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
     )
     try:
         fn(rank, world, *args)
@@ -37,7 +41,9 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -64,7 +64,9 @@ def test_logits_match_transformers_tp1(arch, tmp_path, single_rank):
     labels = torch.roll(tokens, -1, dims=1)
     with torch.no_grad():
         losses = model(tokens, labels=labels)
-    ref_losses = torch.nn.functional.cross_entropy(ref.reshape(-1, VOCAB), labels.reshape(-1), reduction="none")
+    ref_losses = torch.nn.functional.cross_entropy(
+        ref.reshape(-1, VOCAB), labels.reshape(-1), reduction="none"
+    )
     torch.testing.assert_close(losses.reshape(-1), ref_losses, rtol=1e-5, atol=1e-5)
 
 
@@ -149,8 +151,12 @@ def test_convert_tools_cli(tmp_path, single_rank):
     _run_tool("tools/convert_to_hf.py", str(ckpt), str(out), "--dtype", "bf16")
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert next(hf.parameters()).dtype == torch.bfloat16
-    proc = subprocess.run([sys.executable, "tools/convert_to_hf.py", str(ckpt), str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "tools/convert_to_hf.py", str(ckpt), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "exists" in proc.stderr
 
 

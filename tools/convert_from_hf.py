@@ -22,13 +22,26 @@ from megatron_stablelm.model import canonical_shapes
 from megatron_stablelm.sharding import shard_spec
 
 ARCH_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "kv_heads", "ffn_hidden_size", "rotary_dim",
-    "is_gated_mlp", "qk_norm", "gpt_j_residual", "gpt_j_tied", "tied_embeddings", "qkv_bias", "dense_bias",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "kv_heads",
+    "ffn_hidden_size",
+    "rotary_dim",
+    "is_gated_mlp",
+    "qk_norm",
+    "gpt_j_residual",
+    "gpt_j_tied",
+    "tied_embeddings",
+    "qkv_bias",
+    "dense_bias",
     "use_bias_in_mlp",
 )
 
 
-def convert_from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, configs: list[str] | None = None) -> Path:
+def convert_from_hf(
+    hf_dir: str | Path, out: str | Path, tp: int = 1, configs: list[str] | None = None
+) -> Path:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
@@ -36,7 +49,9 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, configs: l
     norm_bias = hf_conversion.hf_norm_bias_used(hf_cfg, tensors)
     cfg = hf_conversion.config_from_hf(hf_cfg, norm_bias, overrides={"model_parallel_size": tp})
     if configs:
-        user = load_config(configs, overrides={"model_parallel_size": tp, "padded_vocab_size": hf_cfg["vocab_size"]})
+        user = load_config(
+            configs, overrides={"model_parallel_size": tp, "padded_vocab_size": hf_cfg["vocab_size"]}
+        )
         for key in ARCH_KEYS:
             if getattr(user, key) != getattr(cfg, key):
                 raise ConfigError(
@@ -50,7 +65,9 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, configs: l
     canonical = hf_conversion.from_hf_state_dict(cfg, tensors, list(shapes))
     for name, shape in shapes.items():
         if tuple(canonical[name].shape) != shape:
-            raise hf_conversion.ConversionError(f"'{name}': HF gives {tuple(canonical[name].shape)}, expected {shape}")
+            raise hf_conversion.ConversionError(
+                f"'{name}': HF gives {tuple(canonical[name].shape)}, expected {shape}"
+            )
     shards = [
         {name: shard_spec(name, cfg.is_gated_mlp).split(t, rank, tp).clone() for name, t in canonical.items()}
         for rank in range(tp)
@@ -62,11 +79,15 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, configs: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("hf_dir")
     parser.add_argument("out")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to split for")
-    parser.add_argument("--config", nargs="*", default=None, help="YAML configs merged over the HF architecture")
+    parser.add_argument(
+        "--config", nargs="*", default=None, help="YAML configs merged over the HF architecture"
+    )
     args = parser.parse_args(argv)
     try:
         out = convert_from_hf(args.hf_dir, args.out, args.tp, args.config)

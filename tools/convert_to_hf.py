@@ -23,7 +23,9 @@ from megatron_stablelm import checkpointing, hf_conversion
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def convert_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tokenizer_files: list[Path] | None = None) -> Path:
+def convert_to_hf(
+    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tokenizer_files: list[Path] | None = None
+) -> Path:
     ckpt = checkpointing.resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists():
@@ -47,7 +49,9 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
