@@ -103,6 +103,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)
@@ -113,8 +114,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, heads, d]
-        dropout = self.dropout if self.training else 0.0
-        out = kernels.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout)
+        if cache is not None:
+            out = cache.attend(q, k, v)
+        else:
+            dropout = self.dropout if self.training else 0.0
+            out = kernels.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout)
         out = out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
         return self.dense(out)[0]
 
@@ -180,14 +184,61 @@ class TransformerLayer(nn.Module):
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
 
-    def forward(self, x, cos, sin, cu_seqlens=None, max_seqlen=None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         normed = self.input_norm(x)
-        attn = self._drop(self.attention(normed, cos, sin, cu_seqlens, max_seqlen))
+        attn = self._drop(self.attention(normed, cos, sin, cu_seqlens, max_seqlen, cache))
         if self.parallel_residual:
             mlp_in = normed if self.post_attention_norm is None else self.post_attention_norm(x)
             return x + attn + self._drop(self.mlp(mlp_in))
         x = x + attn
         return x + self._drop(self.mlp(self.post_attention_norm(x)))
+
+
+class LayerCache:
+    """One layer's keys and values for incremental decoding, preallocated ``[b, max_len, kv_heads, d]``
+    (this rank's KV heads)."""
+
+    def __init__(self, owner: InferenceCache, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.owner, self.k, self.v = owner, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new keys/values after the cached ones; attend causally over all of them."""
+        start, new = self.owner.length, q.shape[1]
+        end = start + new
+        if end > self.k.shape[1]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache size {self.k.shape[1]}")
+        self.k[:, start:end], self.v[:, start:end] = k, v
+        keys, values = self.k[:, :end], self.v[:, :end]
+        # query i (absolute position start+i) sees keys 0..start+i
+        allowed = torch.ones(new, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, keys, values))
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=allowed, enable_gqa=qt.shape[1] != kt.shape[1]
+        )
+        return out.transpose(1, 2)
+
+
+class InferenceCache:
+    """Keys/values of every layer for generation with :meth:`StableLMModel.forward` (``cache=``)."""
+
+    def __init__(self, model: StableLMModel, batch: int, max_len: int) -> None:
+        attn = model.layers[0].attention
+        param = next(model.parameters())
+        shape = (batch, max_len, attn.kv_heads, attn.head_dim)
+        self.length = 0
+        self.layers = [
+            LayerCache(
+                self,
+                torch.empty(shape, dtype=param.dtype, device=param.device),
+                torch.empty(shape, dtype=param.dtype, device=param.device),
+            )
+            for _ in model.layers
+        ]
+
+    def advance(self, steps: int) -> None:
+        self.length += steps
 
 
 def model_parallel_config(cfg: Config, dtype: torch.dtype) -> ModelParallelConfig:
@@ -235,20 +286,29 @@ class StableLMModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         labels: torch.Tensor | None = None,
+        cache: InferenceCache | None = None,
     ) -> torch.Tensor:
-        """Vocab-parallel logits ``[b, s, V/tp]``, or with ``labels`` the fp32 per-token loss ``[b, s]``."""
+        """Vocab-parallel logits ``[b, s, V/tp]``, or with ``labels`` the fp32 per-token loss ``[b, s]``.
+
+        With ``cache`` (generation), ``tokens`` continue the cached sequence: positions start at
+        ``cache.length`` and keys/values are appended to the cache."""
         b, s = tokens.shape
         if position_ids is None:
-            position_ids = torch.arange(s, device=tokens.device).expand(b, s)
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + s, device=tokens.device).expand(b, s)
         x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
         cos, sin = kernels.rotary_cos_sin(
             position_ids.transpose(0, 1), self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype
         )
         for index, layer in enumerate(self.layers):
-            if self.training and self.checkpoint_layers and index % max(1, self.checkpoint_layers) == 0:
+            if cache is not None:
+                x = layer(x, cos, sin, cache=cache.layers[index])
+            elif self.training and self.checkpoint_layers and index % max(1, self.checkpoint_layers) == 0:
                 x = _checkpointed(layer, x, cos, sin, cu_seqlens, max_seqlen)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        if cache is not None:
+            cache.advance(s)
         x = self.final_norm(x)
         weight = self.embedding.weight if self.cfg.tied_embeddings else None
         logits, _ = self.output(x, weight=weight)  # [s, b, V/tp]
