@@ -1,0 +1,99 @@
+"""Model-level properties: TP-independent initialisation, init scales, packed documents, KV cache."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_stablelm import parallel
+from megatron_stablelm.model import InferenceCache, build_model, init_std
+from tests.dist_helpers import run_distributed
+from tests.model_helpers import randomize, tiny_config
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    parallel.initialize(1)
+    yield
+    parallel.destroy()
+
+
+def _init_worker(rank: int, world: int, out: str) -> None:
+    parallel.initialize(2)
+    cfg = tiny_config("stablelm-2-12b", model_parallel_size=2)
+    model = build_model(cfg, VOCAB, seed=11)
+    torch.save(model.local_state_dict(), Path(out) / f"rank{rank}.pt")
+
+
+def test_initialisation_is_the_same_at_every_tp_size(tmp_path, single_rank):
+    """Each canonical tensor is drawn whole and then split, so TP=2 ranks hold exactly the shards of
+    the TP=1 model (checked by merging them back)."""
+    from megatron_stablelm.sharding import shard_spec
+
+    whole = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=11).local_state_dict()
+    run_distributed(_init_worker, 2, str(tmp_path))
+    shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, tensor in whole.items():
+        merged = shard_spec(name, True).merge([s[name] for s in shards])
+        assert torch.equal(merged, tensor), name
+
+
+@pytest.mark.parametrize("method", ["normal", "scaled_normal", "small_init", "wang_init"])
+def test_init_methods_have_the_gpt_neox_scale(method, single_rank):
+    cfg = tiny_config("stablelm-3b-4e1t", init_method=method, hidden_size=256, num_attention_heads=4)
+    model = build_model(cfg, VOCAB, seed=0)
+    expected = {
+        "normal": 0.02,
+        "scaled_normal": 0.02 / math.sqrt(2 * cfg.num_layers),
+        "small_init": math.sqrt(2 / (5 * 256)),
+        "wang_init": 2 / (cfg.num_layers * math.sqrt(256)),
+    }[method]
+    assert init_std(method, cfg) == pytest.approx(expected)
+    fc1 = model.layers[0].mlp.fc1.weight
+    assert fc1.std().item() == pytest.approx(expected, rel=0.03)
+    assert model.layers[0].input_norm.weight.eq(1).all() and model.layers[0].input_norm.bias.eq(0).all()
+
+
+@pytest.mark.parametrize("arch", ["stablelm-2-12b", "stablelm-2-1_6b"])
+def test_packed_documents_equal_separate_documents(arch, single_rank):
+    """With document boundaries (cu_seqlens) and restarted positions, each packed document gives the
+    logits of running it alone."""
+    cfg = tiny_config(arch)
+    model = build_model(cfg, VOCAB, seed=2).eval()
+    randomize(model, 2)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [[5, 11, 16], [32]]
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=gen)
+    position_ids = torch.cat([torch.cat([torch.arange(n) for n in row]) for row in lengths]).view(2, 32)
+    bounds = [0]
+    for row in lengths:
+        for n in row:
+            bounds.append(bounds[-1] + n)
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(tokens, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=32)
+        flat_tokens, flat_packed = tokens.reshape(-1), packed.reshape(-1, VOCAB)
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            alone = model(flat_tokens[start:end][None])[0]
+            torch.testing.assert_close(flat_packed[start:end], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_forward(single_rank):
+    cfg = tiny_config("stablelm-2-12b")
+    model = build_model(cfg, VOCAB, seed=4).eval()
+    randomize(model, 4)
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = InferenceCache(model, batch=2, max_len=24)
+        steps = [model(tokens[:, :12], cache=cache)] + [
+            model(tokens[:, i : i + 1], cache=cache) for i in range(12, 20)
+        ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds the cache size"), torch.no_grad():
+        model(tokens[:, :5], cache=cache)
