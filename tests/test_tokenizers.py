@@ -1,0 +1,103 @@
+"""Tokenizers: both kinds load from local files, round-trip text, and fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_stablelm.tokenizers import (
+    ARCADE100K_SPECIAL_TOKENS,
+    HFTokenizer,
+    TiktokenTokenizer,
+    TokenizerError,
+    build_tokenizer,
+    write_tiktoken_ranks,
+)
+from tests.data_helpers import tiny_tokenizer_files
+
+TEXTS = [
+    "def f(x):\n    return x ** 2  # square\n",
+    "Ünïcödé: 日本語のテキスト, данные, emoji 🙂 and\ttabs\r\n",
+    "",
+    "numbers 1234567 and 3.14159",
+    "a literal <|endoftext|> inside",
+]
+
+
+@pytest.fixture(scope="module")
+def files():
+    return tiny_tokenizer_files()
+
+
+@pytest.mark.parametrize("kind", ["HFTokenizer", "TiktokenTokenizer"])
+def test_round_trip_and_batch(files, kind):
+    tok = build_tokenizer(
+        tokenizer_type=kind, vocab_file=files["json" if kind == "HFTokenizer" else "tiktoken"]
+    )
+    assert tok.decode([tok.eod]) == "<|endoftext|>"
+    batch = tok.encode_batch(TEXTS)
+    for text, ids in zip(TEXTS, batch):
+        assert ids == tok.encode(text)
+        assert tok.decode(ids) == text
+        assert all(0 <= i < tok.vocab_size for i in ids)
+    # the special token in text is recognised, as tokenizers does for added tokens
+    assert tok.eod in tok.encode(TEXTS[-1])
+    # megatron-core's duck-typed needs
+    assert tok.pad == -1 and tok.unique_identifiers["vocab_sha1"]
+
+
+@pytest.mark.parametrize("kind", ["HFTokenizer", "TiktokenTokenizer"])
+def test_digits_are_single_tokens(files, kind):
+    tok = build_tokenizer(
+        tokenizer_type=kind, vocab_file=files["json" if kind == "HFTokenizer" else "tiktoken"]
+    )
+    ids = tok.encode("9876543210")
+    assert [tok.decode([i]) for i in ids] == list("9876543210")
+
+
+def test_tiktoken_matches_hf_vocabulary(files):
+    """The .tiktoken written by train_tokenizer is the same vocabulary, specials moved to the end."""
+    hf, tk = HFTokenizer(files["json"]), TiktokenTokenizer(files["tiktoken"])
+    assert hf.eod == 0 and tk.eod == hf.vocab_size - 1
+    for text in TEXTS[:4]:
+        assert [tk.decode([i]) for i in tk.encode(text)] == [hf.decode([i]) for i in hf.encode(text)]
+
+
+def test_arcade100k_special_token_ids(tmp_path):
+    """With the published 100,256 ranks, <|endoftext|> is 100257 and the vocab 100289 (as Stable LM 2)."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for i in range(100256 - 256):
+        ranks[b"\xff" + i.to_bytes(3, "big")] = 256 + i
+    path = tmp_path / "arcade100k.tiktoken"
+    write_tiktoken_ranks(ranks, path)
+    tok = build_tokenizer(tokenizer_type="TiktokenTokenizer", vocab_file=str(path))
+    assert tok.eod == 100257
+    assert tok.vocab_size == 100257 + len(ARCADE100K_SPECIAL_TOKENS) == 100289
+    assert tok.special_tokens["<|im_end|>"] == 100257 + ARCADE100K_SPECIAL_TOKENS.index("<|im_end|>")
+
+
+def test_errors_name_the_file(tmp_path, monkeypatch):
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(TokenizerError, match="nope.json"):
+        build_tokenizer(tokenizer_type="HFTokenizer", vocab_file=missing)
+    with pytest.raises(TokenizerError, match="nope.tiktoken"):
+        build_tokenizer(tokenizer_type="TiktokenTokenizer", vocab_file=str(tmp_path / "nope.tiktoken"))
+    with pytest.raises(TokenizerError, match="vocab_file"):
+        build_tokenizer(tokenizer_type="HFTokenizer", vocab_file=None)
+    with pytest.raises(TokenizerError, match="tokenizer_type"):
+        build_tokenizer(tokenizer_type="SPMTokenizer", vocab_file=missing)
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("!!notbase64 x\n")
+    with pytest.raises(TokenizerError, match="bad.tiktoken:1"):
+        build_tokenizer(tokenizer_type="TiktokenTokenizer", vocab_file=str(bad))
+    # a built-in encoding that is not cached: say what to provide, never download
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(TokenizerError, match=r"not cached.*cl100k_base\.tiktoken"):
+        build_tokenizer(tokenizer_type="TiktokenTokenizer", vocab_file="cl100k_base")
+
+
+def test_tokenizer_ids_fit_shard_dtype(files):
+    from megatron_stablelm.data.indexed import token_dtype
+
+    assert token_dtype(HFTokenizer(files["json"]).vocab_size) is np.uint16
+    assert token_dtype(65536) is np.uint16 and token_dtype(100289) is np.int32

@@ -1,0 +1,38 @@
+"""Print the training data mixture of a config: per source its tokens, weight, planned tokens, epochs.
+
+    python tools/mixture_report.py configs/stablelm-2-1_6b.yml [--dp-size 64] [--override k=v ...]
+
+Only the shards' ``.idx`` files are read (no index is built). ``--dp-size`` defaults to what
+``train_batch_size`` implies (else 1); a source above ``mixture_epochs_warning`` epochs is flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_stablelm.config import ConfigError, load_config
+from megatron_stablelm.data import DataError, ShardError, mixture_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--dp-size", type=int, default=None)
+    p.add_argument("--override", nargs="*", default=[], help="key=value config overrides")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.configs, args.override, report_ignored=False)
+        dp = args.dp_size
+        if dp is None:
+            per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
+            dp = cfg.train_batch_size // per_dp if cfg.train_batch_size else 1
+        print(mixture_report(cfg, dp_size=dp))
+    except (ConfigError, DataError, ShardError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
