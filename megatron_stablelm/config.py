@@ -162,6 +162,7 @@ class Config:
 
     # ---------------------------------------------------------------- data
     data_path: str | None = None
+    split: str = "969,30,1"  # train,valid,test document shares of a single data_path
     train_data_paths: list | None = None
     train_data_weights: list | None = None
     valid_data_paths: list | None = None
@@ -566,6 +567,9 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None) -> Non
         fail("cooldown", "is a fraction of train_iters in [0, 1)")
     if cfg.warmup < 0:
         fail("warmup", "must be >= 0")
+    parts = cfg.split.split(",")
+    if not 1 <= len(parts) <= 3 or any(not p.strip().replace(".", "", 1).isdigit() for p in parts):
+        fail("split", f"expected up to three comma-separated non-negative numbers, got {cfg.split!r}")
 
 
 def expand_attention_config(spec: list, num_layers: int, source: str | None = None) -> list[str]:

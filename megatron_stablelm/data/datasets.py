@@ -182,7 +182,7 @@ def plan_splits(
             plans.append(SplitPlan(name, sources, samples[i]))
     elif cfg.data_path:
         info = shard(cfg.data_path)
-        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(DEFAULT_SPLIT))
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split or DEFAULT_SPLIT))
         for i, name in enumerate(SPLIT_NAMES):
             if matrix[i] is None:
                 plans.append(None)
