@@ -76,6 +76,7 @@ class Attention(nn.Module):
         self.kv_heads = cfg.kv_heads // tp
         self.group = self.heads // self.kv_heads
         self.dropout = cfg.attention_dropout
+        self.selective_recompute = cfg.recompute_granularity == "selective"
         dtype = mp.params_dtype
         qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
         self.qkv = tensor_parallel.ColumnParallelLinear(
@@ -110,16 +111,20 @@ class Attention(nn.Module):
         qkv = qkv.view(s, b, self.kv_heads, self.group + 2, self.head_dim)
         q = qkv[:, :, :, : self.group].reshape(s, b, self.heads, self.head_dim)
         k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [b, s, heads, d]
         if cache is not None:
-            out = cache.attend(q, k, v)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = kernels.apply_rotary_qk(q, k, cos, sin)
+            out = cache.attend(*(t.transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
         else:
+            # QK-norm, rotary and attention; under selective recomputation this span is recomputed in
+            # backward instead of keeping its intermediates (no matmul is redone).
             dropout = self.dropout if self.training else 0.0
-            out = kernels.attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout)
-        out = out.transpose(0, 1).reshape(s, b, self.heads * self.head_dim)
+            out = kernels.recompute_attention_core(
+                q, k, v, cos, sin, self.q_norm, self.k_norm, cu_seqlens, max_seqlen, dropout,
+                enabled=self.training and self.selective_recompute,
+            )  # fmt: skip
+        out = out.reshape(s, b, self.heads * self.head_dim)
         return self.dense(out)[0]
 
 
@@ -192,8 +197,9 @@ class TransformerLayer(nn.Module):
         if self.parallel_residual:
             mlp_in = normed if self.post_attention_norm is None else self.post_attention_norm(x)
             return x + attn + self._drop(self.mlp(mlp_in))
-        x = x + attn
-        return x + self._drop(self.mlp(self.post_attention_norm(x)))
+        norm = self.post_attention_norm
+        mlp_in, x = kernels.add_layer_norm(attn, x, norm.weight, norm.bias, norm.eps)
+        return x + self._drop(self.mlp(mlp_in))
 
 
 class LayerCache:
@@ -263,6 +269,9 @@ class StableLMModel(nn.Module):
         if vocab_size % tp:
             raise ValueError(f"padded vocab {vocab_size} is not divisible by the tensor-parallel size {tp}")
         mp = model_parallel_config(cfg, dtype)
+        kernels.select_attention_backend(
+            kernels.attention_type_from_config(cfg.attention_config, cfg.num_layers)
+        )
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             vocab_size, cfg.hidden_size, init_method=_no_init, config=mp
         )
@@ -314,10 +323,10 @@ class StableLMModel(nn.Module):
         logits, _ = self.output(x, weight=weight)  # [s, b, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
-        if self.cfg.full_precision_lm_cross_entropy or logits.dtype == torch.float32:
-            logits = logits.float()
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous())
-        return losses.transpose(0, 1).float()
+        # Chunked vocab-parallel cross-entropy: fp32 math on one block of logits at a time, so neither
+        # fp32 logits of the whole vocab nor a gathered vocab are ever materialised.
+        losses = kernels.vocab_parallel_cross_entropy(logits, labels.transpose(0, 1), parallel.tp_group())
+        return losses.transpose(0, 1)
 
     # ------------------------------------------------------------------ canonical weights
     def canonical_spec(self, name: str):

@@ -1,13 +1,67 @@
 """Element-wise kernels and attention backends used by the model.
 
-Each function here is the *reference* path, written in plain PyTorch so it runs anywhere (CPU
-included) and serves as the ground truth for the fused/Triton/flash variants, which plug in behind
-the same signatures.
+Each public function keeps one signature and picks its implementation per call: a fused Triton kernel
+for CUDA tensors when Triton is installed, the plain PyTorch ``*_reference`` function otherwise (CPU
+included; ``MEGATRON_STABLELM_KERNELS=reference`` forces it on GPU). The references are the ground
+truth the fused kernels are tested against. Attention dispatches to the backend chosen with
+:func:`select_attention_backend` (default: the best available).
 """
 
-from megatron_stablelm.kernels.attention import attention
-from megatron_stablelm.kernels.norms import layer_norm, per_head_layer_norm
-from megatron_stablelm.kernels.rotary import apply_rotary, rotary_cos_sin
-from megatron_stablelm.kernels.swiglu import swiglu
+from megatron_stablelm.kernels.attention import (
+    AttentionBackend,
+    attention,
+    attention_math,
+    attention_type_from_config,
+    resolve_attention_backend,
+    select_attention_backend,
+    selected_attention_backend,
+)
+from megatron_stablelm.kernels.cross_entropy import (
+    cross_entropy_reference,
+    fused_linear_cross_entropy,
+    vocab_parallel_cross_entropy,
+)
+from megatron_stablelm.kernels.norms import (
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+    per_head_layer_norm,
+    per_head_layer_norm_reference,
+)
+from megatron_stablelm.kernels.recompute import attention_core, checkpointed, recompute_attention_core
+from megatron_stablelm.kernels.rotary import (
+    apply_rotary,
+    apply_rotary_qk,
+    apply_rotary_reference,
+    rotary_cos_sin,
+)
+from megatron_stablelm.kernels.swiglu import swiglu, swiglu_reference
 
-__all__ = ["apply_rotary", "attention", "layer_norm", "per_head_layer_norm", "rotary_cos_sin", "swiglu"]
+__all__ = [
+    "AttentionBackend",
+    "add_layer_norm",
+    "add_layer_norm_reference",
+    "apply_rotary",
+    "apply_rotary_qk",
+    "apply_rotary_reference",
+    "attention",
+    "attention_core",
+    "attention_math",
+    "attention_type_from_config",
+    "checkpointed",
+    "cross_entropy_reference",
+    "fused_linear_cross_entropy",
+    "layer_norm",
+    "layer_norm_reference",
+    "per_head_layer_norm",
+    "per_head_layer_norm_reference",
+    "recompute_attention_core",
+    "resolve_attention_backend",
+    "rotary_cos_sin",
+    "select_attention_backend",
+    "selected_attention_backend",
+    "swiglu",
+    "swiglu_reference",
+    "vocab_parallel_cross_entropy",
+]

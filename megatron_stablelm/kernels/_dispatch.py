@@ -1,0 +1,57 @@
+"""Which implementation of an element-wise kernel runs for a given tensor.
+
+The rule is deliberately simple so a run's numerics are predictable: the Triton kernels run for CUDA
+tensors when Triton is importable, the PyTorch reference everywhere else (CPU, or a GPU box without
+Triton). ``MEGATRON_STABLELM_KERNELS=reference`` forces the reference path on GPU too (for A/B
+benchmarks and for bisecting a numerical problem); ``=triton`` makes a missing Triton an error
+instead of a silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "MEGATRON_STABLELM_KERNELS"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is installed (importing it is deferred until a kernel is needed)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "reference", "triton"):
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected auto, reference or triton")
+    return mode
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the fused Triton kernel should handle ``x``."""
+    mode = _mode()
+    if mode == "reference" or not x.is_cuda:
+        return False
+    if not triton_available():
+        if mode == "triton":
+            raise RuntimeError(f"{ENV_VAR}=triton but triton is not installed")
+        return False
+    return True
+
+
+@functools.cache
+def triton_ops() -> ModuleType:
+    """The Triton kernel module, imported on first use (importing Triton costs ~1 s and is pointless on
+    CPU-only runs)."""
+    from megatron_stablelm.kernels import triton_ops as module
+
+    log.info("element-wise kernels: Triton (fused rotary, SwiGLU, LayerNorm)")
+    return module

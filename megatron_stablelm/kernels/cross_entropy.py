@@ -1,0 +1,204 @@
+"""Vocab-parallel cross-entropy that never holds fp32 logits for the whole vocabulary at once.
+
+Why: with a 100k vocabulary, ``[b*s, V]`` fp32 logits for 8 × 4096 tokens are 13 GB, and the usual
+``logits.float()`` before the loss creates exactly that (plus the same again for the softmax saved
+for backward). Here the loss walks the rows in chunks, upcasting one ``[chunk, V/tp]`` block at a time,
+and saves only the (bf16) logits and one fp32 log-sum-exp per token; backward recomputes the softmax
+chunk by chunk. :func:`fused_linear_cross_entropy` goes further and never materialises the logits at
+all: the LM-head matmul is done chunk by chunk inside the loss (and again in backward).
+
+Vocab parallelism follows megatron's scheme: each tensor-parallel rank holds a contiguous slice of the
+vocabulary, ``[rank * V/tp, (rank + 1) * V/tp)``; the per-token max, sum of exponentials and target
+logit are all-reduced over the TP group (three all-reduces of ``[tokens]`` fp32 vectors per call, not
+per chunk). With ``group=None`` or a one-rank group nothing is communicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# fp32 elements per chunk: 2**24 is 64 MiB of scratch, small next to a 1.6B model's activations and
+# large enough (thousands of rows at V/tp = 100k/tp) that the per-chunk launch overhead is negligible.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _group_info(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_reduce(t: torch.Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
+    if _group_info(group)[1] > 1:
+        dist.all_reduce(t, op=op, group=group)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types, float64 stays float64 (the tests' ground truth runs through the same code)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_rows(rows: int, width: int, chunk_elements: int) -> int:
+    return max(1, min(rows, chunk_elements // max(1, width)))
+
+
+def _target_local(target: torch.Tensor, vocab_start: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of each target inside this rank's slice (0 where it lives elsewhere) and the mask of
+    targets this rank owns."""
+    local = target - vocab_start
+    owned = (local >= 0) & (local < width)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
+def _finish_lse(
+    local_max: torch.Tensor, sumexp: torch.Tensor, target_logit: torch.Tensor, group: dist.ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-rank (max, sum exp(x - max), owned target logit) into the global log-sum-exp and
+    loss. ``sumexp`` is rescaled from the local to the global max before the sum all-reduce."""
+    global_max = local_max.clone()
+    _all_reduce(global_max, dist.ReduceOp.MAX, group)
+    sumexp = sumexp * torch.exp(local_max - global_max)
+    _all_reduce(sumexp, dist.ReduceOp.SUM, group)
+    _all_reduce(target_logit, dist.ReduceOp.SUM, group)
+    lse = global_max + torch.log(sumexp)
+    return lse, lse - target_logit
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, group, chunk_elements, inplace_backward):
+        rows, width = logits.shape
+        rank, _ = _group_info(group)
+        local, owned = _target_local(target, rank * width, width)
+        acc = _acc_dtype(logits.dtype)
+        local_max = torch.empty(rows, dtype=acc, device=logits.device)
+        sumexp = torch.empty_like(local_max)
+        step = _chunk_rows(rows, width, chunk_elements)
+        for start in range(0, rows, step):
+            block = logits[start : start + step].to(acc)
+            m = block.amax(dim=-1)
+            local_max[start : start + step] = m
+            sumexp[start : start + step] = torch.exp(block - m[:, None]).sum(dim=-1)
+        target_logit = logits.gather(1, local[:, None]).squeeze(1).to(acc) * owned
+        lse, loss = _finish_lse(local_max, sumexp, target_logit, group)
+        ctx.save_for_backward(logits, local, owned, lse)
+        ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logits, local, owned, lse = ctx.saved_tensors
+        rows, width = logits.shape
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        grad_loss = grad_loss.to(lse.dtype)
+        step = _chunk_rows(rows, width, ctx.chunk_elements)
+        for start in range(0, rows, step):
+            sl = slice(start, start + step)
+            probs = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])
+            probs.scatter_add_(1, local[sl, None], -owned[sl, None].to(lse.dtype))
+            grad[sl] = probs * grad_loss[sl, None]
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Per-token fp32 loss ``[...]`` from this rank's logits slice ``[..., V/tp]`` (any dtype) and
+    global target ids ``[...]``.
+
+    ``inplace_backward=True`` writes the gradient into the logits' storage (as megatron does), saving
+    one logits-sized buffer; only use it when nothing else needs the logits after the loss.
+    """
+    width = logits.shape[-1]
+    flat = logits.reshape(-1, width)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    loss = _VocabParallelCrossEntropy.apply(flat, target.reshape(-1), group, chunk_elements, inplace_backward)
+    return loss.view(target.shape)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, group, chunk_elements):
+        rows = hidden.shape[0]
+        width = weight.shape[0]
+        rank, _ = _group_info(group)
+        local, owned = _target_local(target, rank * width, width)
+        acc = _acc_dtype(hidden.dtype)
+        local_max = torch.empty(rows, dtype=acc, device=hidden.device)
+        sumexp = torch.empty_like(local_max)
+        target_logit = torch.empty_like(local_max)
+        step = _chunk_rows(rows, width, chunk_elements)
+        for start in range(0, rows, step):
+            sl = slice(start, start + step)
+            block = (hidden[sl] @ weight.t()).to(acc)
+            m = block.amax(dim=-1)
+            local_max[sl] = m
+            sumexp[sl] = torch.exp(block - m[:, None]).sum(dim=-1)
+            target_logit[sl] = block.gather(1, local[sl, None]).squeeze(1) * owned[sl]
+        lse, loss = _finish_lse(local_max, sumexp, target_logit, group)
+        ctx.save_for_backward(hidden, weight, local, owned, lse)
+        ctx.group, ctx.chunk_elements = group, chunk_elements
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local, owned, lse = ctx.saved_tensors
+        rows, width = hidden.shape[0], weight.shape[0]
+        acc = lse.dtype
+        grad_loss = grad_loss.to(acc)
+        grad_hidden = torch.empty_like(hidden)
+        # accumulate the weight gradient over chunks in fp32: summing bf16 partial products across
+        # dozens of chunks would lose the small contributions
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        step = _chunk_rows(rows, width, ctx.chunk_elements)
+        for start in range(0, rows, step):
+            sl = slice(start, start + step)
+            block = (hidden[sl] @ weight.t()).to(acc)
+            probs = torch.exp(block - lse[sl, None])
+            probs.scatter_add_(1, local[sl, None], -owned[sl, None].to(acc))
+            dlogits = (probs * grad_loss[sl, None]).to(hidden.dtype)
+            grad_hidden[sl] = dlogits @ weight
+            grad_weight.addmm_(dlogits.t().to(acc), hidden[sl].to(acc))
+        # each rank holds a vocab slice, so its input gradient is a partial sum (as in megatron's
+        # ColumnParallelLinear backward)
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Per-token fp32 loss of ``hidden @ weight.T`` without materialising the logits.
+
+    ``hidden`` ``[..., h]`` must be the same on every TP rank (no sequence parallelism); ``weight`` is
+    this rank's vocab slice ``[V/tp, h]`` of the (possibly tied) output embedding. Its input gradient is
+    all-reduced over ``group`` here, so do *not* also route ``hidden`` through megatron's
+    ``copy_to_tensor_model_parallel_region``. Costs one extra LM-head matmul (recomputed in backward)
+    in exchange for never storing ``[tokens, V/tp]``.
+    """
+    h = hidden.shape[-1]
+    loss = _FusedLinearCrossEntropy.apply(
+        hidden.reshape(-1, h).contiguous(), weight, target.reshape(-1), group, chunk_elements
+    )
+    return loss.view(target.shape)
+
+
+def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unchunked, single-rank, in the logits' dtype upcast to at least fp32: the ground truth."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    loss = torch.nn.functional.cross_entropy(flat, target.reshape(-1), reduction="none")
+    return loss.view(target.shape)

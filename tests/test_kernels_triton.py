@@ -1,0 +1,146 @@
+"""The Triton kernels against the float64 truths and the PyTorch references, forward and backward.
+
+On a CPU machine they run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before the kernel
+module is imported: the interpreter is chosen when ``@triton.jit`` decorates); on a GPU the CUDA
+variants run natively. Skipped when Triton is not installed (it is an optional, 285 MB extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and "triton" not in sys.modules:
+    # Must precede the first ``import triton``: triton.language's own helpers (tl.sum, tl.sigmoid, ...)
+    # are jit functions too, compiled or interpreted according to this variable at import time.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+if not ON_GPU and not triton.knobs.runtime.interpret:
+    pytest.skip(
+        "triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own",
+        allow_module_level=True,
+    )
+
+from megatron_stablelm import kernels  # noqa: E402
+
+from .test_kernels import F64, _grads, assert_close_all, layer_norm_truth, rotary_truth, swiglu_truth  # noqa: E402
+
+MODULE = "megatron_stablelm.kernels.triton_ops"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The kernel module (interpreted on CPU; reloaded in case it was imported before the variable)."""
+    if MODULE in sys.modules:
+        return importlib.reload(sys.modules[MODULE])
+    return importlib.import_module(MODULE)
+
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+# fp32 storage: the kernels compute in fp32, so they match float64 to fp32 rounding; bf16 storage adds
+# the bf16 rounding of inputs and outputs.
+DTYPES = [(torch.float32, 2e-5), (torch.bfloat16, 4e-2)]
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_swiglu(ops, dtype, atol):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 2 * 40) * 2).to(dtype).to(DEVICE)
+    got = _grads(ops.swiglu, [x])
+    truth = _grads(swiglu_truth, [x.to(F64)])
+    ref = _grads(kernels.swiglu_reference, [x])
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=atol, rtol=atol)
+    assert_close_all(got[0] + got[1], ref[0] + ref[1], atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("rotary_dim", [8, 32])  # partial (25% as Stable LM 2) and full
+def test_rotary_qk_gqa(ops, dtype, atol, rotary_dim):
+    torch.manual_seed(1)
+    s, b, h, kv, d = 6, 2, 4, 2, 32
+    positions = torch.randint(0, 100, (s, b))
+    cos, sin = (t.to(DEVICE) for t in kernels.rotary_cos_sin(positions, rotary_dim, 10000.0, dtype))
+    # k as a strided view into a fused buffer, the way the model slices it out of the QKV output
+    fused = torch.randn(s, b, kv, 3, d).to(dtype).to(DEVICE)
+    q, k = torch.randn(s, b, h, d).to(dtype).to(DEVICE), fused[:, :, :, 1]
+
+    got = _grads(lambda a, c: ops.apply_rotary_qk(a, c, cos, sin), [q, k])
+    truth = _grads(
+        lambda a, c: (
+            rotary_truth(a, positions, rotary_dim, 10000.0),
+            rotary_truth(c, positions, rotary_dim, 10000.0),
+        ),
+        [q.to(F64), k.to(F64)],
+    )
+    ref = _grads(lambda a, c: kernels.apply_rotary_qk(a, c, cos, sin), [q, k])  # CPU tensors → reference
+    tol = max(atol, 1e-5)  # cos/sin are fp32 tables
+    assert_close_all([t.cpu() for t in got[0] + got[1]], truth[0] + truth[1], atol=tol, rtol=tol)
+    assert_close_all(got[0] + got[1], ref[0] + ref[1], atol=tol, rtol=tol)
+    single = ops.apply_rotary(q, cos, sin)
+    torch.testing.assert_close(single, got[0][0].to(dtype))
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm(ops, dtype, atol, bias, residual):
+    torch.manual_seed(2)
+    n = 48
+    x = (torch.randn(7, 3, n) * 2 + 1).to(dtype).to(DEVICE)
+    r = torch.randn(7, 3, n).to(dtype).to(DEVICE)
+    w = torch.randn(n).to(dtype).to(DEVICE)
+    b = torch.randn(n).to(dtype).to(DEVICE)
+    inputs = [x, w] + ([b] if bias else []) + ([r] if residual else [])
+
+    def unpack(args):
+        x, w, *rest = args
+        bb = rest.pop(0) if bias else None
+        return x, w, bb, (rest.pop(0) if residual else None)
+
+    def make(mod, truth=False):
+        def fn(*args):
+            x, w, bb, rr = unpack(args)
+            if truth:
+                return (
+                    (layer_norm_truth(x + rr, w, bb, 1e-5), x + rr)
+                    if residual
+                    else layer_norm_truth(x, w, bb, 1e-5)
+                )
+            if residual:
+                return mod.add_layer_norm(x, rr, w, bb, 1e-5)
+            return mod.layer_norm(x, w, bb, 1e-5)
+
+        return fn
+
+    got = _grads(make(ops), inputs)
+    truth = _grads(make(None, truth=True), [t.to(F64) for t in inputs])
+    tol = atol * 5 if dtype == torch.bfloat16 else 1e-4  # dw sums over rows
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_head_layer_norm(ops, dtype, atol, bias):
+    torch.manual_seed(3)
+    heads, d = 3, 16
+    x = (torch.randn(5, 2, heads, d) * 2).to(dtype).to(DEVICE)
+    w, b = torch.randn(heads, d).to(dtype).to(DEVICE), torch.randn(heads, d).to(dtype).to(DEVICE)
+    inputs = [x, w, b] if bias else [x, w]
+    got = _grads(lambda x, w, b=None: ops.per_head_layer_norm(x, w, b, 1e-5), inputs)
+    truth = _grads(lambda x, w, b=None: layer_norm_truth(x, w, b, 1e-5), [t.to(F64) for t in inputs])
+    tol = atol * 5 if dtype == torch.bfloat16 else 1e-4
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_public_functions_dispatch_to_triton_on_gpu(ops):
+    x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(kernels.swiglu(x), ops.swiglu(x))

@@ -1,0 +1,462 @@
+#!/usr/bin/env python
+"""Training-step throughput of a config: tokens/s, TFLOP/s, MFU, peak memory, and (``--vs-hf``) the
+same model, batch and optimizer through ``transformers``' ``StableLmForCausalLM`` in the same process.
+
+    python tools/benchmark.py configs/stablelm-2-1_6b.yml --seq-length 4096 --micro-batch 4 --vs-hf
+
+One process, one device (TP=1), no DeepSpeed: a step is forward + per-token loss (masked mean) +
+backward + ``torch.optim.AdamW`` step, so the figure isolates the model's kernels from the engine.
+Both models use the same dtype for parameters and optimizer state (the config's precision on GPU,
+fp32 on CPU where bf16 matmuls are emulated and slow).
+
+FLOPs per token (MFU counts the model's work, not recomputation):
+``6 × (non-embedding parameters + LM head)`` for the matmuls, forward and backward, plus
+``6 × layers × seq × heads × head_dim`` for causal attention scores and values (half of the full
+``12 × ...``, the causal triangle). With packed documents the attention term is an upper bound.
+MFU is reported against the device's datasheet dense peak and against a measured matmul ceiling
+(the best large-GEMM throughput of this device in the benchmark dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# datasheet dense (no sparsity) peaks in TFLOP/s, bf16 tensor-core; matched on the device name
+PEAK_TFLOPS_BF16 = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+    "RTX 4090": 165.0,
+}
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Datasheet peak for the benchmark dtype, or None where unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Best measured TFLOP/s of a square GEMM (the practical ceiling MFU is judged against)."""
+    size = 8192 if device.type == "cuda" else 1024
+    repeats = 20 if device.type == "cuda" else 5
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return 2 * size**3 / best / 1e12
+
+
+def flops_per_token(cfg, vocab: int, seq: int) -> float:
+    """Model FLOPs per trained token (see the module doc)."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    heads, kv, d = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+    ffn = cfg.ffn_hidden_size
+    attn_params = h * (heads + 2 * kv) * d + heads * d * h
+    mlp_params = h * ffn * (3 if cfg.is_gated_mlp else 2)
+    matmul_params = layers * (attn_params + mlp_params) + h * vocab  # LM head
+    attention = 6 * layers * seq * heads * d
+    return 6 * matmul_params + attention
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated device memory since the last reset (CUDA), or the process's peak RSS (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_batch(cfg, vocab: int, micro_batch: int, seq: int, device: torch.device, documents: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (micro_batch, seq + 1), generator=gen)
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(micro_batch, seq),
+        "position_ids": torch.arange(seq).expand(micro_batch, seq).contiguous(),
+    }
+    if documents > 1:  # equal-length packed documents per row, positions restarting in each
+        length = math.ceil(seq / documents)
+        starts = sorted(
+            {r * seq + min(i * length, seq) for r in range(micro_batch) for i in range(documents)}
+        )
+        batch["cu_seqlens"] = torch.tensor(starts + [micro_batch * seq], dtype=torch.int32)
+        batch["max_seqlen"] = length
+        batch["position_ids"] = (torch.arange(seq) % length).expand(micro_batch, seq).contiguous()
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def time_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> dict:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], None
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "step_s": sorted(times)[len(times) // 2],
+        "loss": float(loss),
+        "peak_mem_gib": peak_memory_gib(device),
+    }
+
+
+def _optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def framework_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    opt = _optimizer(model.parameters(), device)
+    mask = batch["loss_mask"]
+
+    def step() -> torch.Tensor:
+        losses = model(
+            batch["tokens"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch.get("cu_seqlens"),
+            max_seqlen=batch.get("max_seqlen"),
+            labels=batch["labels"],
+        )
+        loss = (losses * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The same loss as the framework: per-token fp32 cross-entropy, masked mean. (Document masking is
+    not given to HF: it would need a dense 4-D mask; compare with ``--documents 1``.)"""
+    opt = _optimizer(model.parameters(), device)
+    mask = batch["loss_mask"]
+
+    def step() -> torch.Tensor:
+        logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
+        losses = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
+        ).view_as(mask)
+        loss = (losses * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def build_hf_model(cfg, model, vocab: int, dtype: torch.dtype, device: torch.device):
+    """``StableLmForCausalLM`` (SDPA) with our weights when the conversion module can map them, else
+    randomly initialised with the same shapes (throughput does not depend on the values)."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    note = "same weights (hf_conversion.to_hf_state_dict)"
+    try:
+        from megatron_stablelm import hf_conversion
+
+        hf_cfg = hf_conversion.hf_config(cfg, vocab, dtype)
+        state = hf_conversion.to_hf_state_dict(
+            cfg, {k: v.detach().cpu() for k, v in model.local_state_dict().items()}, vocab
+        )
+    except Exception as exc:  # conversion unavailable or refuses this architecture
+        note = f"random weights of the same shapes ({type(exc).__name__}: {exc})"
+        hf_cfg = StableLmConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.ffn_hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings or cfg.seq_length,
+            rope_theta=cfg.rotary_emb_base,
+            partial_rotary_factor=cfg.rotary_pct,
+            layer_norm_eps=cfg.layernorm_epsilon,
+            use_qkv_bias=cfg.qkv_bias,
+            qk_layernorm=cfg.qk_norm,
+            use_parallel_residual=cfg.gpt_j_residual,
+            hidden_dropout=cfg.hidden_dropout,
+            attention_dropout=cfg.attention_dropout,
+            tie_word_embeddings=cfg.tied_embeddings,
+        )
+        state = None
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = StableLmForCausalLM(hf_cfg).to(dtype)
+    if state is not None:
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "rotary_emb" not in k]
+        if missing or unexpected:
+            note = f"partly converted weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+    if cfg.checkpoint_activations:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    hf.train()
+    return hf, note
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    overrides = list(args.override or [])
+    if args.seq_length:
+        overrides.append(f"seq_length={args.seq_length}")
+        overrides.append(f"max_position_embeddings={args.seq_length}")
+    if args.recompute is not None:
+        overrides.append(f"checkpoint_activations={'true' if args.recompute == 'full' else 'false'}")
+    return overrides
+
+
+def load_benchmark_config(paths: list[Path], overrides: list[str]):
+    """The config with overrides; an ``attention_config`` written for the full depth is stretched to
+    an overridden ``num_layers`` (so ``--override num_layers=4`` just works)."""
+    from megatron_stablelm.config import load_config, validate_config
+
+    cfg = load_config(paths, overrides=overrides, validate=False, report_ignored=False)
+    if cfg.attention_config and not any(
+        o.replace("-", "_").startswith("attention_config=") for o in overrides
+    ):
+        from megatron_stablelm.config import expand_attention_config
+
+        try:
+            expand_attention_config(cfg.attention_config, cfg.num_layers)
+        except ValueError:
+            cfg.attention_config = [[[cfg.attention_config[0][0][0]], cfg.num_layers]]
+    validate_config(cfg)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    from megatron_stablelm import kernels, parallel
+    from megatron_stablelm.model import build_model
+
+    overrides = _overrides(args)
+    cfg = load_benchmark_config(args.config, overrides)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
+    dtype = DTYPES[dtype_name]
+    seq = cfg.seq_length
+    micro_batch = args.micro_batch or cfg.train_micro_batch_size_per_gpu
+    vocab = cfg.padded_vocab()
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    parallel.initialize(1)
+    attention_type = args.attention or kernels.attention_type_from_config(
+        cfg.attention_config, cfg.num_layers
+    )
+    kernels.select_attention_backend(attention_type)
+    backend = kernels.selected_attention_backend(device)
+
+    with torch.device(device):
+        model = build_model(cfg, vocab, dtype=dtype_name)
+    model.to(device).train()
+    batch = make_batch(cfg, vocab, micro_batch, seq, device, args.documents, cfg.seed)
+    tokens_per_step = micro_batch * seq
+    flops_tok = flops_per_token(cfg, vocab, seq)
+    ceiling = matmul_ceiling_tflops(device, dtype)
+    peak = device_peak_tflops(device, dtype)
+
+    def summarise(timing: dict) -> dict:
+        tokens_s = tokens_per_step / timing["step_s"]
+        tflops = tokens_s * flops_tok / 1e12
+        return {
+            **timing,
+            "tokens_per_s": tokens_s,
+            "tflops": tflops,
+            "mfu_vs_peak": tflops / peak if peak else None,
+            "mfu_vs_matmul": tflops / ceiling,
+        }
+
+    ours = summarise(time_steps(framework_step(model, batch, device), device, args.warmup, args.steps))
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "config": [str(p) for p in args.config],
+        "dtype": dtype_name,
+        "seq_length": seq,
+        "micro_batch": micro_batch,
+        "tokens_per_step": tokens_per_step,
+        "documents_per_row": args.documents,
+        "attention_backend": backend.describe,
+        "elementwise_kernels": "triton"
+        if device.type == "cuda" and kernels._dispatch.triton_available()
+        else "reference",
+        "full_recompute": bool(cfg.checkpoint_activations),
+        "flops_per_token": flops_tok,
+        "peak_tflops": peak,
+        "matmul_ceiling_tflops": ceiling,
+        "framework": ours,
+    }
+    if args.vs_hf:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        # rebuild ours only to take its weights across; HF owns the device from here
+        with torch.device("cpu"):
+            donor = build_model(cfg, vocab, dtype=dtype_name)
+        hf, note = build_hf_model(cfg, donor, vocab, dtype, device)
+        del donor
+        hf_batch = dict(batch)
+        hf_batch.pop("cu_seqlens", None)
+        result["hf"] = summarise(time_steps(hf_step(hf, hf_batch, device), device, args.warmup, args.steps))
+        result["hf"]["weights"] = note
+        result["speedup_vs_hf"] = ours["tokens_per_s"] / result["hf"]["tokens_per_s"]
+    return result
+
+
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_report(r: dict) -> None:
+    print(f"device            {r['device']}  (torch {r['torch']}, {r['dtype']})")
+    print(f"config            {' '.join(r['config'])}")
+    print(f"batch             {r['micro_batch']} x {r['seq_length']} = {r['tokens_per_step']} tokens/step")
+    print(f"attention         {r['attention_backend']}")
+    print(f"kernels           {r['elementwise_kernels']}; full recompute: {r['full_recompute']}")
+    print(
+        f"matmul ceiling    {r['matmul_ceiling_tflops']:.2f} TFLOP/s; datasheet peak {_fmt(r['peak_tflops'], '.0f')}"
+    )
+    rows = [("framework", r["framework"])] + ([("transformers", r["hf"])] if "hf" in r else [])
+    print(
+        f"{'':14}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU(peak)':>11}{'MFU(mm)':>9}{'step s':>9}{'peak GiB':>10}{'loss':>8}"
+    )
+    for name, m in rows:
+        mfu_peak = "n/a" if m["mfu_vs_peak"] is None else f"{100 * m['mfu_vs_peak']:.1f}%"
+        print(
+            f"{name:14}{m['tokens_per_s']:12.1f}{m['tflops']:10.3f}{mfu_peak:>11}{100 * m['mfu_vs_matmul']:8.1f}%"
+            f"{m['step_s']:9.4f}{m['peak_mem_gib']:10.2f}{m['loss']:8.3f}"
+        )
+    if "hf" in r:
+        print(f"hf weights        {r['hf']['weights']}")
+        print(f"speedup vs hf     {r['speedup_vs_hf']:.3f}x")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="+", help="YAML config file(s), merged in order")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: the config's precision on GPU, fp32 on CPU"
+    )
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--attention", help="attention type instead of the config's attention_config")
+    p.add_argument("--documents", type=int, default=1, help="packed documents per row (document masking)")
+    p.add_argument("--recompute", choices=["none", "full"], help="override checkpoint_activations")
+    p.add_argument("--vs-hf", action="store_true", help="also run transformers' StableLmForCausalLM")
+    p.add_argument("--json", type=Path, help="write the results here as JSON")
+    p.add_argument("--profile", type=Path, help="write a PyTorch profiler trace of 3 framework steps here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.profile:
+        profile(args)
+    return result
+
+
+def profile(args: argparse.Namespace) -> None:
+    """Profile a few framework steps; prints the top CUDA (or CPU) ops and writes a Chrome trace."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from megatron_stablelm.model import build_model
+
+    cfg = load_benchmark_config(args.config, _overrides(args))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
+    vocab = cfg.padded_vocab()
+    with torch.device(device):
+        model = build_model(cfg, vocab, dtype=dtype_name)
+    model.to(device).train()
+    batch = make_batch(
+        cfg,
+        vocab,
+        args.micro_batch or cfg.train_micro_batch_size_per_gpu,
+        cfg.seq_length,
+        device,
+        args.documents,
+        0,
+    )
+    step = framework_step(model, batch, device)
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    args.profile.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(args.profile / "trace.json"))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25)
+    (args.profile / "top_ops.txt").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
