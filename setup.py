@@ -31,9 +31,9 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5", "triton>=3.0", "liger-kernel>=0.5"],
         "datasets": ["datasets>=2.18"],
-        "eval": ["lm-eval>=0.4"],
+        "eval": ["lm-eval>=0.4.13"],
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4.13"],
     },
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -120,10 +121,14 @@ class Attention(nn.Module):
             # QK-norm, rotary and attention; under selective recomputation this span is recomputed in
             # backward instead of keeping its intermediates (no matmul is redone).
             dropout = self.dropout if self.training else 0.0
-            out = kernels.recompute_attention_core(
-                q, k, v, cos, sin, self.q_norm, self.k_norm, cu_seqlens, max_seqlen, dropout,
-                enabled=self.training and self.selective_recompute,
-            )  # fmt: skip
+            # Heads are sharded across TP ranks, so on GPU their dropout masks must come from
+            # megatron-core's per-rank tracker stream, not the stream shared by the TP group.
+            rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and q.is_cuda else nullcontext()
+            with rng:
+                out = kernels.recompute_attention_core(
+                    q, k, v, cos, sin, self.q_norm, self.k_norm, cu_seqlens, max_seqlen, dropout,
+                    enabled=self.training and self.selective_recompute,
+                )  # fmt: skip
         out = out.reshape(s, b, self.heads * self.head_dim)
         return self.dense(out)[0]
 
@@ -287,6 +292,12 @@ class StableLMModel(nn.Module):
             skip_weight_param_allocation=cfg.tied_embeddings,
         )
         self.checkpoint_layers = cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0
+        # megatron-core marks sharded weights only when it initialises them itself (we do not: see
+        # init_weights). DeepSpeed reads these marks to count each shard once in the gradient norm.
+        for name, param in self.named_parameters():
+            spec = self.canonical_spec(name)
+            if spec.dim is not None:  # (megatron's setter asserts they are unset; some already are)
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, spec.dim, 1
 
     def forward(
         self,

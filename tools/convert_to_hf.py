@@ -1,17 +1,26 @@
 #!/usr/bin/env python
 """Framework checkpoint → Hugging Face model directory (``config.json`` + ``model.safetensors``).
 
-    python tools/convert_to_hf.py CHECKPOINT OUT_DIR [--dtype fp32|bf16|fp16]
+    python tools/convert_to_hf.py CHECKPOINT OUT_DIR [--dtype fp32|bf16|fp16] [--tokenizer PATH]
 
 CHECKPOINT is a checkpoint directory or a run directory with a ``latest`` file. The output loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` as ``StableLmForCausalLM`` (or
 ``GPTNeoXForCausalLM`` for StableLM-Base-Alpha v1). OUT_DIR must not exist yet; it is written under a
 temporary name and renamed at the end.
+
+Tokenizer files are exported beside the weights so that ``AutoTokenizer.from_pretrained(OUT_DIR)``
+works: ``--tokenizer`` names a ``tokenizer.json`` or a directory of HF tokenizer files; without it the
+checkpoint config's ``vocab_file`` is used when it is a ``tokenizer.json`` that exists. For a bare
+``tokenizer.json`` a ``tokenizer_config.json`` is written too (``PreTrainedTokenizerFast`` with the
+end-of-document token as BOS/EOS, the model's context length), and ``config.json`` gets the matching
+``bos_token_id``/``eos_token_id``. A ``.tiktoken`` ranks file (Arcade100k) is copied as it is:
+``transformers`` cannot load it without Stability's remote code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -23,14 +32,83 @@ from megatron_stablelm import checkpointing, hf_conversion
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def tokenizer_files_for(path: str | Path | None, cfg) -> list[Path]:
+    """The tokenizer files to export: those named by ``path`` (a file, or the HF tokenizer files in a
+    directory), else the config's ``vocab_file`` when it is an existing ``tokenizer.json``."""
+    if path is None:
+        vocab = Path(cfg.vocab_file) if cfg.vocab_file else None
+        return [vocab] if vocab is not None and vocab.is_file() and vocab.suffix == ".json" else []
+    path = Path(path)
+    if path.is_dir():
+        files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+        files += sorted(path.glob("*.tiktoken"))
+        if not files:
+            raise ValueError(f"tokenizer directory '{path}' holds no tokenizer.json or .tiktoken file")
+        return files
+    if not path.is_file():
+        raise ValueError(f"tokenizer file '{path}' does not exist")
+    return [path]
+
+
+def _tokenizer_eod(files: list[Path]) -> tuple[str, int] | None:
+    """(token, id) of the end-of-document token of the exported ``tokenizer.json``, if any."""
+    from megatron_stablelm.tokenizers import HFTokenizer, TokenizerError
+
+    json_file = next((f for f in files if f.suffix == ".json" and f.name not in TOKENIZER_FILES[1:]), None)
+    if json_file is None:
+        return None
+    try:
+        tok = HFTokenizer(json_file)
+    except TokenizerError:
+        if any(f.name == "tokenizer_config.json" for f in files):
+            return None  # a complete HF tokenizer directory: its own config names the special tokens
+        raise
+    return tok._tok.id_to_token(tok.eod), tok.eod
+
+
+def _write_tokenizer_config(out: Path, eod: tuple[str, int], max_length: int) -> None:
+    """What ``AutoTokenizer`` needs to load a bare ``tokenizer.json`` as ``PreTrainedTokenizerFast``."""
+    if (out / "tokenizer_config.json").exists():
+        return
+    token = eod[0]
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token,
+        "eos_token": token,
+        "unk_token": token,
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def convert_to_hf(
-    checkpoint: str | Path, out: str | Path, dtype: str = "fp32", tokenizer_files: list[Path] | None = None
+    checkpoint: str | Path,
+    out: str | Path,
+    dtype: str = "fp32",
+    tokenizer_files: list[Path] | None = None,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     ckpt = checkpointing.resolve_checkpoint(checkpoint)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
     cfg = checkpointing.read_config(ckpt)
+    if tokenizer_files is None:
+        tokenizer_files = tokenizer_files_for(tokenizer, cfg)
+    tokenizer_files = [Path(f) for f in tokenizer_files]
+    for f in tokenizer_files:
+        if not f.is_file():
+            raise ValueError(f"tokenizer file '{f}' does not exist")
+    eod = _tokenizer_eod(tokenizer_files)
     meta = checkpointing.read_meta(ckpt)
     hf_conversion.architecture_for(cfg)  # refuse early, before reading tensors
     state = checkpointing.load_canonical_state_dict(ckpt)
@@ -38,9 +116,13 @@ def convert_to_hf(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        hf_conversion.write_hf_dir(tmp, cfg, state, meta["padded_vocab_size"], DTYPES[dtype])
-        for f in tokenizer_files or []:
-            shutil.copy(f, tmp / Path(f).name)
+        eod_id = eod[1] if eod else None
+        hf_conversion.write_hf_dir(tmp, cfg, state, meta["padded_vocab_size"], DTYPES[dtype], eod_id)
+        for f in tokenizer_files:
+            name = "tokenizer.json" if f.suffix == ".json" and f.name not in TOKENIZER_FILES else f.name
+            shutil.copy(f, tmp / name)
+        if eod is not None:
+            _write_tokenizer_config(tmp, eod, cfg.max_position_embeddings or cfg.seq_length)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer.json or a directory of HF tokenizer files (default: the config's)"
+    )
     args = parser.parse_args(argv)
     try:
-        out = convert_to_hf(args.checkpoint, args.out, args.dtype)
+        out = convert_to_hf(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer)
     except (checkpointing.CheckpointError, hf_conversion.ConversionError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

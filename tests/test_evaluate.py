@@ -1,0 +1,198 @@
+"""tools/evaluate.py and the lm-eval adapter: perplexity on indexed shards against a brute-force
+`transformers` computation, the adapter's log-likelihoods against the HF model, lm-eval tasks built from
+local files (no download), and bad input (unknown task, missing shard) failing before any model loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_stablelm import checkpointing, evaluation, parallel
+from megatron_stablelm.generation import generate, load_checkpoint_model
+from tests.data_helpers import write_synthetic_shard
+from tests.test_generate import VOCAB, make_checkpoint
+
+needs_lm_eval = pytest.mark.skipif(not evaluation.HAVE_LM_EVAL, reason="lm-eval is not installed")
+ARCH = "stablelm-2-1_6b"
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    parallel.initialize(1)
+    yield
+    parallel.destroy()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, single_rank):
+    """(run directory, HF export, HF model) of one random tiny checkpoint, shared by the module."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("eval_ckpt")
+    run, hf_dir = make_checkpoint(ARCH, root, seed=4)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return run, hf_dir, hf
+
+
+def hf_logprobs(hf, tokens: list[int]) -> torch.Tensor:
+    """log p(tokens[i+1] | tokens[:i+1]) for every i, from the HF model (full context)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0].double()
+    return logits.log_softmax(-1)[:-1].gather(-1, torch.tensor(tokens[1:]).unsqueeze(-1)).squeeze(-1)
+
+
+def test_perplexity_matches_transformers(ckpt, tmp_path, capsys):
+    from tools.evaluate import main
+
+    run, _, hf = ckpt
+    a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
+    docs_a = write_synthetic_shard(a, [20, 7, 30], eod=0, vocab=400, seed=1)
+    write_synthetic_shard(b, [9, 14], eod=0, vocab=400, seed=2)
+    assert main([str(run), "--data", a, b, "--seq-length", "16", "--micro-batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)["perplexity"]
+    stream = np.concatenate(docs_a).tolist()
+    assert report["datasets"][a]["tokens"] == len(stream) - 1 == 56
+    assert report["tokens"] == 56 + 22
+    # brute force: the same consecutive windows of 17 tokens through the HF model
+    nll = -sum(float(hf_logprobs(hf, stream[s : s + 17]).sum()) for s in range(0, len(stream) - 1, 16))
+    assert math.isclose(report["datasets"][a]["loss"], nll / 56, rel_tol=1e-5)
+    assert math.isclose(report["datasets"][a]["perplexity"], math.exp(nll / 56), rel_tol=1e-5)
+    # --batches caps the micro-batches read per dataset
+    assert (
+        main([str(run), "--data", a, "--seq-length", "16", "--batches", "1", "--micro-batch-size", "2"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["perplexity"]["tokens"] == 32
+
+
+def test_bad_data_is_reported_before_loading(ckpt, tmp_path, capsys):
+    from tools.evaluate import main
+
+    run, _, _ = ckpt
+    missing = str(tmp_path / "nothing_here")
+    assert main([str(run), "--data", missing]) == 2
+    assert "nothing_here" in capsys.readouterr().err
+    assert main([str(tmp_path / "no_ckpt"), "--data", missing]) == 2
+    assert "no_ckpt" in capsys.readouterr().err
+
+
+@needs_lm_eval
+def test_adapter_loglikelihoods_match_transformers(ckpt):
+    run, _, hf = ckpt
+    lm = evaluation.MegatronLM(run, batch_size=3, device="cpu")
+    tok = lm.tokenizer
+
+    class Req:  # what lm-eval hands over: an object with .args
+        def __init__(self, *args):
+            self.args = args
+
+    pairs = [("the model reads", " tokens"), ("every rank takes its", " slice of the"), ("", "numpy torch")]
+    pairs.append(("def class return ", "import"))  # trailing space moves to the continuation
+    results = lm.loglikelihood([Req(c, x) for c, x in pairs])
+    for (context, continuation), (logp, greedy) in zip(pairs, results):
+        ctx, cont = lm._encode_pair(context, continuation)
+        ref = hf_logprobs(hf, ctx + cont)[-len(cont) :]
+        assert math.isclose(logp, float(ref.sum()), rel_tol=1e-5, abs_tol=1e-5)
+        with torch.no_grad():
+            argmax = hf(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1].argmax(-1).tolist()
+        assert greedy == (argmax == cont)
+    assert lm._encode_pair("def class return ", "import")[1] == tok.encode(" import")
+    # a greedy continuation is reported as greedy
+    prompt = tok.encode("the model")
+    best = generate(lm.model, [prompt], 3)[0]
+    assert lm.loglikelihood_tokens([(prompt, best)])[0][1] is True
+
+    # rolling: within max_length it is the full-context log-likelihood after EOD ...
+    text = "the model reads tokens from shards and samples documents by weight"
+    ids = tok.encode(text)
+    (rolling,) = lm.loglikelihood_rolling([Req(text)])
+    assert math.isclose(rolling, float(hf_logprobs(hf, [tok.eod, *ids]).sum()), rel_tol=1e-5)
+    # ... and beyond it every token is scored once, later windows with a full context
+    lm.max_length = 5
+    windows = lm.rolling_windows(ids)
+    assert sum(n for _, _, n in windows) == len(ids)
+    assert [t for _, tgt, n in windows for t in tgt[len(tgt) - n :]] == ids
+    assert all(len(inp) == 5 for inp, _, _ in windows)
+    lm.max_length = 64
+
+    # generate_until: greedy, cut at the stop string
+    new = generate(lm.model, [tok.encode("every rank")], 10, eos_id=tok.eod, vocab_limit=tok.vocab_size)[0]
+    full = tok.decode(new[:-1] if new[-1] == tok.eod else new)
+    (out,) = lm.generate_until([Req("every rank", {"until": [full[3:6]], "max_gen_toks": 10})])
+    assert out == full.split(full[3:6])[0]
+
+
+def _write_tasks(root: Path) -> Path:
+    """Three lm-eval tasks (multiple choice, rolling perplexity, generation) over local JSONL files."""
+    root.mkdir()
+    rows = [
+        {"question": f"the model reads {i}", "choices": [" tokens", " shards", " numpy"], "label": i % 3}
+        for i in range(4)
+    ]
+    with open(root / "qa.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "answer": " tokens"}) + "\n")
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'qa.jsonl'}\ntest_split: test\n"
+    (root / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    (root / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n" + data + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{question}}'\nmetric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+    (root / "tiny_gen.yaml").write_text(
+        "task: tiny_gen\n" + data + "output_type: generate_until\ndoc_to_text: '{{question}}'\n"
+        "doc_to_target: '{{answer}}'\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 4\n"
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+    )
+    return root
+
+
+@needs_lm_eval
+def test_lm_eval_tasks_from_local_data(ckpt, tmp_path, capsys, monkeypatch):
+    from tools.evaluate import main
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run, _, _ = ckpt
+    tasks = _write_tasks(tmp_path / "tasks")
+    argv = [str(run), "--tasks", "tiny_mc", "tiny_ppl", "tiny_gen", "--include-path", str(tasks)]
+    assert main([*argv, "--no-default-tasks", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)["lm_eval"]["results"]
+    assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0
+    assert results["tiny_ppl"]["word_perplexity,none"] > 1.0
+    assert results["tiny_gen"]["exact_match,none"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@needs_lm_eval
+def test_unknown_task_fails_before_the_model_loads(ckpt, tmp_path, capsys):
+    from tools.evaluate import main
+
+    run, _, _ = ckpt
+    tasks = _write_tasks(tmp_path / "tasks")
+    # a corrupt model shard would fail the load: the task error must come first
+    broken = tmp_path / "broken"
+    checkpointing.save_model(broken, checkpointing.read_config(run), [{"x": torch.zeros(1)}], VOCAB)
+    argv = [str(broken), "--tasks", "tiny_mc", "tiny_mcq", "--include-path", str(tasks), "--no-default-tasks"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tiny_mcq" in err and "did you mean tiny_mc" in err
+    with pytest.raises(evaluation.EvalTaskError, match="no_such"):
+        evaluation.run_eval_tasks(broken, ["no_such"], include_path=tasks, include_defaults=False)
+
+
+def test_missing_lm_eval_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(evaluation, "HAVE_LM_EVAL", False)
+    with pytest.raises(evaluation.EvalTaskError, match="pip install lm-eval"):
+        evaluation.check_tasks(["hellaswag"])
+
+
+def test_library_loader_rejects_bad_tp(ckpt):
+    run, _, _ = ckpt
+    with pytest.raises(ValueError, match="tensor-parallel size 3"):
+        load_checkpoint_model(run, tp_size=3)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Evaluate a framework checkpoint: validation loss/perplexity on indexed datasets, and lm-eval tasks.
+
+    python tools/evaluate.py CHECKPOINT --data data/val_text_document [PREFIX ...] \
+        [--seq-length 4096] [--batches 100] [--micro-batch-size 4]
+    python tools/evaluate.py CHECKPOINT --tasks hellaswag arc_easy [--num-fewshot 0] [--limit 100]
+    python tools/evaluate.py CHECKPOINT --tasks my_task --include-path my_tasks/ --no-default-tasks
+    python tools/evaluate.py CHECKPOINT --tasks            # the config's eval_tasks
+    torchrun --nproc-per-node 2 tools/evaluate.py CHECKPOINT ...   # TP=2 (TP = world size)
+
+``--data`` defaults to the checkpoint config's ``valid_data_paths`` when neither option is given, and
+``--seq-length`` to its ``seq_length``. Perplexity windows: the shard's token stream in consecutive
+windows, every token but the first predicted once (see megatron_stablelm/evaluation.py). lm-eval is an
+optional extra (``pip install lm-eval``); unknown task names, missing shards and unreadable checkpoints
+are reported before any model is loaded. Results are printed as one JSON object (first rank only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_stablelm import checkpointing, evaluation, parallel
+from megatron_stablelm.config import ConfigError
+from megatron_stablelm.data.indexed import ShardError, check_shard
+from megatron_stablelm.generation import load_checkpoint_model, load_tokenizer
+from megatron_stablelm.tokenizers import TokenizerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory, or run directory with a 'latest' file")
+    p.add_argument("--data", nargs="+", help="indexed dataset prefixes (PREFIX.bin / PREFIX.idx)")
+    p.add_argument("--seq-length", type=int, help="window length (default: the config's seq_length)")
+    p.add_argument("--batches", type=int, help="at most this many micro-batches per dataset")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--tasks", nargs="*", help="lm-eval tasks (no names: the config's eval_tasks)")
+    p.add_argument("--include-path", nargs="+", help="directories of extra lm-eval task YAMLs")
+    p.add_argument("--no-default-tasks", action="store_true", help="index only --include-path tasks (fast)")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--limit", type=float, help="lm-eval: at most this many (or this fraction of) documents")
+    p.add_argument("--tokenizer", help="for lm-eval: tokenizer file/directory (default: the config's)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--output", help="also write the JSON results here")
+    return p
+
+
+def _lm_eval_summary(results: dict) -> dict:
+    """The JSON-serialisable part of lm-eval's results (metrics per task, versions, n-shot)."""
+    keep = ("results", "groups", "versions", "n-shot", "higher_is_better")
+    return json.loads(json.dumps({k: results[k] for k in keep if k in results}, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started_here = not dist.is_initialized()
+    report: dict = {}
+    try:
+        ckpt = checkpointing.resolve_checkpoint(args.checkpoint)
+        cfg = checkpointing.read_config(ckpt)
+        meta = checkpointing.read_meta(ckpt)
+        tasks = args.tasks
+        if tasks is not None and not tasks:
+            tasks = list(cfg.eval_tasks or [])
+            if not tasks:
+                raise evaluation.EvalTaskError(f"{ckpt}: the config has no eval_tasks; name the tasks")
+        data = args.data
+        if data is None and tasks is None:
+            data = list(cfg.valid_data_paths or [])
+            if not data:
+                raise ValueError(f"{ckpt}: the config has no valid_data_paths; give --data or --tasks")
+        seq_length = args.seq_length or cfg.seq_length
+        # check all input before loading anything: shards, then task names (lm-eval's index)
+        for prefix in data or []:
+            check_shard(prefix, meta["padded_vocab_size"])
+        manager = tokenizer = None
+        if tasks is not None:
+            manager = evaluation.check_tasks(tasks, args.include_path, not args.no_default_tasks)
+            tokenizer = load_tokenizer(cfg, args.tokenizer)
+        loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
+        report["checkpoint"] = str(ckpt)
+        if data:
+            report["perplexity"] = evaluation.evaluate_loss(
+                loaded.model,
+                data,
+                seq_length,
+                batches=args.batches,
+                micro_batch_size=args.micro_batch_size,
+            )
+            report["perplexity"]["seq_length"] = seq_length
+        if tasks is not None:
+            from lm_eval import simple_evaluate
+
+            lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=args.micro_batch_size)
+            limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+            results = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=args.num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=0,
+            )
+            report["lm_eval"] = _lm_eval_summary(results)
+        first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    except (
+        checkpointing.CheckpointError,
+        ConfigError,
+        ShardError,
+        TokenizerError,
+        evaluation.EvalTaskError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started_here and dist.is_initialized():
+            parallel.destroy()
+    if first_rank:
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

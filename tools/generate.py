@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Generate text from a framework checkpoint (any tensor-parallel size, CPU or GPU, with a KV cache).
+
+    python tools/generate.py CHECKPOINT --prompt "Once upon a time" [--prompt ...] \
+        [--max-new-tokens 64] [--greedy | --temperature 0.8 --top-k 50 --top-p 0.95] [--seed 0] \
+        [--format text|jsonl] [--tokenizer tokenizer.json] [--output FILE]
+    python tools/generate.py CHECKPOINT --prompt-file prompts.txt        # one prompt per line
+    python tools/generate.py CHECKPOINT --prompt-file prompts.jsonl      # {"prompt": "..."} per line
+    torchrun --nproc-per-node 2 tools/generate.py CHECKPOINT --prompt ...  # TP=2 (TP = world size)
+
+CHECKPOINT is a checkpoint directory or a run directory with a ``latest`` file, saved at any TP size.
+The tokenizer comes from the checkpoint's config (``tokenizer_type``/``vocab_file``) unless
+``--tokenizer`` names a ``tokenizer.json``, a ``.tiktoken`` file or a directory holding one. Decoding is
+greedy unless a sampling option is given; generation of a prompt stops at the end-of-document token
+unless ``--ignore-eod``. Only the first rank prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_stablelm import checkpointing, parallel
+from megatron_stablelm.config import ConfigError
+from megatron_stablelm.generation import (
+    GenerationError,
+    SamplingParams,
+    generate,
+    load_checkpoint_model,
+    load_tokenizer,
+)
+from megatron_stablelm.tokenizers import TokenizerError
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    """Prompts from the command line and/or a file: ``.jsonl`` lines with a ``prompt`` (or ``text``)
+    field, otherwise one prompt per non-empty line. Errors name the file and line."""
+    out = list(prompts or [])
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file '{path}' does not exist")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                    out.append(record["prompt"] if "prompt" in record else record["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(
+                        f"{path}:{number}: expected a JSON object with a 'prompt' field"
+                    ) from None
+            else:
+                out.append(line)
+    if not out:
+        raise ValueError("no prompt given: use --prompt TEXT or --prompt-file FILE")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory, or run directory with a 'latest' file")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompt-file", help="one prompt per line, or .jsonl with a 'prompt' field")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same text on every device)")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text")
+    p.add_argument("--output", help="write here instead of stdout")
+    p.add_argument("--tokenizer", help="tokenizer.json / .tiktoken file or directory (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length decoded together")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
+    p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
+    return p
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.greedy and sampling:
+        raise GenerationError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    if not sampling or args.temperature == 0:
+        return SamplingParams(greedy=True)
+    return SamplingParams(
+        greedy=False,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started_here = not dist.is_initialized()
+    try:
+        # everything that can be wrong with the input is checked before any process group or model
+        params = sampling_from_args(args)
+        texts = read_prompts(args.prompt, args.prompt_file)
+        ckpt = checkpointing.resolve_checkpoint(args.checkpoint)
+        tokenizer = load_tokenizer(checkpointing.read_config(ckpt), args.tokenizer)
+        prompts = [tokenizer.encode(t) for t in texts]
+        loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
+        outputs = generate(
+            loaded.model,
+            prompts,
+            args.max_new_tokens,
+            params,
+            eos_id=None if args.ignore_eod else tokenizer.eod,
+            seed=args.seed,
+            vocab_limit=tokenizer.vocab_size,
+            batch_size=args.batch_size,
+        )
+        first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    except (
+        checkpointing.CheckpointError,
+        ConfigError,
+        TokenizerError,
+        GenerationError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if started_here and dist.is_initialized():
+            parallel.destroy()
+    if not first_rank:
+        return 0
+    lines = []
+    for text, prompt, new in zip(texts, prompts, outputs):
+        completion = tokenizer.decode(new)
+        if args.format == "jsonl":
+            record = {"prompt": text, "completion": completion, "prompt_tokens": prompt, "tokens": new}
+            lines.append(json.dumps(record, ensure_ascii=False))
+        else:
+            lines.append(text + completion + "\n" + "-" * 40)
+    body = "\n".join(lines) + "\n"
+    if args.output:
+        Path(args.output).write_text(body, encoding="utf-8")
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
