@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
+    from megatron_stablelm.parallel import adopt_slurm_environment
+
+    adopt_slurm_environment()  # deepspeed --launcher slurm: one srun task per rank
 
     # Imports after argument parsing so that --help is instant.
     import dataclasses

@@ -22,6 +22,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def adopt_slurm_environment(environ: dict | None = None) -> bool:
+    """Under ``srun`` with one task per GPU (DeepSpeed's ``--launcher slurm``), ranks learn who they are
+    only from SLURM's variables; torch.distributed reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``. Map
+    them when no launcher set those (and a rendezvous address was exported). Returns whether it did."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "SLURM_PROCID" not in env or "MASTER_ADDR" not in env:
+        return False
+    tasks = int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")))
+    if tasks < 2:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(tasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_PORT", "29500")
+    return True
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

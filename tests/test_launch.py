@@ -547,3 +547,61 @@ def test_sbatch_template_dry_run(tmp_path: Path) -> None:
         f"--master_addr gpu001 --master_port 24242 {ROOT / 'train.py'} {cfg} --seed 5"
     ), argv[-1]
     assert f"--hostfile {job}/hostfile --no_ssh" in argv[-1]
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_train_config(path: Path) -> Path:
+    import yaml
+
+    values = yaml.safe_load((REPO / "configs" / "tiny" / "stablelm-2-1_6b.yml").read_text())
+    values.update(
+        train_iters=3,
+        train_micro_batch_size_per_gpu=2,
+        launcher="local",
+        num_gpus=2,
+        zero_optimization={"stage": 1},
+        optimizer={"type": "Adam", "params": {"lr": 1e-3}},
+        log_interval=1,
+    )
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", "torchrun"])
+def test_real_two_process_training_run(tmp_path: Path, launcher: str) -> None:
+    """launch.py starts train.py in 2 ranks through the deepspeed launcher (``local``) and through
+    torchrun; both finish 3 data-parallel ZeRO-1 steps and the job directory keeps the resolved config."""
+    cfg = _tiny_train_config(tmp_path / "tiny.yml")
+    job = tmp_path / "job"
+    cmd = [sys.executable, str(REPO / "launch" / "launch.py"), str(cfg), "--launcher", launcher]
+    cmd += ["--job-dir", str(job), "--master-port", str(_free_port()), "--", "--synthetic-data"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "world 2 = TP 1 × DP 2" in out and "done at iteration 3" in out
+    assert load_config([job / "config.yaml"], report_ignored=False).train_iters == 3
+
+
+def test_slurm_task_variables_become_torch_distributed_ones() -> None:
+    from megatron_stablelm.parallel import adopt_slurm_environment
+
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "MASTER_ADDR": "gpu001"}
+    assert adopt_slurm_environment(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("9", "16", "1")
+    assert not adopt_slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "MASTER_ADDR": "x"})
+    assert not adopt_slurm_environment(
+        {"RANK": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "MASTER_ADDR": "x"}
+    )
