@@ -114,18 +114,26 @@ class atomic_directory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        _fsync_tree(self.tmp)
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.rename(self.final, old)
-            os.rename(self.tmp, self.final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        fsync_tree(self.tmp)
+        publish(self.tmp, self.final)
 
 
-def _fsync_dir(path: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the complete directory ``tmp`` (already synced) to ``final``, replacing an existing one
+    (re-saving an iteration) only once the new one is in place, and make the rename durable."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX needs the directory itself synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -133,12 +141,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
+            fsync_file(path)
+    fsync_dir(root)
 
 
 def write_latest(root: str | Path, name: str) -> None:
@@ -149,7 +161,7 @@ def write_latest(root: str | Path, name: str) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -177,6 +189,18 @@ def read_meta(directory: str | Path) -> dict:
         if not (directory / shard_filename(rank)).is_file():
             raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta['tp_size']})")
     return meta
+
+
+def read_header(path: str | Path) -> tuple[Path, dict, Config]:
+    """``(checkpoint dir, metadata, config)`` of a checkpoint or run directory, every failure reported
+    as a :class:`CheckpointError` naming the path (tools call this before any process group exists)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        return ckpt, read_meta(ckpt), read_config(ckpt)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt}: cannot read the checkpoint ({err})") from None
 
 
 def read_config(directory: str | Path) -> Config:

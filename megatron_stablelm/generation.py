@@ -103,14 +103,7 @@ def load_checkpoint_model(
     the launcher's world size) and load this rank's shards, re-split if the checkpoint was saved at
     another TP size. The checkpoint is validated before any process group exists, so a bad path fails
     with a :class:`~megatron_stablelm.checkpointing.CheckpointError` naming it and nothing to clean up."""
-    ckpt = checkpointing.resolve_checkpoint(checkpoint)
-    try:
-        meta = checkpointing.read_meta(ckpt)
-        cfg = checkpointing.read_config(ckpt)
-    except checkpointing.CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        raise checkpointing.CheckpointError(f"{ckpt}: cannot read the checkpoint ({err})") from None
+    ckpt, meta, cfg = checkpointing.read_header(checkpoint)
     if tp_size is None:
         tp_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = dataclasses.replace(cfg, model_parallel_size=tp_size)

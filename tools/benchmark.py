@@ -197,51 +197,25 @@ def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tens
 
 
 def build_hf_model(cfg, model, vocab: int, dtype: torch.dtype, device: torch.device):
-    """``StableLmForCausalLM`` (SDPA) with our weights when the conversion module can map them, else
-    randomly initialised with the same shapes (throughput does not depend on the values)."""
-    from transformers import StableLmConfig, StableLmForCausalLM
+    """The same model in ``transformers`` (SDPA attention), holding our weights through
+    :mod:`megatron_stablelm.hf_conversion` (``StableLmForCausalLM``, or ``GPTNeoXForCausalLM`` for
+    Alpha v1). Architectures HF cannot represent are refused there, with the key named."""
+    from transformers import AutoModelForCausalLM
 
-    note = "same weights (hf_conversion.to_hf_state_dict)"
-    try:
-        from megatron_stablelm import hf_conversion
+    from megatron_stablelm import hf_conversion
 
-        hf_cfg = hf_conversion.hf_config(cfg, vocab, dtype)
-        state = hf_conversion.to_hf_state_dict(
-            cfg, {k: v.detach().cpu() for k, v in model.local_state_dict().items()}, vocab
-        )
-    except Exception as exc:  # conversion unavailable or refuses this architecture
-        note = f"random weights of the same shapes ({type(exc).__name__}: {exc})"
-        hf_cfg = StableLmConfig(
-            vocab_size=vocab,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.ffn_hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=cfg.max_position_embeddings or cfg.seq_length,
-            rope_theta=cfg.rotary_emb_base,
-            partial_rotary_factor=cfg.rotary_pct,
-            layer_norm_eps=cfg.layernorm_epsilon,
-            use_qkv_bias=cfg.qkv_bias,
-            qk_layernorm=cfg.qk_norm,
-            use_parallel_residual=cfg.gpt_j_residual,
-            hidden_dropout=cfg.hidden_dropout,
-            attention_dropout=cfg.attention_dropout,
-            tie_word_embeddings=cfg.tied_embeddings,
-        )
-        state = None
+    hf_cfg = hf_conversion.hf_config(cfg, vocab, dtype)
     hf_cfg._attn_implementation = "sdpa"
+    state = hf_conversion.to_hf_state_dict(
+        cfg, {k: v.detach().cpu() for k, v in model.local_state_dict().items()}, vocab
+    )
     with torch.device(device):
-        hf = StableLmForCausalLM(hf_cfg).to(dtype)
-    if state is not None:
-        missing, unexpected = hf.load_state_dict(state, strict=False)
-        missing = [k for k in missing if "rotary_emb" not in k]
-        if missing or unexpected:
-            note = f"partly converted weights (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        hf = AutoModelForCausalLM.from_config(hf_cfg).to(dtype)
+    hf.load_state_dict({k.replace("embed_out.", "lm_head."): v for k, v in state.items()}, strict=True)
     if cfg.checkpoint_activations:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     hf.train()
-    return hf, note
+    return hf, "same weights (hf_conversion.to_hf_state_dict)"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

@@ -52,14 +52,7 @@ SUMMARY_KEYS = (
 def inspect_checkpoint(path: str | Path, norms: bool = True) -> dict[str, Any]:
     """Everything the command prints, as a JSON-serialisable dict. Raises ``CheckpointError`` naming
     the path for a missing, incomplete or unreadable checkpoint."""
-    ckpt = checkpointing.resolve_checkpoint(path)
-    try:
-        meta = checkpointing.read_meta(ckpt)
-        cfg = checkpointing.read_config(ckpt)
-    except checkpointing.CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError) as err:
-        raise checkpointing.CheckpointError(f"{ckpt}: cannot read the checkpoint ({err})") from None
+    ckpt, meta, cfg = checkpointing.read_header(path)
     state = None
     state_file = ckpt / TRAIN_STATE_FILE
     if state_file.is_file():

@@ -96,19 +96,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------- inspection (before init)
 @dataclass
 class CheckpointInfo:
@@ -389,20 +376,12 @@ def save_training_checkpoint(
         (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=1))
         written.append(tmp / TRAIN_STATE_FILE)
     for path in written:
-        _fsync_file(path)
+        ckpt.fsync_file(path)
     _barrier()
 
     if rank == 0:
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving an iteration (e.g. preempted right after resuming)
-            old = root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        ckpt.fsync_dir(tmp)
+        ckpt.publish(tmp, final)  # replaces an existing iter_N (re-saved right after resuming)
         ckpt.write_latest(root, name)
     _barrier()
     return final
