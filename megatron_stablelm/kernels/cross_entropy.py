@@ -72,16 +72,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank, _ = _group_info(group)
         local, owned = _target_local(target, rank * width, width)
         acc = _acc_dtype(logits.dtype)
-        local_max = torch.empty(rows, dtype=acc, device=logits.device)
-        sumexp = torch.empty_like(local_max)
+        # Per-rank log-sum-exp with torch's fused (one-pass) kernel; combined across ranks as
+        # (max = local lse, sum of exponentials = 1), which _finish_lse rescales to the global max.
+        local_lse = torch.empty(rows, dtype=acc, device=logits.device)
         step = _chunk_rows(rows, width, chunk_elements)
         for start in range(0, rows, step):
-            block = logits[start : start + step].to(acc)
-            m = block.amax(dim=-1)
-            local_max[start : start + step] = m
-            sumexp[start : start + step] = torch.exp(block - m[:, None]).sum(dim=-1)
+            local_lse[start : start + step] = torch.logsumexp(logits[start : start + step].to(acc), dim=-1)
         target_logit = logits.gather(1, local[:, None]).squeeze(1).to(acc) * owned
-        lse, loss = _finish_lse(local_max, sumexp, target_logit, group)
+        lse, loss = _finish_lse(local_lse, torch.ones_like(local_lse), target_logit, group)
         ctx.save_for_backward(logits, local, owned, lse)
         ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
         return loss
@@ -95,9 +93,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         step = _chunk_rows(rows, width, ctx.chunk_elements)
         for start in range(0, rows, step):
             sl = slice(start, start + step)
-            probs = torch.exp(logits[sl].to(lse.dtype) - lse[sl, None])
+            probs = logits[sl].to(lse.dtype) - lse[sl, None]  # a new fp32 block; the rest is in place
+            probs.exp_()
             probs.scatter_add_(1, local[sl, None], -owned[sl, None].to(lse.dtype))
-            grad[sl] = probs * grad_loss[sl, None]
+            probs.mul_(grad_loss[sl, None])
+            if step >= rows and not ctx.inplace and probs.dtype == grad.dtype:
+                return probs, None, None, None, None  # one chunk: the block is the gradient
+            grad[sl] = probs
         return grad, None, None, None, None
 
 
