@@ -123,7 +123,7 @@ def _run_tool(*args: str) -> None:
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("arch", ["stablelm-2-12b", "stablelm-2-1_6b", "stablelm-base-alpha-v1"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_round_trip_is_bit_exact(arch, tp, tmp_path, single_rank):
     src = tmp_path / "hf_in"
     _random_hf_dir(arch, src)

@@ -86,6 +86,21 @@ def test_demo_trains_and_exports(tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizer.json"))
     ids = tok("def main(", return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 8
+        out = model.generate(
+            ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert out.shape[1] == ids.shape[1] + 12
     assert isinstance(tok.decode(out[0]), str)
+
+    # tools/generate.py on the trained checkpoint picks the same greedy tokens as transformers
+    generated = subprocess.run(
+        [sys.executable, "tools/generate.py", str(ckpt), "--prompt", "def main(", "--greedy", "--ignore-eod",
+         "--max-new-tokens", "12", "--format", "jsonl", "--tokenizer", str(data / "tokenizer.json")],
+        cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    import json
+
+    record = json.loads(generated.stdout.strip().splitlines()[-1])
+    assert record["prompt_tokens"] == ids[0].tolist()
+    assert record["tokens"] == out[0, ids.shape[1] :].tolist()

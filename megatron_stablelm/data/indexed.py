@@ -151,6 +151,22 @@ class ShardWriter:
         self.num_documents += 1
         self.num_tokens += int(ids.size)
 
+    def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Many documents at once: ``flat`` holds their tokens back to back, ``lengths`` their sizes
+        (all > 0). The same bytes and index entries as one :meth:`add_document` per document — one
+        sequence per document, as megatron-core's builder records it — in one write instead of a Python
+        call per document, which was the parent process's bottleneck in ``preprocess``."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.size == 0:
+            return
+        builder = self._builder
+        builder.data_file.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes(order="C"))
+        base = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(lengths.tolist())
+        builder.document_indices.extend(range(base + 1, base + 1 + lengths.size))
+        self.num_documents += int(lengths.size)
+        self.num_tokens += int(lengths.sum())
+
     def finalize(self) -> None:
         self._builder.finalize(self._tmp_idx)
         os.replace(self._tmp_bin, self.prefix + ".bin")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_stablelm.data.indexed import ShardWriter
+from megatron_stablelm.data.indexed import ShardWriter, token_dtype
 from megatron_stablelm.tokenizers import Tokenizer, build_tokenizer
 
 __all__ = ["BadInputError", "PreprocessStats", "expand_inputs", "preprocess"]
@@ -145,6 +145,7 @@ def _iter_datasets_dir(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
 
 # ----------------------------------------------------------------------------------------- workers
 _TOKENIZER: Tokenizer | None = None
+_DTYPE: type = np.int32  # the shard's token dtype (uint16 when the vocab fits), set per worker
 _KEYS: tuple[str, ...] = ()
 _APPEND_EOD = True
 _SKIP_BAD = False
@@ -153,9 +154,10 @@ _SKIP_BAD = False
 def _init_worker(
     tokenizer_type: str, vocab_file: str, keys: Sequence[str], append_eod: bool, skip_bad: bool
 ) -> None:
-    global _TOKENIZER, _KEYS, _APPEND_EOD, _SKIP_BAD
+    global _TOKENIZER, _KEYS, _APPEND_EOD, _SKIP_BAD, _DTYPE
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
     _TOKENIZER = build_tokenizer(tokenizer_type=tokenizer_type, vocab_file=vocab_file)
+    _DTYPE = token_dtype(_TOKENIZER.vocab_size)
     _KEYS, _APPEND_EOD, _SKIP_BAD = tuple(keys), append_eod, skip_bad
 
 
@@ -208,7 +210,7 @@ def _process_chunk(chunk: Chunk) -> Result:
             for seq in ids:
                 seq.append(_TOKENIZER.eod)
         lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_DTYPE, count=int(lengths.sum()))
         out.append((flat, lengths))
     return out, nbytes, bad, None
 
@@ -259,13 +261,9 @@ def preprocess(
             stats.bytes += nbytes
             stats.skipped_lines += bad
             for key, (flat, lengths) in zip(keys, per_key):
-                writer = writers[key]
-                starts = np.concatenate([[0], np.cumsum(lengths)])
-                for i, n in enumerate(lengths):
-                    if n == 0:
-                        stats.empty_documents += 1
-                        continue
-                    writer.add_document(flat[starts[i] : starts[i + 1]])
+                empty = lengths == 0  # tokenized to nothing: no tokens in `flat`, no document
+                stats.empty_documents += int(empty.sum())
+                writers[key].add_documents(flat, lengths[~empty])
             stats.documents += len(per_key[0][1]) if per_key else 0
             stats.tokens += sum(int(f.size) for f, _ in per_key)
             bar.update(stats, time.perf_counter() - t0)
