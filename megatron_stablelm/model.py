@@ -39,6 +39,33 @@ def _no_init(_: torch.Tensor) -> None:
     """Weights are initialised by :func:`init_weights` instead (TP-independent, see there)."""
 
 
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear. At TP=1 its autograd function reduces to a plain matmul
+    but still costs a Python-level forward and backward per call (measurable on small models, and it
+    forgoes the bias-add epilogue of ``addmm``), so a single-rank layout calls ``F.linear`` with the
+    same parameters instead: the same math, no communication either way."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
+        if self.tp_group.size() > 1:
+            return super().forward(x, weight=weight)
+        weight = self.weight if weight is None else weight
+        if self.skip_bias_add:
+            return F.linear(x, weight), self.bias
+        return F.linear(x, weight, self.bias), None
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear, with the same single-rank shortcut as
+    :class:`ColumnParallelLinear` (at TP=1 there is nothing to all-reduce)."""
+
+    def forward(self, x: torch.Tensor):
+        if self.tp_group.size() > 1:
+            return super().forward(x)
+        if self.skip_bias_add:
+            return F.linear(x, self.weight), self.bias
+        return F.linear(x, self.weight, self.bias), None
+
+
 class LayerNorm(nn.Module):
     """LayerNorm whose bias is optional (Stable LM 2 has none), over the last dim."""
 
@@ -80,7 +107,7 @@ class Attention(nn.Module):
         self.selective_recompute = cfg.recompute_granularity == "selective"
         dtype = mp.params_dtype
         qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        self.qkv = tensor_parallel.ColumnParallelLinear(
+        self.qkv = ColumnParallelLinear(
             cfg.hidden_size, qkv_out, config=mp, init_method=_no_init, bias=cfg.qkv_bias, gather_output=False
         )
         self.q_norm = self.k_norm = None
@@ -88,7 +115,7 @@ class Attention(nn.Module):
             eps, bias = cfg.layernorm_epsilon, cfg.use_bias_in_qk_norm
             self.q_norm = PerHeadLayerNorm(self.heads, self.head_dim, eps, bias, dtype)
             self.k_norm = PerHeadLayerNorm(self.kv_heads, self.head_dim, eps, bias, dtype)
-        self.dense = tensor_parallel.RowParallelLinear(
+        self.dense = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim,
             cfg.hidden_size,
             config=mp,
@@ -141,7 +168,7 @@ class MLP(nn.Module):
         self.gated = cfg.is_gated_mlp
         width = cfg.ffn_hidden_size
         self.act_name = cfg.act_fn_name
-        self.fc1 = tensor_parallel.ColumnParallelLinear(
+        self.fc1 = ColumnParallelLinear(
             cfg.hidden_size,
             2 * width if self.gated else width,
             config=mp,
@@ -149,7 +176,7 @@ class MLP(nn.Module):
             bias=cfg.use_bias_in_mlp,
             gather_output=False,
         )
-        self.fc2 = tensor_parallel.RowParallelLinear(
+        self.fc2 = RowParallelLinear(
             width,
             cfg.hidden_size,
             config=mp,
@@ -282,7 +309,7 @@ class StableLMModel(nn.Module):
         )
         self.layers = nn.ModuleList(TransformerLayer(cfg, mp) for _ in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, cfg.use_bias_in_norms, dtype)
-        self.output = tensor_parallel.ColumnParallelLinear(
+        self.output = ColumnParallelLinear(
             cfg.hidden_size,
             vocab_size,
             config=mp,
