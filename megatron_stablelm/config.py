@@ -116,7 +116,7 @@ class Config:
     init_method: str = "normal"
     output_layer_init_method: str = "scaled_normal"
     init_method_std: float = 0.02
-    use_flash_cross_entropy: bool = False
+    use_flash_cross_entropy: bool = False  # fused LM head + loss, never materialising the logits
 
     # ---------------------------------------------------------------- tokenizer / vocab
     tokenizer_type: str = "HFTokenizer"

@@ -357,6 +357,12 @@ class StableLMModel(nn.Module):
         if cache is not None:
             cache.advance(s)
         x = self.final_norm(x)
+        if labels is not None and self.cfg.use_flash_cross_entropy:
+            # LM head and loss fused, chunk by chunk: the [tokens, V/tp] logits never exist (one
+            # extra head matmul in backward); the hidden gradient is all-reduced over TP inside.
+            head = self.embedding.weight if self.cfg.tied_embeddings else self.output.weight
+            losses = kernels.fused_linear_cross_entropy(x, head, labels.transpose(0, 1), parallel.tp_group())
+            return losses.transpose(0, 1)
         weight = self.embedding.weight if self.cfg.tied_embeddings else None
         logits, _ = self.output(x, weight=weight)  # [s, b, V/tp]
         if labels is None:

@@ -97,3 +97,58 @@ def test_kv_cache_decoding_equals_full_forward(single_rank):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds the cache size"), torch.no_grad():
         model(tokens[:, :5], cache=cache)
+
+
+def _loss_and_grads(model, tokens, labels):
+    model.zero_grad(set_to_none=True)
+    losses = model(tokens, labels=labels)
+    losses.mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["stablelm-2-1_6b", "stablelm-base-alpha-v1"])
+def test_fused_lm_head_loss_equals_logits_path(arch, single_rank):
+    """``use_flash_cross_entropy`` (LM head fused into the loss) gives the losses and gradients of the
+    logits + vocab-parallel cross-entropy path."""
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    labels = torch.roll(tokens, -1, dims=1)
+    results = []
+    for fused in (False, True):
+        model = build_model(tiny_config(arch, use_flash_cross_entropy=fused), VOCAB, seed=6)
+        randomize(model, 6)
+        results.append(_loss_and_grads(model, tokens, labels))
+    (ref_loss, ref_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _fused_tp2_worker(rank: int, world: int, out: str) -> None:
+    parallel.initialize(2)
+    case = torch.load(Path(out) / "case.pt")
+    model = build_model(
+        tiny_config("stablelm-2-12b", model_parallel_size=2, use_flash_cross_entropy=True), VOCAB
+    )
+    model.load_canonical_state_dict(case["state"])
+    loss, grads = _loss_and_grads(model, case["tokens"], case["labels"])
+    torch.save({"loss": loss, "grads": grads}, Path(out) / f"rank{rank}.pt")
+
+
+def test_fused_lm_head_loss_tp2_equals_tp1(tmp_path, single_rank):
+    from megatron_stablelm.sharding import shard_spec
+
+    model = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=7)
+    randomize(model, 7)
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(8))
+    labels = torch.roll(tokens, -1, dims=1)
+    ref_loss, ref_grads = _loss_and_grads(model, tokens, labels)
+    torch.save({"state": model.local_state_dict(), "tokens": tokens, "labels": labels}, tmp_path / "case.pt")
+    run_distributed(_fused_tp2_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-6)
+    for name, ref in ref_grads.items():
+        merged = shard_spec(name, True).merge([r["grads"][name] for r in ranks])
+        torch.testing.assert_close(merged, ref, rtol=1e-4, atol=1e-6, msg=name)
