@@ -448,6 +448,10 @@ def load_config(
     if report_ignored and ignored:
         for key, why in sorted(ignored.items()):
             print(f"[config] ignoring '{key}': {why}")
+    if report_ignored and "pos_emb" not in merged:
+        # GPT-NeoX's default is learned absolute positions, which no StableLM uses and this framework
+        # does not build; say so rather than silently running a different model.
+        print("[config] 'pos_emb' not given: using rotary (GPT-NeoX would default to learned embeddings)")
     return cfg
 
 
