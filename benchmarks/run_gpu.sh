@@ -3,6 +3,10 @@
 #   bash benchmarks/run_gpu.sh            (from the repository root; writes benchmarks/out/)
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the
 # SDPA flash backend is used). MICRO_BATCH / STEPS can be set in the environment.
+# On a machine that lacks deepspeed/megatron-core (e.g. a lent GPU box with only torch, triton and
+# transformers): fetch their wheels where pip works (`../shared/gpu/fetch-wheels.sh` puts them in .whl/),
+# bring .whl along, then `python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+# export PYTHONPATH=/tmp/site:$PWD` before this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/out}
