@@ -34,6 +34,6 @@ setup(
         "eval": ["lm-eval>=0.4.13"],
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4.13"],
+        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4.13", "tensorboard>=2.15", "wandb>=0.17"],
     },
 )

@@ -203,7 +203,7 @@ class _FakeWandb:
         self.calls.append(("init", kwargs))
         return type("Run", (), {"dir": "/tmp/wandb/offline-run"})()
 
-    def log(self, values, step):
+    def log(self, values, step, commit=None):
         self.calls.append(("log", step, values))
 
     def finish(self):
@@ -246,3 +246,37 @@ def test_missing_tracker_packages_fail_before_training(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ConfigError, match="TensorBoard"):
         _logger(config_from_dict(tiny_dict(tensorboard_dir=str(tmp_path))), []).open_trackers()
+
+
+def test_real_tensorboard_and_wandb_offline(monkeypatch, tmp_path):
+    """The real packages: TensorBoard events read back with TensorBoard's own reader; W&B runs offline
+    (no network here) into a run directory, with the logged scalars in its summary."""
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megatron_stablelm.training.logging import StepRecord
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    tb_dir = tmp_path / "tb"
+    printed: list[str] = []
+    cfg = config_from_dict(
+        tiny_dict(use_wandb=True, wandb_project="p", tensorboard_dir=str(tb_dir), log_interval=1)
+    )
+    logger = _logger(cfg, printed)
+    logger.open_trackers()
+    rec = dict(lr=1e-3, grad_norm=0.5, loss_scale=None, seconds=0.5, tokens=1000, skipped=False)
+    for it, loss in ((1, 4.0), (2, 3.0), (3, 2.5)):
+        logger.record(StepRecord(iteration=it, loss=loss, **rec))
+    assert wandb.run.summary["train/loss"] == 2.5
+    logger.close()
+    assert any(line.startswith("[wandb] offline run") for line in printed)
+    assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert losses == [(1, 4.0), (2, 3.0), (3, 2.5)]
+    assert "train/mfu" in events.Tags()["scalars"]

@@ -156,7 +156,7 @@ class MetricsLogger:
             k: v for k, v in values.items() if v is not None and not (isinstance(v, float) and math.isnan(v))
         }
         if self._wandb is not None:
-            self._wandb.log(clean, step=step)
+            self._wandb.log(clean, step=step, commit=True)  # publish now, not when the next step arrives
         if self._tb is not None:
             for key, value in clean.items():
                 self._tb.add_scalar(key, value, step)
