@@ -79,3 +79,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_data_parallel_2_zero2_equals_single(reference, tmp_path):
+    cfg = tiny_dict(train_iters=STEPS, train_micro_batch_size_per_gpu=2, zero_optimization={"stage": 2})
+    recs = run_ranks(2, cfg, tmp_path)
+    _check(reference, recs)
+    assert "ZeRO 2" in "\n".join(recs[0]["log"])
+
+
+def test_bf16_tp2_dp2_tracks_fp32(reference, tmp_path):
+    """bf16 compute with fp32 master weights (ZeRO-1) on TP=2 × DP=2: the losses follow the fp32 run
+    within bf16's precision."""
+    cfg = tiny_dict(
+        train_iters=STEPS, train_micro_batch_size_per_gpu=2, model_parallel_size=2, bf16={"enabled": True}
+    )
+    recs = run_ranks(4, cfg, tmp_path)
+    ref = losses(reference)
+    for rec in recs:
+        assert losses(rec) == pytest.approx(ref, rel=2e-2)
+    assert "bf16" in "\n".join(recs[0]["log"])

@@ -67,3 +67,14 @@ def test_resume_at_other_tp_dp_and_zero_stage(straight, tmp_path):
     assert any("saved at TP=1 DP=2, now TP=2 DP=1" in line for line in recs[0]["log"])
     saved = json.loads((resolve_checkpoint(tmp_path / "ckpt") / "train_state.json").read_text())
     assert (saved["iteration"], saved["tp_size"], saved["dp_size"]) == (20, 2, 1)
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    """bf16 compute, fp32 master weights and Adam state under ZeRO-1: 8 steps straight vs 4 + resume
+    + 4 give identical losses (the fp32 master copy, not the bf16 weights, is what resumes)."""
+    cfg = tiny_dict(train_iters=8, bf16={"enabled": True}, save=str(tmp_path / "ckpt"), checkpoint_factor=4)
+    full = run_ranks(2, cfg, tmp_path / "full")[0]
+    resumed_cfg = dict(cfg, load=str(tmp_path / "ckpt"), iteration=4, save=str(tmp_path / "ckpt2"))
+    resumed = run_ranks(2, resumed_cfg, tmp_path / "resumed")[0]
+    assert resumed["exit_reason"] == "done"
+    assert losses(resumed) == losses(full)[4:]
