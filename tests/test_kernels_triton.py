@@ -81,7 +81,7 @@ def test_rotary_qk_gqa(ops, dtype, atol, rotary_dim):
     )
     ref = _grads(lambda a, c: kernels.apply_rotary_qk(a, c, cos, sin), [q, k])  # CPU tensors → reference
     tol = max(atol, 1e-5)  # cos/sin are fp32 tables
-    assert_close_all([t.cpu() for t in got[0] + got[1]], truth[0] + truth[1], atol=tol, rtol=tol)
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
     assert_close_all(got[0] + got[1], ref[0] + ref[1], atol=tol, rtol=tol)
     single = ops.apply_rotary(q, cos, sin)
     torch.testing.assert_close(single, got[0][0].to(dtype))
@@ -137,6 +137,68 @@ def test_per_head_layer_norm(ops, dtype, atol, bias):
     truth = _grads(lambda x, w, b=None: layer_norm_truth(x, w, b, 1e-5), [t.to(F64) for t in inputs])
     tol = atol * 5 if dtype == torch.bfloat16 else 1e-4
     assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
+
+
+def _ce_truth(logits, target):
+    """float64 per-token loss ``logsumexp(x) - x[target]``, written out (no torch cross_entropy)."""
+    x = logits.to(F64)
+    lse = x.max(-1, keepdim=True).values
+    lse = lse.squeeze(-1) + torch.log(torch.exp(x - lse).sum(-1))
+    return lse - x.gather(-1, target[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_cross_entropy_row_kernels(ops, monkeypatch, dtype, atol):
+    """The log-sum-exp and gradient kernels, with rows spanning several blocks, a padded last block and
+    targets owned by another vocab shard (index -1: softmax with no one-hot)."""
+    monkeypatch.setattr(ops, "_CE_BLOCK", 64)
+    torch.manual_seed(4)
+    rows, vocab = 6, 200
+    logits = (torch.randn(rows, vocab) * 4).to(dtype).to(DEVICE)
+    target = torch.tensor([0, 199, 63, 64, -1, 5], device=DEVICE)
+    grad_loss = torch.randn(rows, device=DEVICE)
+    x64 = logits.to(F64)
+    lse_truth = torch.logsumexp(x64, -1)
+    lse = ops.row_logsumexp(logits)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.to(F64), lse_truth, atol=1e-5, rtol=1e-6)
+    onehot = torch.zeros_like(x64)
+    owned = target >= 0
+    onehot[owned.nonzero().squeeze(1), target[owned]] = 1.0
+    grad_truth = (torch.softmax(x64, -1) - onehot) * grad_loss.to(F64)[:, None]
+    out = torch.full_like(logits, float("nan"))  # every element must be written
+    ops.cross_entropy_grad(logits, lse, target, grad_loss, out)
+    torch.testing.assert_close(out.to(F64), grad_truth, atol=atol / 4, rtol=atol)
+    inplace = logits.clone()
+    ops.cross_entropy_grad(inplace, lse, target, grad_loss, inplace)
+    torch.testing.assert_close(inplace, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol, inplace):
+    """The public loss with its Triton path forced (as on CUDA), against the float64 truth."""
+    from megatron_stablelm.kernels import _dispatch
+
+    calls = []
+
+    def traced(name):
+        fn = getattr(ops, name)
+        return lambda *a: calls.append(name) or fn(*a)
+
+    fake = type("Ops", (), {n: staticmethod(traced(n)) for n in ("row_logsumexp", "cross_entropy_grad")})
+    monkeypatch.setattr(_dispatch, "use_triton", lambda x: True)
+    monkeypatch.setattr(_dispatch, "triton_ops", lambda: fake)
+    monkeypatch.setattr(ops, "_CE_BLOCK", 128)
+    torch.manual_seed(5)
+    logits = (torch.randn(3, 4, 300) * 3).to(dtype).to(DEVICE)
+    target = torch.randint(0, 300, (3, 4), device=DEVICE)
+    got = _grads(
+        lambda t: kernels.vocab_parallel_cross_entropy(t, target, inplace_backward=inplace), [logits]
+    )
+    truth = _grads(lambda t: _ce_truth(t, target), [logits.to(F64)])
+    assert calls == ["row_logsumexp", "cross_entropy_grad"]
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=atol, rtol=atol)
 
 
 @pytest.mark.gpu

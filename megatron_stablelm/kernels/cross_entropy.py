@@ -11,12 +11,19 @@ Vocab parallelism follows megatron's scheme: each tensor-parallel rank holds a c
 vocabulary, ``[rank * V/tp, (rank + 1) * V/tp)``; the per-token max, sum of exponentials and target
 logit are all-reduced over the TP group (three all-reduces of ``[tokens]`` fp32 vectors per call, not
 per chunk). With ``group=None`` or a one-rank group nothing is communicated.
+
+On CUDA (with Triton) the per-row log-sum-exp and the backward are each one Triton kernel
+(:func:`triton_ops.row_logsumexp`, :func:`triton_ops.cross_entropy_grad`): one read of the bf16 logits
+forward, one read and one write backward, where the chunked PyTorch path makes an fp32 copy of each
+chunk and several passes over it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from megatron_stablelm.kernels import _dispatch
 
 # fp32 elements per chunk: 2**24 is 64 MiB of scratch, small next to a 1.6B model's activations and
 # large enough (thousands of rows at V/tp = 100k/tp) that the per-chunk launch overhead is negligible.
@@ -72,16 +79,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank, _ = _group_info(group)
         local, owned = _target_local(target, rank * width, width)
         acc = _acc_dtype(logits.dtype)
-        # Per-rank log-sum-exp with torch's fused (one-pass) kernel; combined across ranks as
-        # (max = local lse, sum of exponentials = 1), which _finish_lse rescales to the global max.
-        local_lse = torch.empty(rows, dtype=acc, device=logits.device)
-        step = _chunk_rows(rows, width, chunk_elements)
-        for start in range(0, rows, step):
-            local_lse[start : start + step] = torch.logsumexp(logits[start : start + step].to(acc), dim=-1)
+        fused = _dispatch.use_triton(logits) and acc == torch.float32
+        # Per-rank log-sum-exp (one Triton pass, or torch's fused kernel chunk by chunk); combined
+        # across ranks as (max = local lse, sum of exponentials = 1), which _finish_lse rescales to the
+        # global max.
+        if fused:
+            local_lse = _dispatch.triton_ops().row_logsumexp(logits)
+        else:
+            local_lse = torch.empty(rows, dtype=acc, device=logits.device)
+            step = _chunk_rows(rows, width, chunk_elements)
+            for start in range(0, rows, step):
+                local_lse[start : start + step] = torch.logsumexp(
+                    logits[start : start + step].to(acc), dim=-1
+                )
         target_logit = logits.gather(1, local[:, None]).squeeze(1).to(acc) * owned
         lse, loss = _finish_lse(local_lse, torch.ones_like(local_lse), target_logit, group)
         ctx.save_for_backward(logits, local, owned, lse)
-        ctx.chunk_elements, ctx.inplace = chunk_elements, inplace_backward
+        ctx.chunk_elements, ctx.inplace, ctx.fused = chunk_elements, inplace_backward, fused
         return loss
 
     @staticmethod
@@ -90,6 +104,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rows, width = logits.shape
         grad = logits if ctx.inplace else torch.empty_like(logits)
         grad_loss = grad_loss.to(lse.dtype)
+        if ctx.fused:
+            target = torch.where(owned, local, torch.full_like(local, -1))
+            _dispatch.triton_ops().cross_entropy_grad(logits, lse, target, grad_loss, grad)
+            return grad, None, None, None, None
         step = _chunk_rows(rows, width, ctx.chunk_elements)
         for start in range(0, rows, step):
             sl = slice(start, start + step)

@@ -412,3 +412,75 @@ def per_head_layer_norm(
     if x.shape[-2] != heads:
         raise ValueError(f"x has {x.shape[-2]} heads, weight has {heads}")
     return _LayerNorm.apply(x, None, weight, bias, eps, heads)[0]
+
+
+# ---------------------------------------------------------------------------------- cross-entropy
+
+_CE_BLOCK = 4096
+
+
+@triton.jit
+def _row_lse_kernel(x_ptr, lse_ptr, n_cols, stride_row, BLOCK: tl.constexpr):
+    """One program per row: online log-sum-exp over the row in ``BLOCK``-wide pieces (a block-wide
+    running max, so fully masked lanes never meet another -inf)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = x_ptr + row * stride_row
+    running_max = -float("inf")
+    running_sum = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(base + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+    tl.store(lse_ptr + row, running_max + tl.log(running_sum))
+
+
+@triton.jit
+def _ce_grad_kernel(
+    x_ptr, out_ptr, lse_ptr, target_ptr, grad_loss_ptr, n_cols, stride_row, BLOCK: tl.constexpr
+):
+    """``out[row] = (softmax(x[row]) - onehot(target[row])) * grad_loss[row]``; ``target < 0`` means the
+    target lives on another vocab shard. ``out`` may alias ``x``: each element is read before it is
+    written, by the same program."""
+    row = tl.program_id(0).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(grad_loss_ptr + row)
+    target = tl.load(target_ptr + row)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        p = tl.where(cols == target, p - 1.0, p)
+        tl.store(out_ptr + row * stride_row + cols, (p * g).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """fp32 log-sum-exp of each row of a 2-D tensor with unit column stride: one read of ``x``, no
+    fp32 copy of it."""
+    rows, cols = x.shape
+    if x.stride(1) != 1:
+        raise ValueError("row_logsumexp needs unit stride along the vocabulary")
+    lse = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _row_lse_kernel[(rows,)](
+            x, lse, cols, x.stride(0), BLOCK=min(_CE_BLOCK, triton.next_power_of_2(cols))
+        )
+    return lse
+
+
+def cross_entropy_grad(
+    x: torch.Tensor, lse: torch.Tensor, target: torch.Tensor, grad_loss: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """Logits gradient of the per-token loss ``lse - x[target]`` into ``out`` (which may be ``x``):
+    one read and one write per element. ``target`` is the index inside this shard, -1 where not owned."""
+    rows, cols = x.shape
+    if x.stride(1) != 1 or out.stride() != x.stride():
+        raise ValueError("cross_entropy_grad needs x and out with the same unit-column-stride layout")
+    if rows:
+        _ce_grad_kernel[(rows,)](
+            x, out, lse.float().contiguous(), target.contiguous(), grad_loss.float().contiguous(),
+            cols, x.stride(0), BLOCK=min(_CE_BLOCK, triton.next_power_of_2(cols)),
+        )  # fmt: skip
+    return out
