@@ -21,7 +21,7 @@ def _grads(fn, inputs, grad_out_seed=0):
     out = fn(*leaves)
     outs = out if isinstance(out, tuple) else (out,)
     gen = torch.Generator().manual_seed(grad_out_seed)
-    cots = [torch.randn(o.shape, generator=gen, dtype=F64).to(o.dtype) for o in outs]
+    cots = [torch.randn(o.shape, generator=gen, dtype=F64).to(device=o.device, dtype=o.dtype) for o in outs]
     torch.autograd.backward(outs, cots)
     return [o.detach().to(F64) for o in outs], [
         x.grad.to(F64) if x.grad is not None else None for x in leaves
@@ -42,8 +42,8 @@ def assert_close_all(a, b, atol, rtol=0.0):
 def rotary_truth(x, positions, rotary_dim, base):
     """Rotary as complex multiplication of pairs (i, i + rotary_dim/2): an independent formulation."""
     half = rotary_dim // 2
-    inv = base ** (-torch.arange(half, dtype=F64) * 2 / rotary_dim)
-    angle = positions.to(F64)[..., None] * inv  # [..., half]
+    inv = base ** (-torch.arange(half, dtype=F64, device=x.device) * 2 / rotary_dim)
+    angle = positions.to(device=x.device, dtype=F64)[..., None] * inv  # [..., half]
     rot = torch.polar(torch.ones_like(angle), angle)[..., None, :]  # broadcast over heads
     z = torch.complex(x[..., :half].to(F64), x[..., half:rotary_dim].to(F64)) * rot
     return torch.cat((z.real, z.imag, x[..., rotary_dim:].to(F64)), dim=-1)

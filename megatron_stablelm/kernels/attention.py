@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import logging
 import math
 import weakref
@@ -168,11 +169,27 @@ def attention_sdpa_masked(
 
 @functools.cache
 def _torch_varlen() -> Callable | None:
+    """PyTorch's varlen flash attention as ``fn(q, k, v, cu, max_len)``, causal, GQA allowed; None
+    where this torch has none. Its keywords changed between releases: 2.10 takes ``is_causal``, 2.11
+    ``window_size`` (causal = ``(-1, 0)``), 2.13 also ``enable_gqa``; without that keyword the K/V
+    heads are repeated for GQA."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    return varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    native_gqa = "enable_gqa" in params
+
+    def run(q, k, v, cu, longest):
+        gqa = k.shape[1] != q.shape[1]
+        if gqa and not native_gqa:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        extra = {"enable_gqa": True} if gqa and native_gqa else {}
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **causal, **extra)
+
+    return run
 
 
 def attention_torch_varlen(q, k, v, *, cu_seqlens=None, max_seqlen=None, dropout_p=0.0) -> torch.Tensor:
@@ -184,9 +201,7 @@ def attention_torch_varlen(q, k, v, *, cu_seqlens=None, max_seqlen=None, dropout
     b, s, h, d = q.shape
     cu, longest = _cached_varlen(cu_seqlens, b, s)
     flat = [t.reshape(b * s, t.shape[2], d) for t in (q, k, v)]
-    gqa = k.shape[2] != h
-    out = fn(*flat, cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=gqa)
-    return out.view(b, s, h, d)
+    return fn(*flat, cu, longest).view(b, s, h, d)
 
 
 @functools.cache
