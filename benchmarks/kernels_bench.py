@@ -11,6 +11,7 @@ traffic. The numbers decide which implementation ``kernels/_dispatch.py`` should
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -48,6 +49,24 @@ def fwd_bwd(op: Callable, *inputs: torch.Tensor) -> Callable[[], None]:
         torch.autograd.backward(outs, grads)
         for t in inputs:
             t.grad = None
+
+    return run
+
+
+def reference_kernels(fn: Callable) -> Callable:
+    """``fn`` with the dispatcher forced to the PyTorch reference path (the backward follows the
+    forward's choice, which the autograd functions record)."""
+
+    def run(*args):
+        previous = os.environ.get("MEGATRON_STABLELM_KERNELS")
+        os.environ["MEGATRON_STABLELM_KERNELS"] = "reference"
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["MEGATRON_STABLELM_KERNELS"]
+            else:
+                os.environ["MEGATRON_STABLELM_KERNELS"] = previous
 
     return run
 
@@ -123,8 +142,15 @@ def main() -> None:
         "eager fp32": fwd_bwd(
             lambda t: torch.nn.functional.cross_entropy(t.float(), target, reduction="none"), logits
         ),
-        "chunked": fwd_bwd(lambda t: kernels.vocab_parallel_cross_entropy(t, target), logits),
+        "chunked torch": fwd_bwd(
+            reference_kernels(lambda t: kernels.vocab_parallel_cross_entropy(t, target)), logits
+        ),
+        "triton": fwd_bwd(lambda t: kernels.vocab_parallel_cross_entropy(t, target), logits),
     }
+    if liger is not None:
+        cases["cross-entropy"]["liger"] = fwd_bwd(
+            lambda t: liger.liger_cross_entropy(t, target, reduction="none"), logits
+        )
     cases["linear+CE"] = {
         "matmul+eager fp32": fwd_bwd(
             lambda a, ww: torch.nn.functional.cross_entropy((a @ ww.t()).float(), target, reduction="none"),

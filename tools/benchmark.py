@@ -15,6 +15,11 @@ FLOPs per token (MFU counts the model's work, not recomputation):
 ``12 × ...``, the causal triangle). With packed documents the attention term is an upper bound.
 MFU is reported against the device's datasheet dense peak and against a measured matmul ceiling
 (the best large-GEMM throughput of this device in the benchmark dtype).
+
+A second figure, ``MFU(6N+12lsh)``, uses the convention of the published anchors (llm-foundry's
+throughput table, the Megatron papers): ``6 × all parameters`` (embedding included) plus
+``12 × layers × seq × hidden`` for attention, i.e. the full, not causal, score matrix. It is larger
+than ours for the same step time; compare each target with the figure of its own convention.
 """
 
 from __future__ import annotations
@@ -65,6 +70,15 @@ def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None
     return None
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device`` (default: cuda when available, else cpu), with the CUDA index made explicit
+    (``torch.cuda.set_device`` refuses a bare ``cuda``)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -89,16 +103,26 @@ def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / best / 1e12
 
 
+def _layer_matmul_params(cfg) -> int:
+    """Weights of one layer's matmuls: fused QKV (with GQA), attention output, MLP (gated or not)."""
+    h, heads, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+    attn_params = h * (heads + 2 * kv) * d + heads * d * h
+    return attn_params + h * cfg.ffn_hidden_size * (3 if cfg.is_gated_mlp else 2)
+
+
 def flops_per_token(cfg, vocab: int, seq: int) -> float:
     """Model FLOPs per trained token (see the module doc)."""
-    h, layers = cfg.hidden_size, cfg.num_layers
-    heads, kv, d = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-    ffn = cfg.ffn_hidden_size
-    attn_params = h * (heads + 2 * kv) * d + heads * d * h
-    mlp_params = h * ffn * (3 if cfg.is_gated_mlp else 2)
-    matmul_params = layers * (attn_params + mlp_params) + h * vocab  # LM head
-    attention = 6 * layers * seq * heads * d
+    layers = cfg.num_layers
+    matmul_params = layers * _layer_matmul_params(cfg) + cfg.hidden_size * vocab  # LM head
+    attention = 6 * layers * seq * cfg.num_attention_heads * cfg.head_dim
     return 6 * matmul_params + attention
+
+
+def flops_per_token_6n_12lsh(cfg, vocab: int, seq: int) -> float:
+    """FLOPs per token in the published-anchor convention (see the module doc)."""
+    h, layers = cfg.hidden_size, cfg.num_layers
+    embeddings = h * vocab * (1 if cfg.tied_embeddings else 2)
+    return 6 * (layers * _layer_matmul_params(cfg) + embeddings) + 12 * layers * seq * h
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -281,7 +305,7 @@ def run(args: argparse.Namespace) -> dict:
 
     overrides = _overrides(args)
     cfg = load_benchmark_config(args.config, overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     seq = cfg.seq_length
@@ -305,6 +329,7 @@ def run(args: argparse.Namespace) -> dict:
     batch = make_batch(cfg, vocab, micro_batch, seq, device, args.documents, cfg.seed)
     tokens_per_step = micro_batch * seq
     flops_tok = flops_per_token(cfg, vocab, seq)
+    flops_tok_anchor = flops_per_token_6n_12lsh(cfg, vocab, seq)
     ceiling = matmul_ceiling_tflops(device, dtype)
     peak = device_peak_tflops(device, dtype)
 
@@ -316,6 +341,7 @@ def run(args: argparse.Namespace) -> dict:
             "tokens_per_s": tokens_s,
             "tflops": tflops,
             "mfu_vs_peak": tflops / peak if peak else None,
+            "mfu_6n_12lsh_vs_peak": tokens_s * flops_tok_anchor / 1e12 / peak if peak else None,
             "mfu_vs_matmul": tflops / ceiling,
         }
 
@@ -346,10 +372,12 @@ def run(args: argparse.Namespace) -> dict:
         "documents_per_row": args.documents,
         "attention_backend": backend.describe,
         "elementwise_kernels": "triton"
-        if device.type == "cuda" and kernels._dispatch.triton_available()
+        if kernels._dispatch.use_triton(torch.empty(0, device=device))
         else "reference",
         "full_recompute": bool(cfg.checkpoint_activations),
         "flops_per_token": flops_tok,
+        "flops_per_token_6n_12lsh": flops_tok_anchor,
+        "sdpa_backend": args.sdpa_backend or "default",
         "peak_tflops": peak,
         "matmul_ceiling_tflops": ceiling,
         "framework": ours,
@@ -383,20 +411,22 @@ def print_report(r: dict) -> None:
     print(f"device            {r['device']}  (torch {r['torch']}, {r['dtype']})")
     print(f"config            {' '.join(r['config'])}")
     print(f"batch             {r['micro_batch']} x {r['seq_length']} = {r['tokens_per_step']} tokens/step")
-    print(f"attention         {r['attention_backend']}")
+    print(f"attention         {r['attention_backend']} (SDPA kernel: {r['sdpa_backend']})")
     print(f"kernels           {r['elementwise_kernels']}; full recompute: {r['full_recompute']}")
     print(
         f"matmul ceiling    {r['matmul_ceiling_tflops']:.2f} TFLOP/s; datasheet peak {_fmt(r['peak_tflops'], '.0f')}"
     )
     rows = [("framework", r["framework"])] + ([("transformers", r["hf"])] if "hf" in r else [])
     print(
-        f"{'':14}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU(peak)':>11}{'MFU(mm)':>9}{'step s':>9}{'peak GiB':>10}{'loss':>8}"
+        f"{'':14}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU(peak)':>11}{'MFU(mm)':>9}{'MFU(6N+12lsh)':>15}"
+        f"{'step s':>9}{'peak GiB':>10}{'loss':>8}"
     )
     for name, m in rows:
         mfu_peak = "n/a" if m["mfu_vs_peak"] is None else f"{100 * m['mfu_vs_peak']:.1f}%"
+        mfu_anchor = "n/a" if m["mfu_6n_12lsh_vs_peak"] is None else f"{100 * m['mfu_6n_12lsh_vs_peak']:.1f}%"
         print(
             f"{name:14}{m['tokens_per_s']:12.1f}{m['tflops']:10.3f}{mfu_peak:>11}{100 * m['mfu_vs_matmul']:8.1f}%"
-            f"{m['step_s']:9.4f}{m['peak_mem_gib']:10.2f}{m['loss']:8.3f}"
+            f"{mfu_anchor:>15}{m['step_s']:9.4f}{m['peak_mem_gib']:10.2f}{m['loss']:8.3f}"
         )
     if "hf" in r:
         print(f"hf weights        {r['hf']['weights']}")
@@ -416,6 +446,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--attention", help="attention type instead of the config's attention_config")
+    p.add_argument(
+        "--sdpa-backend",
+        choices=sorted(SDPA_BACKENDS),
+        help="restrict PyTorch SDPA (both models) to one kernel; default: PyTorch's own choice",
+    )
     p.add_argument("--documents", type=int, default=1, help="packed documents per row (document masking)")
     p.add_argument("--recompute", choices=["none", "full"], help="override checkpoint_activations")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers' StableLmForCausalLM")
@@ -424,15 +459,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def sdpa_backend_context(name: str | None) -> contextlib.AbstractContextManager:
+    """Restrict SDPA to one kernel (``--sdpa-backend``), or leave PyTorch's choice."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return sdpa_kernel([kernel])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    with sdpa_backend_context(args.sdpa_backend):
+        result = run(args)
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     if args.profile:
-        profile(args)
+        with sdpa_backend_context(args.sdpa_backend):
+            profile(args)
     return result
 
 
@@ -444,7 +499,7 @@ def profile(args: argparse.Namespace) -> None:
     from megatron_stablelm.model import build_model
 
     cfg = load_benchmark_config(args.config, _overrides(args))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
     vocab = cfg.padded_vocab()
     with torch.device(device):
