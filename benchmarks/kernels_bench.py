@@ -16,6 +16,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -56,17 +57,11 @@ def fwd_bwd(op: Callable, *inputs: torch.Tensor) -> Callable[[], None]:
 def reference_kernels(fn: Callable) -> Callable:
     """``fn`` with the dispatcher forced to the PyTorch reference path (the backward follows the
     forward's choice, which the autograd functions record)."""
+    from megatron_stablelm.kernels._dispatch import ENV_VAR
 
     def run(*args):
-        previous = os.environ.get("MEGATRON_STABLELM_KERNELS")
-        os.environ["MEGATRON_STABLELM_KERNELS"] = "reference"
-        try:
+        with mock.patch.dict(os.environ, {ENV_VAR: "reference"}):
             return fn(*args)
-        finally:
-            if previous is None:
-                del os.environ["MEGATRON_STABLELM_KERNELS"]
-            else:
-                os.environ["MEGATRON_STABLELM_KERNELS"] = previous
 
     return run
 

@@ -459,7 +459,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+# --sdpa-backend name → torch.nn.attention.SDPBackend member
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def sdpa_backend_context(name: str | None) -> contextlib.AbstractContextManager:
@@ -468,25 +474,18 @@ def sdpa_backend_context(name: str | None) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernel = {
-        "flash": SDPBackend.FLASH_ATTENTION,
-        "cudnn": SDPBackend.CUDNN_ATTENTION,
-        "efficient": SDPBackend.EFFICIENT_ATTENTION,
-        "math": SDPBackend.MATH,
-    }[name]
-    return sdpa_kernel([kernel])
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with sdpa_backend_context(args.sdpa_backend):
         result = run(args)
-    print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    if args.profile:
-        with sdpa_backend_context(args.sdpa_backend):
+        print_report(result)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2))
+        if args.profile:
             profile(args)
     return result
 

@@ -53,5 +53,5 @@ def triton_ops() -> ModuleType:
     CPU-only runs)."""
     from megatron_stablelm.kernels import triton_ops as module
 
-    log.info("element-wise kernels: Triton (fused rotary, SwiGLU, LayerNorm)")
+    log.info("element-wise kernels: Triton (fused rotary, SwiGLU, LayerNorm, cross-entropy)")
     return module
