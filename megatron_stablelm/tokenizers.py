@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_stablelm.config.choices import TOKENIZER_TYPES
+
 __all__ = [
     "ARCADE100K_PATTERN",
     "ARCADE100K_SPECIAL_TOKENS",
@@ -128,9 +130,6 @@ class Tokenizer(ABC):
     # megatron-style aliases
     def tokenize(self, text: str) -> list[int]:
         return self.encode(text)
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self.decode(ids)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.vocab_file!r}, vocab_size={self.vocab_size}, eod={self.eod})"
@@ -303,9 +302,6 @@ class HFTokenizer(Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- factory
-TOKENIZER_TYPES = ("HFTokenizer", "TiktokenTokenizer")
-
-
 def build_tokenizer(
     cfg: Any = None, *, tokenizer_type: str | None = None, vocab_file: str | None = None
 ) -> Tokenizer:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
+from megatron_stablelm.config import ConfigError
 from megatron_stablelm.data import (
-    DataError,
     ShardError,
     TokenizerError,
     build_data_iterators,
@@ -230,7 +230,8 @@ def test_bad_inputs_fail_early_naming_the_file(shards, tok, tmp_path):
         ShardError, match=r"ids\.bin' contains token id \d+ >= the tokenizer's vocab size 400"
     ):
         build(str(tmp_path / "ids"))
-    with pytest.raises(DataError, match="train_batch_size"):
+    # the batch arithmetic is the trainer's rule (config.validate_layout), hence a ConfigError
+    with pytest.raises(ConfigError, match="train_batch_size"):
         build(shards["b"], train_batch_size=5)
     with pytest.raises(TokenizerError, match="no_such_tokenizer.json"):
         build_tokenizer(

@@ -23,10 +23,11 @@ consumed_valid_samples=0, num_workers=None, device=None, report=True) -> DataIte
     ``max_seqlen`` (int). ``b`` is ``train_micro_batch_size_per_gpu`` (``eval_batch_size`` or that
     for valid/test). Tensors are on ``device`` (CPU when ``None``).
 
-    Sizes: global batch ``G = micro x gradient_accumulation_steps x dp_size`` (must equal
-    ``train_batch_size`` when given). Train holds ``train_iters x G`` samples; the trainer pulls
-    ``gradient_accumulation_steps`` micro-batches per step. Each evaluation reads
-    ``eval_iters x gradient_accumulation_steps`` micro-batches per rank from ``.valid``, which continues
+    Sizes: global batch ``G = micro x accumulation x dp_size``, the layout of
+    :func:`megatron_stablelm.config.validate_layout` (the trainer's rule: the accumulation is derived
+    from ``train_batch_size`` when ``gradient_accumulation_steps`` is left at 1). Train holds
+    ``train_iters x G`` samples; the trainer pulls ``accumulation`` micro-batches per step. Each
+    evaluation reads ``eval_iters x accumulation`` micro-batches per rank from ``.valid``, which continues
     across evaluations (sized for ``train_iters // eval_interval + 1`` of them); ``.test`` holds one
     evaluation.
 
@@ -37,8 +38,8 @@ consumed_valid_samples=0, num_workers=None, device=None, report=True) -> DataIte
     with the same or a different ``dp_size``, reads exactly the samples it has not read: none repeated,
     none skipped. The same config and seed always give the same order.
 
-``DataIterators.samples_per_step`` (``G``), ``.samples_per_eval``, ``.datasets`` (the megatron-core
-datasets and the per-split plans), ``.report`` (the mixture report text).
+``DataIterators.samples_per_eval``, ``.datasets`` (the megatron-core datasets, the per-split plans and
+the batch layout), ``.report`` (the mixture report text).
 
 Masks: ``reset_position_ids`` restarts positions after each EOD; ``reset_attention_mask`` gives
 document boundaries (a document ends with its EOD; every row starts one) as ``cu_seqlens`` --
@@ -56,7 +57,14 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_stablelm.data.datasets import DataError, TrainingDatasets, build_datasets, plan_splits
+from megatron_stablelm.config import Config
+from megatron_stablelm.data.datasets import (
+    DataError,
+    TrainingDatasets,
+    build_datasets,
+    plan_splits,
+    samples_per_eval,
+)
 from megatron_stablelm.data.indexed import ShardError, check_shard
 from megatron_stablelm.data.loader import Collate, document_fields, make_loader
 from megatron_stablelm.data.mixture import format_mixture_report
@@ -79,11 +87,12 @@ __all__ = [
 
 @dataclass
 class DataIterators:
+    """This rank's micro-batch iterators and what the trainer needs to count evaluation samples."""
+
     train: Iterator[dict] | None
     valid: Iterator[dict] | None
     test: Iterator[dict] | None
     datasets: TrainingDatasets
-    samples_per_step: int
     samples_per_eval: int
     report: str
 
@@ -99,14 +108,14 @@ def _rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def mixture_report(cfg, tokenizer: Tokenizer | None = None, *, dp_size: int = 1) -> str:
+def mixture_report(cfg: Config, tokenizer: Tokenizer | None = None, *, dp_size: int = 1) -> str:
     """The training mixture report without building any index (only the ``.idx`` files are read)."""
     plans = plan_splits(cfg, tokenizer.vocab_size if tokenizer else None, dp_size, scan_tokens=False)
     return format_mixture_report(plans[0], cfg.seq_length, cfg.mixture_epochs_warning)
 
 
 def build_data_iterators(
-    cfg,
+    cfg: Config,
     tokenizer: Tokenizer,
     *,
     dp_rank: int = 0,
@@ -120,7 +129,7 @@ def build_data_iterators(
     """Train/valid/test micro-batch iterators for data-parallel rank ``dp_rank`` of ``dp_size``
     (see the module docstring for sizes, state and resumption)."""
     datasets = build_datasets(cfg, tokenizer, dp_size=dp_size)
-    sizes = datasets.sizes
+    layout = datasets.layout
     text = format_mixture_report(datasets.plans[0], cfg.seq_length, cfg.mixture_epochs_warning)
     if report and _rank0():
         print(text, flush=True)
@@ -133,27 +142,19 @@ def build_data_iterators(
     workers = cfg.num_workers if num_workers is None else num_workers
     pin = device is not None and torch.device(device).type == "cuda"
 
+    per_rank = {"dp_rank": dp_rank, "dp_size": dp_size, "pin_memory": pin}
+
     def loader(ds, consumed: int, micro: int, nw: int):
         if ds is None:
             return None
-        dl = make_loader(
-            ds,
-            collate,
-            consumed=consumed,
-            micro=micro,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            num_workers=nw,
-            pin_memory=pin,
-        )
+        dl = make_loader(ds, collate, consumed=consumed, micro=micro, num_workers=nw, **per_rank)
         return iter(dl) if device is None else _to_device(dl, device)
 
     return DataIterators(
-        train=loader(datasets.train, consumed_train_samples, sizes.micro, workers),
-        valid=loader(datasets.valid, consumed_valid_samples, sizes.eval_micro, min(workers, 1)),
-        test=loader(datasets.test, 0, sizes.eval_micro, 0),
+        train=loader(datasets.train, consumed_train_samples, layout.micro, workers),
+        valid=loader(datasets.valid, consumed_valid_samples, cfg.eval_micro_batch, min(workers, 1)),
+        test=loader(datasets.test, 0, cfg.eval_micro_batch, 0),
         datasets=datasets,
-        samples_per_step=sizes.global_batch,
-        samples_per_eval=cfg.eval_iters * sizes.eval_samples_per_eval,
+        samples_per_eval=samples_per_eval(cfg, layout),
         report=text,
     )

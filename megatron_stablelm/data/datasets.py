@@ -45,6 +45,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
+from megatron_stablelm.config import BatchLayout, Config, validate_layout
+from megatron_stablelm.config.choices import DATA_SPLITS
 from megatron_stablelm.data.indexed import ShardInfo, check_shard
 
 __all__ = [
@@ -53,9 +55,10 @@ __all__ = [
     "Source",
     "SplitPlan",
     "TrainingDatasets",
-    "batch_sizes",
     "build_datasets",
+    "data_layout",
     "plan_splits",
+    "samples_per_eval",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,13 @@ DEFAULT_SPLIT = "969,30,1"
 # may draw a handful more than weight x size from a source.
 SURPLUS = 0.005
 
-SPLIT_NAMES = ("train", "valid", "test")
+# megatron-core's per-sample mask and position code, switched off (see the module docstring).
+MEGATRON_MASKS_OFF = {
+    "reset_position_ids": False,
+    "reset_attention_mask": False,
+    "eod_mask_loss": False,
+    "create_attention_mask": False,
+}
 
 
 class DataError(ValueError):
@@ -96,42 +105,26 @@ class SplitPlan:
         return sum(s.tokens for s in self.sources)
 
 
-@dataclass(frozen=True)
-class BatchSizes:
-    micro: int
-    grad_accum: int
-    dp: int
-    eval_micro: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.grad_accum * self.dp
-
-    @property
-    def eval_samples_per_eval(self) -> int:
-        """Samples one evaluation reads: eval_iters x grad_accum micro-batches of every DP rank."""
-        return self.eval_micro * self.grad_accum * self.dp
+def data_layout(cfg: Config, dp_size: int) -> BatchLayout:
+    """The batch layout of ``dp_size`` data-parallel ranks: the trainer's rule
+    (:func:`~megatron_stablelm.config.validate_layout`) at world size ``dp_size × TP``, so the data
+    and the trainer agree on the accumulation (derived from ``train_batch_size`` or given)."""
+    return validate_layout(cfg, dp_size * cfg.model_parallel_size)
 
 
-def batch_sizes(cfg, dp_size: int) -> BatchSizes:
-    """micro x grad_accum x dp, checked against ``train_batch_size`` when the config gives it."""
-    micro, ga = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
-    if cfg.train_batch_size is not None and cfg.train_batch_size != micro * ga * dp_size:
-        raise DataError(
-            f"key 'train_batch_size': {cfg.train_batch_size} != train_micro_batch_size_per_gpu "
-            f"({micro}) x gradient_accumulation_steps ({ga}) x data-parallel size ({dp_size})"
-        )
-    return BatchSizes(micro, ga, dp_size, cfg.eval_batch_size or micro)
+def samples_per_eval(cfg: Config, layout: BatchLayout) -> int:
+    """Samples one evaluation reads: ``eval_iters × accumulation`` micro-batches of
+    ``eval_micro_batch`` samples on every data-parallel rank."""
+    return cfg.eval_iters * cfg.eval_micro_batch * layout.accumulation * layout.dp_size
 
 
-def _split_samples(cfg, sizes: BatchSizes) -> tuple[int, int, int]:
+def _split_samples(cfg: Config, layout: BatchLayout) -> tuple[int, int, int]:
     if cfg.train_iters is None:
         raise DataError("key 'train_iters' is required to size the training data")
-    train = cfg.train_iters * sizes.global_batch
+    train = cfg.train_iters * layout.global_batch
     evals = cfg.train_iters // cfg.eval_interval + 1 if cfg.eval_interval else 1
-    valid = evals * cfg.eval_iters * sizes.eval_samples_per_eval
-    test = cfg.eval_iters * sizes.eval_samples_per_eval
-    return train, valid, test
+    per_eval = samples_per_eval(cfg, layout)
+    return train, evals * per_eval, per_eval
 
 
 def _normalise(weights: Sequence[float], key: str) -> list[float]:
@@ -142,15 +135,14 @@ def _normalise(weights: Sequence[float], key: str) -> list[float]:
 
 
 def plan_splits(
-    cfg, vocab_size: int | None, dp_size: int = 1, *, scan_tokens: bool = True
+    cfg: Config, vocab_size: int | None, dp_size: int = 1, *, scan_tokens: bool = True
 ) -> list[SplitPlan | None]:
     """Check every shard and decide, per split, its sources, weights and number of samples.
 
     Needs only the ``.idx`` files (plus one scan of each ``.bin`` for ids >= ``vocab_size``): this is
     what the mixture report prints and what :func:`build_datasets` builds.
     """
-    sizes = batch_sizes(cfg, dp_size)
-    samples = _split_samples(cfg, sizes)
+    samples = _split_samples(cfg, data_layout(cfg, dp_size))
     shards: dict[str, ShardInfo] = {}
 
     def shard(prefix: str) -> ShardInfo:
@@ -160,7 +152,7 @@ def plan_splits(
 
     plans: list[SplitPlan | None] = []
     if cfg.train_data_paths:
-        for i, name in enumerate(SPLIT_NAMES):
+        for i, name in enumerate(DATA_SPLITS):
             paths = getattr(cfg, f"{name}_data_paths")
             if not paths:
                 if name == "train":
@@ -183,7 +175,7 @@ def plan_splits(
     elif cfg.data_path:
         info = shard(cfg.data_path)
         matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(cfg.split or DEFAULT_SPLIT))
-        for i, name in enumerate(SPLIT_NAMES):
+        for i, name in enumerate(DATA_SPLITS):
             if matrix[i] is None:
                 plans.append(None)
                 continue
@@ -213,13 +205,13 @@ class TrainingDatasets:
     valid: object | None
     test: object | None
     plans: list[SplitPlan | None]
-    sizes: BatchSizes
+    layout: BatchLayout
 
     def __getitem__(self, name: str):
         return getattr(self, name)
 
 
-def megatron_config(cfg, tokenizer, plans: Sequence[SplitPlan | None]) -> GPTDatasetConfig:
+def megatron_config(cfg: Config, tokenizer, plans: Sequence[SplitPlan | None]) -> GPTDatasetConfig:
     """Our config as megatron-core's ``GPTDatasetConfig`` (masks off; see the module docstring)."""
     cache = cfg.data_cache_dir or default_cache_dir(plans)
     blend_per_split = [
@@ -231,11 +223,8 @@ def megatron_config(cfg, tokenizer, plans: Sequence[SplitPlan | None]) -> GPTDat
         blend_per_split=blend_per_split,
         path_to_cache=cache,
         tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
         mid_level_dataset_surplus=SURPLUS,
+        **MEGATRON_MASKS_OFF,
     )
 
 
@@ -245,13 +234,7 @@ def default_cache_dir(plans: Sequence[SplitPlan | None]) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
 
 
-def _is_dist() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def build_datasets(cfg, tokenizer, *, dp_size: int = 1) -> TrainingDatasets:
+def build_datasets(cfg: Config, tokenizer, *, dp_size: int = 1) -> TrainingDatasets:
     """Check the shards, then build each split's dataset sized for the whole planned run.
 
     Call on every rank: rank 0 builds missing index caches while the others wait (only when
@@ -290,7 +273,7 @@ def build_datasets(cfg, tokenizer, *, dp_size: int = 1) -> TrainingDatasets:
                 out.append(BlendedDataset(parts, weights, plan.num_samples, uncached))
             finally:
                 blend_logger.setLevel(level)
-    return TrainingDatasets(out[0], out[1], out[2], plans, batch_sizes(cfg, dp_size))
+    return TrainingDatasets(out[0], out[1], out[2], plans, data_layout(cfg, dp_size))
 
 
 def _config_kwargs(config: GPTDatasetConfig) -> dict:

@@ -10,7 +10,6 @@ arrays, so it is cheap enough to run on every rank before any index is built.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from dataclasses import dataclass
@@ -187,15 +186,3 @@ def read_shard(prefix: str) -> IndexedDataset:
     """megatron-core's reader for a checked shard."""
     check_shard(prefix, scan_tokens=False)
     return IndexedDataset(prefix, multimodal=False, mmap=True)
-
-
-def describe_shard(prefix: str) -> str:
-    info = check_shard(prefix, scan_tokens=False)
-    return json.dumps(
-        {
-            "prefix": prefix,
-            "dtype": np.dtype(info.dtype).name,
-            "documents": info.num_documents,
-            "tokens": info.num_tokens,
-        }
-    )

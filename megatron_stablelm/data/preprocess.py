@@ -38,6 +38,9 @@ class BadInputError(ValueError):
 
 @dataclass
 class PreprocessStats:
+    """What a preprocessing run did, for its summary line and the tools' JSON output: totals over
+    all inputs, the lines skipped as malformed, the elapsed time, and each JSON key's shard prefix."""
+
     documents: int = 0
     tokens: int = 0
     bytes: int = 0

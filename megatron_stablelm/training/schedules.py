@@ -33,14 +33,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_stablelm.config import Config, ConfigError
+from megatron_stablelm.config import Config, warmup_steps
 
-STYLES = ("constant", "linear", "cosine", "inverse_sqrt", "hybrid_cosine_inv_sqrt_2")
+__all__ = ["LRSchedule", "schedule_from_config", "warmup_steps"]  # warmup_steps: from the config
 
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Resolved schedule parameters (all in optimizer steps)."""
+    """Resolved schedule parameters (all in optimizer steps). The values are checked where they come
+    from: :func:`megatron_stablelm.config.validate_config` (style, ``min_lr`` <= peak, ranges)."""
 
     style: str
     peak: float
@@ -49,14 +50,6 @@ class LRSchedule:
     decay_iters: int
     train_iters: int
     cooldown: int = 0
-
-    def __post_init__(self) -> None:
-        if self.style not in STYLES:
-            raise ConfigError(
-                f"key 'lr_decay_style': unknown schedule {self.style!r}; expected one of {STYLES}"
-            )
-        if self.min_lr > self.peak:
-            raise ConfigError(f"key 'min_lr': {self.min_lr} is above the peak learning rate {self.peak}")
 
     @property
     def handover(self) -> float:
@@ -93,37 +86,15 @@ class LRSchedule:
         return self._base(t)
 
 
-def warmup_steps(warmup: float, train_iters: int) -> int:
-    """``warmup`` < 1 is a fraction of ``train_iters``; >= 1 is a step count."""
-    if warmup < 0:
-        raise ConfigError("key 'warmup': must be >= 0")
-    if warmup >= 1:
-        return int(round(warmup))
-    return int(round(warmup * train_iters))
-
-
-def peak_lr(cfg: Config) -> float:
-    params = (cfg.optimizer or {}).get("params", {}) or {}
-    if "lr" not in params:
-        raise ConfigError("key 'optimizer': the learning rate `optimizer.params.lr` is required")
-    return float(params["lr"])
-
-
 def schedule_from_config(cfg: Config) -> LRSchedule:
-    """The schedule of a run; raises :class:`ConfigError` for impossible settings."""
-    if not cfg.train_iters or cfg.train_iters <= 0:
-        raise ConfigError("key 'train_iters': required and must be positive")
-    decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.train_iters
-    if decay <= 0:
-        raise ConfigError("key 'lr_decay_iters': must be positive")
-    warm = warmup_steps(cfg.warmup, cfg.train_iters)
-    cool = int(round(cfg.cooldown * cfg.train_iters))
+    """The schedule of a run. The step counts are ``Config`` properties, which raise
+    :class:`~megatron_stablelm.config.ConfigError` when ``train_iters`` or the learning rate is unset."""
     return LRSchedule(
         style=cfg.lr_decay_style,
-        peak=peak_lr(cfg),
+        peak=cfg.peak_lr,
         min_lr=float(cfg.min_lr),
-        warmup=warm,
-        decay_iters=int(decay),
-        train_iters=int(cfg.train_iters),
-        cooldown=cool,
+        warmup=cfg.warmup_steps,
+        decay_iters=cfg.lr_decay_steps,
+        train_iters=cfg.required_train_iters,
+        cooldown=cfg.cooldown_steps,
     )

@@ -1,0 +1,234 @@
+"""Reading GPT-NeoX YAML configs: merge the files, normalise key spellings, type-check each value.
+
+A run is described by one or more YAML files merged in order (later files win, key by key at the top
+level), exactly as GPT-NeoX does, so Stability AI's published StableLM configs load unchanged. Keys may
+be spelled with ``-`` or ``_``. Three kinds of key exist:
+
+* used keys: fields of :class:`Config`;
+* accepted-but-ignored keys (``IGNORED_KEYS``): features this framework does not have (s3 sync, muP,
+  ...). They are reported once, never silently dropped and never fatal;
+* anything else is an error naming the file and the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_stablelm.config.errors import ConfigError
+from megatron_stablelm.config.schema import BOOKKEEPING_FIELDS, Config
+from megatron_stablelm.config.validation import validate_config
+
+# Keys of GPT-NeoX / Stability's configs for features this framework does not implement. They are
+# accepted (so published configs load as they are) and reported once, with the reason.
+IGNORED_KEYS: dict[str, str] = {
+    "s3_path": "S3 checkpoint sync is not implemented",
+    "s3_sync_interval": "S3 checkpoint sync is not implemented",
+    "use_mup": "muP is not implemented",
+    "coord_check": "muP is not implemented",
+    "save_base_shapes": "muP is not implemented",
+    "base_shapes_file": "muP is not implemented",
+    "mup_init_scale": "muP is not implemented",
+    "mup_attn_temp": "muP is not implemented",
+    "mup_output_temp": "muP is not implemented",
+    "mup_embedding_mult": "muP is not implemented",
+    "mup_rp_embedding_mult": "muP is not implemented",
+    "mup_width_scale": "muP is not implemented",
+    "partition_activations": "activation partitioning across TP ranks is not implemented",
+    "synchronize_each_layer": "only meaningful for DeepSpeed activation partitioning",
+    "scaled_upper_triang_masked_softmax_fusion": "attention kernels are chosen by attention_config",
+    "scaled_masked_softmax_fusion": "attention kernels are chosen by attention_config",
+    "bias_gelu_fusion": "element-wise fusions are chosen automatically (exact GeLU is used)",
+    "bias_dropout_fusion": "element-wise fusions are chosen automatically",
+    "rope_fusion": "element-wise fusions are chosen automatically",
+    "use_bnb_optimizer": "bitsandbytes optimizers are not supported",
+    "checkpoint_in_cpu": "activation checkpoints stay on the device",
+    "contiguous_checkpointing": "activation checkpoints stay on the device",
+    "profile_backward": "use the PyTorch profiler through tools/benchmark.py",
+    "memory_profiling": "use the PyTorch profiler through tools/benchmark.py",
+    "git_hash": "informational only",
+    "user_script": "train.py is the entry point",
+    "deepspeed_mpi": "the MPI launcher is not supported; use launcher: slurm or pdsh",
+}
+
+_PIPELINE_NOTE = "pipeline parallelism is not implemented (pipe_parallel_size > 1 runs as 1 stage)"
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
+KNOWN_KEYS = sorted(set(FIELDS) - set(BOOKKEEPING_FIELDS) | set(IGNORED_KEYS))
+_TYPE_HINTS = typing.get_type_hints(Config)
+
+
+def normalize_key(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, KNOWN_KEYS, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """One config file as a dict with normalised keys. PyYAML reads NeoX's JSON-like files as they are
+    (``#`` comments, trailing commas, ``540_000``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = normalize_key(raw_key)
+        if key in out:
+            raise ConfigError(f"{path}: key '{key}' is given twice (as '{raw_key}' and another spelling)")
+        out[key] = value
+    return out
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check ``value`` against the declared type of ``key``; convert the lossless cases YAML produces
+    (int for float, '1e-5' strings for float)."""
+    hint = _TYPE_HINTS[key]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: key '{key}' may not be null")
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if isinstance(base, types.GenericAlias):
+        base = typing.get_origin(base)
+
+    def bad() -> ConfigError:
+        return ConfigError(
+            f"{source}: key '{key}' must be {getattr(base, '__name__', base)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if isinstance(value, float) and not value.is_integer():
+            raise bad()
+        return int(value)
+    if base is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if base is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise bad()
+    if base is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise bad()
+    return value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--override '{text}': expected key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return normalize_key(key.strip()), value
+
+
+def _merge(
+    source: str,
+    data: Mapping[str, Any],
+    merged: dict[str, Any],
+    origin: dict[str, str],
+    ignored: dict[str, str],
+) -> None:
+    """Type-check one layer's keys into ``merged`` (later layers win), remembering where each came from."""
+    for raw_key, value in data.items():
+        key = normalize_key(raw_key)
+        if key in IGNORED_KEYS:
+            ignored[key] = IGNORED_KEYS[key]
+            continue
+        if key not in FIELDS or key in BOOKKEEPING_FIELDS:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
+        merged[key] = _coerce(key, value, source)
+        origin[key] = source
+
+
+def load_config(
+    paths: Sequence[str | Path] | str | Path,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    *,
+    validate: bool = True,
+    report_ignored: bool = True,
+    training: bool = False,
+) -> Config:
+    """Merge the YAML files in order (later wins), apply ``key=value`` overrides, type-check, validate
+    (``training``: also the keys only training needs, see :func:`validate_config`).
+
+    Raises :class:`ConfigError` naming the file and key for unknown keys, wrong types and impossible
+    combinations; nothing is built before this returns.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise ConfigError("no config file given")
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    ignored: dict[str, str] = {}
+    for path in paths:
+        _merge(str(path), read_yaml(path), merged, origin, ignored)
+    if overrides:
+        items = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
+        _merge("--override", dict(items), merged, origin, ignored)
+    cfg = Config(**merged)
+    cfg.config_files = [str(p) for p in paths]
+    if cfg.pipe_parallel_size > 1:
+        ignored["pipe_parallel_size"] = _PIPELINE_NOTE
+    cfg.ignored_keys = ignored
+    if validate:
+        validate_config(cfg, origin, training=training)
+    if report_ignored and ignored:
+        for key, why in sorted(ignored.items()):
+            print(f"[config] ignoring '{key}': {why}")
+    if report_ignored and "pos_emb" not in merged:
+        # GPT-NeoX's default is learned absolute positions, which no StableLM uses and this framework
+        # does not build; say so rather than silently running a different model.
+        print("[config] 'pos_emb' not given: using rotary (GPT-NeoX would default to learned embeddings)")
+    return cfg
+
+
+def config_from_dict(values: Mapping[str, Any], *, validate: bool = True, training: bool = False) -> Config:
+    """A :class:`Config` from a plain dict (tests, checkpoints); same checks as :func:`load_config`."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    _merge("<dict>", values, merged, origin, {})
+    cfg = Config(**merged)
+    if validate:
+        validate_config(cfg, origin, training=training)
+    return cfg

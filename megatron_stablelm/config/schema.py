@@ -1,0 +1,338 @@
+"""The :class:`Config` dataclass: every key the framework reads, and every value derived from them.
+
+A derived value (the KV-head count, the MLP width, the precision, the effective ZeRO stage, the Adam
+settings, the schedule's step counts, the architecture that checkpoints compare) is a property here
+and nowhere else, so the trainer, the tools and the checks all read the same answer. The properties
+assume a validated config (:func:`megatron_stablelm.config.validate_config`); the ones only training
+needs (``adam``, ``peak_lr``, ``warmup_steps`` ...) raise :class:`ConfigError` when their keys are unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from megatron_stablelm.config.adam import AdamSettings, read_adam_block
+from megatron_stablelm.config.choices import (
+    ARCHITECTURE_KEYS,
+    BF16_NAMES,
+    FP16_NAMES,
+    GATED_MLP_TYPES,
+)
+from megatron_stablelm.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+BOOKKEEPING_FIELDS = ("config_files", "ignored_keys")
+
+
+def positive(default: Any = None) -> Any:
+    """A field for a count, size or scale: the validator requires > 0 when it is given."""
+    return field(default=default, metadata={"minimum": 0, "strict": True})
+
+
+def non_negative(default: Any, zero_means: str = "") -> Any:
+    """A field the validator requires to be >= 0; ``zero_means`` (for the message) says what 0 does."""
+    return field(default=default, metadata={"minimum": 0, "strict": False, "zero_means": zero_means})
+
+
+def warmup_steps(warmup: float, train_iters: int) -> int:
+    """``warmup`` < 1 is a fraction of ``train_iters``; >= 1 is a step count."""
+    if warmup >= 1:
+        return int(round(warmup))
+    return int(round(warmup * train_iters))
+
+
+@dataclass
+class Config:
+    """Every key the framework reads, with GPT-NeoX's defaults. Field names use ``_``."""
+
+    # ---------------------------------------------------------------- model shape
+    num_layers: int | None = positive()
+    hidden_size: int | None = positive()
+    num_attention_heads: int | None = positive()
+    num_kv_heads: int | None = positive()  # None: same as num_attention_heads
+    attention_head_type: str = "multihead"
+    seq_length: int | None = positive()
+    max_position_embeddings: int | None = positive()  # None: seq_length
+    intermediate_size: int | None = positive()  # per-branch MLP width; None: derived (4h, or 8/3h rounded)
+    mlp_type: str = "regular"
+    mlp_multiple_of: int = positive(256)
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    layernorm_epsilon: float = positive(1.0e-5)
+    pos_emb: str = "rotary"
+    rotary_pct: float = 1.0
+    rotary_emb_base: float = positive(10000.0)
+    rotary_interleaved: bool = False
+    gpt_j_residual: bool = False  # parallel attention + MLP residual
+    gpt_j_tied: bool = False  # ... with one shared input LayerNorm
+    qk_norm: bool = False  # per-head LayerNorm on queries and keys
+    use_bias_in_norms: bool = True
+    use_bias_in_qk_norm: bool = False
+    use_bias_in_attn_linear: bool = True  # Q/K/V *and* attention output projection biases
+    use_qkv_bias: bool | None = None  # Q/K/V-only bias (Stable LM 2 1.6B); None: use_bias_in_attn_linear
+    use_bias_in_mlp: bool = True
+    no_weight_tying: bool = False
+    output_layer_parallelism: str = "column"
+    attention_config: list | None = None  # e.g. [[["flash"], 24]]
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method: str = "normal"
+    output_layer_init_method: str = "scaled_normal"
+    init_method_std: float = positive(0.02)
+    use_flash_cross_entropy: bool = False  # fused LM head + loss, never materialising the logits
+
+    # ---------------------------------------------------------------- tokenizer / vocab
+    tokenizer_type: str = "HFTokenizer"
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    padded_vocab_size: int | None = positive()  # explicit override of the padded vocab
+    make_vocab_size_divisible_by: int = positive(128)
+
+    # ---------------------------------------------------------------- parallelism
+    model_parallel_size: int = positive(1)
+    pipe_parallel_size: int = non_negative(0)
+    distributed_backend: str | None = None  # None: nccl on GPU, gloo on CPU
+
+    # ---------------------------------------------------------------- precision
+    precision: str | None = None
+    bf16: dict | None = None
+    fp16: dict | None = None
+    fp32_allreduce: bool = False
+    full_precision_lm_cross_entropy: bool = False
+
+    # ---------------------------------------------------------------- optimisation
+    optimizer: dict | None = None
+    zero_optimization: dict | None = None
+    train_batch_size: int | None = positive()
+    train_micro_batch_size_per_gpu: int = positive(1)
+    gradient_accumulation_steps: int = positive(1)
+    gradient_clipping: float = non_negative(1.0, zero_means="turns clipping off")
+    weight_decay: float = non_negative(0.01)
+    train_iters: int | None = positive()
+    lr_decay_iters: int | None = positive()
+    lr_decay_style: str = "linear"
+    warmup: float = non_negative(0.01)
+    min_lr: float = non_negative(0.0)
+    cooldown: float = 0.0
+    override_lr_scheduler: bool = False
+    seed: int = non_negative(1234)
+    max_nonfinite_steps: int = non_negative(10, zero_means="never aborts")  # skipped steps in a row
+
+    # ---------------------------------------------------------------- activation memory
+    checkpoint_activations: bool = False
+    checkpoint_num_layers: int = positive(1)
+    recompute_granularity: str | None = None  # None / "full" / "selective"
+
+    # ---------------------------------------------------------------- data
+    data_path: str | None = None
+    split: str = "969,30,1"  # train,valid,test document shares of a single data_path
+    train_data_paths: list | None = None
+    train_data_weights: list | None = None
+    valid_data_paths: list | None = None
+    valid_data_weights: list | None = None
+    test_data_paths: list | None = None
+    test_data_weights: list | None = None
+    data_impl: str = "mmap"
+    data_cache_dir: str | None = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    num_workers: int = non_negative(2, zero_means="loads in the main process")
+    mixture_epochs_warning: float = positive(4.0)
+
+    # ---------------------------------------------------------------- evaluation
+    eval_interval: int = non_negative(1000, zero_means="turns periodic evaluation off")
+    eval_iters: int = non_negative(100, zero_means="turns evaluation off")
+    eval_batch_size: int | None = positive()
+    eval_tasks: list | None = None
+
+    # ---------------------------------------------------------------- checkpoints
+    save: str | None = None
+    load: str | None = None
+    checkpoint_factor: int | None = positive()
+    extra_save_iters: list | None = None
+    iteration: int | None = non_negative(None)
+    finetune: bool = False
+    no_checkpoint_arg_validation: bool = False
+
+    # ---------------------------------------------------------------- logging
+    log_interval: int = positive(100)
+    steps_per_print: int = non_negative(10, zero_means="turns DeepSpeed's progress line off")
+    log_grad_norm: bool = False
+    wall_clock_breakdown: bool = False
+    tensorboard_dir: str | None = None
+    use_wandb: bool = False
+    wandb_host: str | None = None
+    wandb_team: str | None = None
+    wandb_project: str | None = None
+    wandb_group: str | None = None
+    wandb_name: str | None = None
+    peak_tflops: float | None = positive()  # per-device peak for MFU; None: detected from the device
+
+    # ---------------------------------------------------------------- launch
+    launcher: str = "pdsh"
+    deepspeed_slurm: bool = False
+    hostfile: str | None = None
+    include: str | None = None
+    exclude: str | None = None
+    num_gpus: int | None = positive()
+    num_nodes: int | None = positive()
+    master_port: int = positive(29500)
+    master_addr: str | None = None
+
+    # ---------------------------------------------------------------- bookkeeping (not user keys)
+    config_files: list = field(default_factory=list)
+    ignored_keys: dict = field(default_factory=dict)
+
+    # ================================================================ derived architecture
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model is built for: ``max_position_embeddings``, else ``seq_length``."""
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def is_gated_mlp(self) -> bool:
+        return self.mlp_type in GATED_MLP_TYPES
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        """Per-branch MLP width: 4h for a plain MLP; 8/3·h rounded up to ``mlp_multiple_of`` if gated."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if not self.is_gated_mlp:
+            return 4 * self.hidden_size
+        width = int(2 * self.hidden_size * 4 / 3)
+        return self.mlp_multiple_of * math.ceil(width / self.mlp_multiple_of)
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.use_bias_in_attn_linear if self.use_qkv_bias is None else self.use_qkv_bias
+
+    @property
+    def dense_bias(self) -> bool:
+        """Bias of the attention output projection."""
+        return self.use_bias_in_attn_linear
+
+    @property
+    def tied_embeddings(self) -> bool:
+        return not self.no_weight_tying
+
+    @property
+    def act_fn_name(self) -> str:
+        return "silu" if self.activation == "swish" else self.activation
+
+    def architecture(self) -> dict[str, Any]:
+        """The values of ``ARCHITECTURE_KEYS``: equal for two configs iff a checkpoint of one loads
+        into the model of the other and computes the same function."""
+        return {key: getattr(self, key) for key in ARCHITECTURE_KEYS}
+
+    def padded_vocab(self, vocab_size: int | None = None) -> int:
+        """The embedding rows: ``padded_vocab_size`` if given, else ``vocab_size`` rounded up to a
+        multiple of ``make_vocab_size_divisible_by × TP`` (GPT-NeoX's rule)."""
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        if vocab_size is None:
+            raise ConfigError(
+                "the vocabulary size is unknown: give `padded_vocab_size` (or the tokenizer's `vocab_file`)"
+            )
+        multiple = self.make_vocab_size_divisible_by * self.model_parallel_size
+        return multiple * math.ceil(vocab_size / multiple)
+
+    # ================================================================ derived training settings
+    @property
+    def params_dtype_name(self) -> str:
+        """'fp32' | 'bf16' | 'fp16' from the ``bf16`` / ``fp16`` blocks, else ``precision``."""
+        if self.bf16 and self.bf16.get("enabled", True):
+            return "bf16"
+        if self.fp16 and self.fp16.get("enabled", True):
+            return "fp16"
+        if self.precision in BF16_NAMES:
+            return "bf16"
+        if self.precision in FP16_NAMES:
+            return "fp16"
+        return "fp32"
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        """The torch dtype of :attr:`params_dtype_name` (torch is imported only here, so reading a
+        config, as the launcher does, never needs it)."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype_name]
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage the config asks for (``zero_optimization.stage``, default 0)."""
+        return int((self.zero_optimization or {}).get("stage", 0))
+
+    @property
+    def effective_zero_stage(self) -> int:
+        """The stage a run uses: bf16 and fp16 always run under ZeRO (stage >= 1), which keeps fp32
+        master weights, fp32 gradient accumulation for bf16 and one checkpoint format; at DP=1 stage
+        1 partitions nothing. (Stage 3 is rejected by the validator.)"""
+        if self.params_dtype_name != "fp32":
+            return max(self.zero_stage, 1)
+        return self.zero_stage
+
+    @property
+    def adam(self) -> AdamSettings:
+        """The ``optimizer`` block read into Adam settings; raises if it has no learning rate."""
+        return read_adam_block(self.optimizer)
+
+    @property
+    def peak_lr(self) -> float:
+        """The schedule's peak: ``optimizer.params.lr``."""
+        return self.adam.lr
+
+    @property
+    def required_train_iters(self) -> int:
+        """``train_iters``, which training (and nothing else) requires."""
+        if self.train_iters is None:
+            raise ConfigError("key 'train_iters': required for training (the schedule counts its steps)")
+        return self.train_iters
+
+    @property
+    def warmup_steps(self) -> int:
+        """``warmup`` in optimizer steps (a fraction of ``train_iters`` when below 1)."""
+        return warmup_steps(self.warmup, self.required_train_iters)
+
+    @property
+    def lr_decay_steps(self) -> int:
+        """The decay horizon: ``lr_decay_iters``, default ``train_iters``."""
+        train_iters = self.required_train_iters
+        return train_iters if self.lr_decay_iters is None else self.lr_decay_iters
+
+    @property
+    def cooldown_steps(self) -> int:
+        """``cooldown`` (a fraction of ``train_iters``) in optimizer steps."""
+        return int(round(self.cooldown * self.required_train_iters))
+
+    @property
+    def eval_micro_batch(self) -> int:
+        """Micro-batch size of evaluation: ``eval_batch_size``, else the training micro-batch."""
+        return self.eval_batch_size or self.train_micro_batch_size_per_gpu
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved user keys (bookkeeping fields left out); what checkpoints store."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in BOOKKEEPING_FIELDS
+        }

@@ -1,0 +1,278 @@
+"""The one validator of a config: every check that is a pure function of its values.
+
+No world size, no files: those are :func:`megatron_stablelm.config.validate_layout` (batch arithmetic at
+a world size) and the data / checkpoint code (shards, tokenizer files, saved architectures). Each
+message is one line naming the file (when known), the key and the bad value.
+
+``train_iters`` and the optimizer's learning rate are required only with ``training=True``: tools
+that build a model from a config or a checkpoint's ``config.yml`` (inspection, conversion, generation)
+have neither, and a config without them is complete for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from megatron_stablelm.config.adam import read_adam_block
+from megatron_stablelm.config.choices import (
+    ACTIVATIONS,
+    ATTENTION_HEAD_TYPES,
+    ATTENTION_TYPES,
+    DATA_IMPLS,
+    DATA_SPLITS,
+    DISTRIBUTED_BACKENDS,
+    INIT_METHODS,
+    LR_DECAY_STYLES,
+    MLP_TYPES,
+    NORMS,
+    OUTPUT_LAYER_PARALLELISMS,
+    POS_EMBS,
+    PRECISIONS,
+    RECOMPUTE_GRANULARITIES,
+    TOKENIZER_TYPES,
+    ZERO_STAGES,
+)
+from megatron_stablelm.config.errors import ConfigError
+from megatron_stablelm.config.schema import Config
+
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
+REQUIRED_FOR_TRAINING = ("train_iters",)
+
+# Keys that must be one of a list of values (None allowed where the key is optional).
+CHOICES: dict[str, Sequence[Any]] = {
+    "norm": NORMS,
+    "activation": ACTIVATIONS,
+    "pos_emb": POS_EMBS,
+    "attention_head_type": ATTENTION_HEAD_TYPES,
+    "mlp_type": MLP_TYPES,
+    "init_method": INIT_METHODS,
+    "output_layer_init_method": INIT_METHODS,
+    "lr_decay_style": LR_DECAY_STYLES,
+    "precision": PRECISIONS,
+    "output_layer_parallelism": OUTPUT_LAYER_PARALLELISMS,
+    "data_impl": DATA_IMPLS,
+    "recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "distributed_backend": DISTRIBUTED_BACKENDS,
+    "tokenizer_type": TOKENIZER_TYPES,
+}
+STRING_LISTS = ("train_data_paths", "valid_data_paths", "test_data_paths", "eval_tasks")
+
+
+class _Checker:
+    """``fail(key, why)`` raises one line: ``file: key 'k': why`` (the file when the key's origin is
+    known)."""
+
+    def __init__(self, cfg: Config, origin: Mapping[str, str]) -> None:
+        self.cfg = cfg
+        self.origin = origin
+
+    def where(self, key: str) -> str:
+        source = self.origin.get(key)
+        return f"{source}: " if source else ""
+
+    def fail(self, key: str, why: str) -> None:
+        raise ConfigError(f"{self.where(key)}key '{key}': {why}")
+
+
+def validate_config(cfg: Config, origin: Mapping[str, str] | None = None, *, training: bool = False) -> None:
+    """Check every key's type, range and allowed values, and their combinations. ``origin`` maps keys
+    to the file that set them (for the messages); ``training`` also requires what only training needs
+    (``train_iters``, the optimizer's learning rate)."""
+    check = _Checker(cfg, origin or {})
+    _check_required(check, REQUIRED + (REQUIRED_FOR_TRAINING if training else ()))
+    _check_ranges(check)
+    for key, allowed in CHOICES.items():
+        value = getattr(cfg, key)
+        if value is not None and value not in allowed:
+            check.fail(key, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+    if cfg.rotary_interleaved:
+        check.fail(
+            "rotary_interleaved",
+            "interleaved (GPT-J style) rotary is not supported; StableLM uses false",
+        )
+    _check_model_shape(check)
+    _check_parallel_shape(check)
+    _check_lists(check)
+    _check_precision_and_zero(check)
+    _check_schedule(check, training)
+    if cfg.attention_config is not None:
+        expand_attention_config(cfg.attention_config, cfg.num_layers, check.origin.get("attention_config"))
+
+
+def _check_required(check: _Checker, keys: Sequence[str]) -> None:
+    for key in keys:
+        if getattr(check.cfg, key) is None:
+            files = ", ".join(check.cfg.config_files) or "the config"
+            raise ConfigError(f"key '{key}' is required but missing from {files}")
+
+
+def _check_ranges(check: _Checker) -> None:
+    cfg = check.cfg
+    for spec in dataclasses.fields(cfg):  # the ranges declared beside the keys (positive / non_negative)
+        value = getattr(cfg, spec.name)
+        if "minimum" not in spec.metadata or value is None:
+            continue
+        if spec.metadata["strict"] and not value > 0:
+            check.fail(spec.name, f"must be positive, got {value}")
+        if not spec.metadata["strict"] and not value >= 0:
+            zero = f" (0 {spec.metadata['zero_means']})" if spec.metadata["zero_means"] else ""
+            check.fail(spec.name, f"must be >= 0{zero}, got {value}")
+    if cfg.master_port > 65535:
+        check.fail("master_port", f"must be a TCP port (1 to 65535), got {cfg.master_port}")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(cfg, key) < 1.0:
+            check.fail(key, f"must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0.0 < cfg.rotary_pct <= 1.0:
+        check.fail("rotary_pct", f"must be in (0, 1], got {cfg.rotary_pct}")
+    if not 0.0 <= cfg.cooldown < 1.0:
+        check.fail("cooldown", f"is a fraction of train_iters in [0, 1), got {cfg.cooldown}")
+
+
+def _check_model_shape(check: _Checker) -> None:
+    cfg, fail = check.cfg, check.fail
+    heads, kv = cfg.num_attention_heads, cfg.kv_heads
+    if cfg.hidden_size % heads:
+        fail(
+            "hidden_size",
+            f"{cfg.hidden_size} is not divisible by num_attention_heads={heads}",
+        )
+    if heads % kv:
+        fail(
+            "num_kv_heads",
+            f"num_attention_heads={heads} is not divisible by num_kv_heads={kv}",
+        )
+    if cfg.attention_head_type == "multihead" and kv != heads:
+        fail(
+            "attention_head_type",
+            f"'multihead' needs num_kv_heads == num_attention_heads, got {kv}",
+        )
+    if cfg.attention_head_type == "multiquery" and kv != 1:
+        fail("attention_head_type", f"'multiquery' needs num_kv_heads == 1, got {kv}")
+    if cfg.rotary_dim % 2:
+        fail(
+            "rotary_pct",
+            f"gives an odd rotary dimension {cfg.rotary_dim} (head dim {cfg.head_dim})",
+        )
+    if cfg.gpt_j_tied and not cfg.gpt_j_residual:
+        fail("gpt_j_tied", "needs gpt_j_residual: true")
+    if cfg.max_position_embeddings is not None and cfg.seq_length > cfg.max_position_embeddings:
+        fail(
+            "seq_length",
+            f"{cfg.seq_length} exceeds max_position_embeddings={cfg.max_position_embeddings}",
+        )
+
+
+def _check_parallel_shape(check: _Checker) -> None:
+    """What tensor parallelism must divide; the world size is :func:`validate_layout`'s business."""
+    cfg, fail = check.cfg, check.fail
+    tp, heads, kv = cfg.model_parallel_size, cfg.num_attention_heads, cfg.kv_heads
+    if heads % tp:
+        fail(
+            "model_parallel_size",
+            f"num_attention_heads={heads} is not divisible by the tensor-parallel size {tp}",
+        )
+    if kv % tp:
+        fail(
+            "model_parallel_size",
+            f"num_kv_heads={kv} is not divisible by the tensor-parallel size {tp}",
+        )
+    if cfg.ffn_hidden_size % tp:
+        fail(
+            "model_parallel_size",
+            f"the MLP width {cfg.ffn_hidden_size} is not divisible by TP={tp}",
+        )
+    if cfg.padded_vocab_size is not None and cfg.padded_vocab_size % tp:
+        fail("padded_vocab_size", f"{cfg.padded_vocab_size} is not divisible by TP={tp}")
+
+
+def _check_lists(check: _Checker) -> None:
+    cfg, fail = check.cfg, check.fail
+    for key in STRING_LISTS:
+        value = getattr(cfg, key)
+        if value and not all(isinstance(item, str) for item in value):
+            fail(key, f"must be a list of strings, got {value!r}")
+    for prefix in DATA_SPLITS:
+        paths = getattr(cfg, f"{prefix}_data_paths")
+        weights = getattr(cfg, f"{prefix}_data_weights")
+        if paths and weights and len(paths) != len(weights):
+            fail(
+                f"{prefix}_data_weights",
+                f"{len(weights)} weights for {len(paths)} paths",
+            )
+        if weights and any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights):
+            fail(
+                f"{prefix}_data_weights",
+                f"weights must be non-negative numbers, got {weights!r}",
+            )
+    saves = cfg.extra_save_iters
+    if saves and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in saves):
+        fail(
+            "extra_save_iters",
+            f"must be a list of iteration numbers (integers >= 0), got {saves!r}",
+        )
+    parts = cfg.split.split(",")
+    if not 1 <= len(parts) <= 3 or any(not p.strip().replace(".", "", 1).isdigit() for p in parts):
+        fail(
+            "split",
+            f"expected up to three comma-separated non-negative numbers, got {cfg.split!r}",
+        )
+
+
+def _check_precision_and_zero(check: _Checker) -> None:
+    cfg, fail = check.cfg, check.fail
+    for key in ("bf16", "fp16"):
+        block = getattr(cfg, key)
+        if block and not isinstance(block.get("enabled", True), bool):
+            fail(key, f"`enabled` must be true or false, got {block.get('enabled')!r}")
+    if cfg.bf16 and cfg.bf16.get("enabled", True) and cfg.fp16 and cfg.fp16.get("enabled", True):
+        fail("fp16", "bf16 and fp16 cannot both be enabled")
+    stage = (cfg.zero_optimization or {}).get("stage", 0)
+    if stage == 3:
+        fail("zero_optimization", "ZeRO stage 3 is not supported (use 0, 1 or 2)")
+    if isinstance(stage, bool) or stage not in ZERO_STAGES:
+        fail(
+            "zero_optimization",
+            f"unknown ZeRO stage {stage!r}; expected one of 0, 1, 2",
+        )
+
+
+def _check_schedule(check: _Checker, training: bool) -> None:
+    """The optimizer block (when given, or always for training) and the schedule against its peak."""
+    cfg = check.cfg
+    if cfg.optimizer is None and not training:
+        return
+    adam = read_adam_block(cfg.optimizer, check.where("optimizer"))
+    if cfg.min_lr > adam.lr:
+        check.fail(
+            "min_lr",
+            f"{cfg.min_lr} is above the peak learning rate optimizer.params.lr={adam.lr}",
+        )
+
+
+def expand_attention_config(spec: list, num_layers: int, source: str | None = None) -> list[str]:
+    """GPT-NeoX's ``[[["flash"], 24]]`` → one attention type per layer."""
+    where = f"{source}: " if source else ""
+    out: list[str] = []
+    try:
+        for kinds, count in spec:
+            if isinstance(kinds, str):
+                kinds = [kinds]
+            for _ in range(int(count) // len(kinds)):
+                out.extend(kinds)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}key 'attention_config': expected [[[type, ...], n_layers], ...], got {spec!r}"
+        ) from None
+    for kind in out:
+        if kind not in ATTENTION_TYPES:
+            raise ConfigError(
+                f"{where}key 'attention_config': unknown attention type {kind!r}; "
+                f"expected one of {', '.join(ATTENTION_TYPES)}"
+            )
+    if len(out) != num_layers:
+        raise ConfigError(
+            f"{where}key 'attention_config': covers {len(out)} layers, num_layers is {num_layers}"
+        )
+    return out
