@@ -25,9 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_stablelm import parallel
 from megatron_stablelm.config import Config, ConfigError, load_config
-from megatron_stablelm.sharding import shard_spec
 
 GIB = 1024**3
 
@@ -64,11 +62,14 @@ class MemoryEstimate:
 def estimate_memory(
     cfg: Config, shapes: dict[str, tuple[int, ...]], vocab: int, dp: int, flash: bool = True
 ) -> MemoryEstimate:
+    from megatron_stablelm.model import config_splits
+
     tp = cfg.model_parallel_size
+    splits = config_splits(cfg)
     per_gpu_params = 0
     for name, shape in shapes.items():
         n = math.prod(shape)
-        per_gpu_params += n if shard_spec(name, cfg.is_gated_mlp).dim is None else n // tp
+        per_gpu_params += n if splits[name].dim is None else n // tp
     dtype = cfg.params_dtype_name
     width = 4 if dtype == "fp32" else 2
     weights = per_gpu_params * width
@@ -92,7 +93,6 @@ def estimate_memory(
 def report(cfg: Config, vocab: int, dp: int) -> str:
     from megatron_stablelm.model import canonical_shapes
 
-    parallel.initialize(1)
     shapes = canonical_shapes(cfg, vocab)
     total = sum(math.prod(s) for s in shapes.values())
     embedding = math.prod(shapes["embedding.weight"]) + (
@@ -152,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        parallel.destroy()
     return 0
 
 

@@ -11,26 +11,33 @@ Stable LM 2 12B             GQA, per-head QK LayerNorm, parallel residual with o
 ==========================  ======================================================================
 
 Activations are sequence-first ``[s, b, h]`` inside (megatron-core's convention); the public
-interface is batch-first. Parameter names are the canonical names of :mod:`megatron_stablelm.sharding`.
+interface is batch-first. Parameter names are the canonical names of :mod:`megatron_stablelm.sharding`,
+which reads how each one splits over tensor parallelism off the layer that owns it. The model computes
+only: the attention backend and activation recomputation are applied from outside by
+:func:`megatron_stablelm.parallelize.parallelize` (:func:`build_model` does), and the TP group is
+passed in, never read from globals inside ``forward``.
 """
 
 from __future__ import annotations
 
 import math
+import types
 import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from megatron_stablelm import kernels, parallel
 from megatron_stablelm.config import Config
-from megatron_stablelm.sharding import shard_spec
+from megatron_stablelm.parallelize import parallelize
+from megatron_stablelm.sharding import ShardSpec, model_splits
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +50,14 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """megatron-core's column-parallel linear. At TP=1 its autograd function reduces to a plain matmul
     but still costs a Python-level forward and backward per call (measurable on small models, and it
     forgoes the bias-add epilogue of ``addmm``), so a single-rank layout calls ``F.linear`` with the
-    same parameters instead: the same math, no communication either way."""
+    same parameters instead: the same math, no communication either way.
+
+    ``fused_parts``: how many independent blocks its output rows hold (2 for ``[gate | up]``); each
+    block is split across ranks on its own (read by :mod:`megatron_stablelm.sharding`)."""
+
+    def __init__(self, *args, fused_parts: int = 1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fused_parts = fused_parts
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
         if self.tp_group.size() > 1:
@@ -80,7 +94,10 @@ class LayerNorm(nn.Module):
 
 
 class PerHeadLayerNorm(nn.Module):
-    """QK-norm: one LayerNorm per attention head (weights ``[local heads, head_dim]``)."""
+    """QK-norm: one LayerNorm per attention head (weights ``[local heads, head_dim]``), so its
+    parameters split over TP by heads, as the heads do."""
+
+    tp_param_splits = types.MappingProxyType({"weight": ShardSpec(0), "bias": ShardSpec(0)})
 
     def __init__(self, heads: int, head_dim: int, eps: float, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -134,38 +151,73 @@ def split_qkv(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return _SplitQKV.apply(qkv)
 
 
+class SingleRankGroup:
+    """A tensor-parallel group of one rank, for a model that needs no process group: one built on the
+    meta device to read its whole shapes and splits. megatron-core's layers only ask a group its size
+    and rank while they are built."""
+
+    def size(self) -> int:
+        return 1
+
+    def rank(self) -> int:
+        return 0
+
+
+TPGroup = dist.ProcessGroup | SingleRankGroup
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """What every parallel layer of one model is built with: megatron-core's config and the TP group."""
+
+    mp: ModelParallelConfig
+    tp_group: TPGroup
+
+    @property
+    def tp_size(self) -> int:
+        return self.mp.tensor_model_parallel_size
+
+    def column(self, inputs: int, outputs: int, bias: bool, **extra) -> ColumnParallelLinear:
+        """Output rows split over TP, output left split (the next layer is row-parallel)."""
+        return ColumnParallelLinear(
+            inputs, outputs, config=self.mp, init_method=_no_init, bias=bias, gather_output=False,
+            tp_group=self.tp_group, **extra,
+        )  # fmt: skip
+
+    def row(self, inputs: int, outputs: int, bias: bool) -> RowParallelLinear:
+        """Input columns split over TP, output all-reduced (then the bias is added)."""
+        return RowParallelLinear(
+            inputs, outputs, config=self.mp, init_method=_no_init, bias=bias, input_is_parallel=True,
+            skip_bias_add=False, tp_group=self.tp_group,
+        )  # fmt: skip
+
+
 class Attention(nn.Module):
     """Self-attention with fused, KV-group-ordered QKV (see :mod:`sharding`), GQA, QK-norm and partial
-    rotary embedding."""
+    rotary embedding.
 
-    def __init__(self, cfg: Config, mp: ModelParallelConfig) -> None:
+    ``attend`` (the attention backend) and ``core`` (the span between the QKV and output projections,
+    plain or recomputed in backward) are set from outside by
+    :func:`~megatron_stablelm.parallelize.parallelize`; until then they are the process-wide default
+    backend and the plain span."""
+
+    def __init__(self, cfg: Config, build: LayerFactory) -> None:
         super().__init__()
-        tp = mp.tensor_model_parallel_size
         self.head_dim = cfg.head_dim
-        self.heads = cfg.num_attention_heads // tp
-        self.kv_heads = cfg.kv_heads // tp
+        self.heads = cfg.num_attention_heads // build.tp_size
+        self.kv_heads = cfg.kv_heads // build.tp_size
         self.group = self.heads // self.kv_heads
         self.dropout = cfg.attention_dropout
-        self.selective_recompute = cfg.recompute_granularity == "selective"
-        dtype = mp.params_dtype
+        self.attend: kernels.AttentionSelection = kernels.default_attention
+        self.core: Callable[..., torch.Tensor] = kernels.attention_core
         qkv_out = (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim
-        self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, qkv_out, config=mp, init_method=_no_init, bias=cfg.qkv_bias, gather_output=False
-        )
+        self.qkv = build.column(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            eps, bias = cfg.layernorm_epsilon, cfg.use_bias_in_qk_norm
+            eps, bias, dtype = cfg.layernorm_epsilon, cfg.use_bias_in_qk_norm, build.mp.params_dtype
             self.q_norm = PerHeadLayerNorm(self.heads, self.head_dim, eps, bias, dtype)
             self.k_norm = PerHeadLayerNorm(self.kv_heads, self.head_dim, eps, bias, dtype)
-        self.dense = RowParallelLinear(
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.hidden_size,
-            config=mp,
-            init_method=_no_init,
-            bias=cfg.dense_bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        self.dense = build.row(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.dense_bias)
 
     def forward(
         self,
@@ -185,16 +237,14 @@ class Attention(nn.Module):
             q, k = kernels.apply_rotary_qk(q, k, cos, sin)
             out = cache.attend(*(t.transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
         else:
-            # QK-norm, rotary and attention; under selective recomputation this span is recomputed in
-            # backward instead of keeping its intermediates (no matmul is redone).
             dropout = self.dropout if self.training else 0.0
             # Heads are sharded across TP ranks, so on GPU their dropout masks must come from
             # megatron-core's per-rank tracker stream, not the stream shared by the TP group.
             rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout and q.is_cuda else nullcontext()
             with rng:
-                out = kernels.recompute_attention_core(
+                out = self.core(
                     q, k, v, cos, sin, self.q_norm, self.k_norm, cu_seqlens, max_seqlen, dropout,
-                    enabled=self.training and self.selective_recompute,
+                    attend=self.attend,
                 )  # fmt: skip
         out = out.reshape(s, b, self.heads * self.head_dim)
         return self.dense(out)[0]
@@ -203,28 +253,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """``fc2(act(fc1(x)))``; gated (SwiGLU) when ``mlp_type`` is gated, fc1 then holds ``[gate | up]``."""
 
-    def __init__(self, cfg: Config, mp: ModelParallelConfig) -> None:
+    def __init__(self, cfg: Config, build: LayerFactory) -> None:
         super().__init__()
         self.gated = cfg.is_gated_mlp
         width = cfg.ffn_hidden_size
         self.act_name = cfg.act_fn_name
-        self.fc1 = ColumnParallelLinear(
-            cfg.hidden_size,
-            2 * width if self.gated else width,
-            config=mp,
-            init_method=_no_init,
-            bias=cfg.use_bias_in_mlp,
-            gather_output=False,
-        )
-        self.fc2 = RowParallelLinear(
-            width,
-            cfg.hidden_size,
-            config=mp,
-            init_method=_no_init,
-            bias=cfg.use_bias_in_mlp,
-            input_is_parallel=True,
-            skip_bias_add=False,
-        )
+        bias = cfg.use_bias_in_mlp
+        if self.gated:
+            self.fc1 = build.column(cfg.hidden_size, 2 * width, bias=bias, fused_parts=2)
+        else:
+            self.fc1 = build.column(cfg.hidden_size, width, bias=bias)
+        self.fc2 = build.row(width, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, _ = self.fc1(x)
@@ -248,14 +287,14 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class TransformerLayer(nn.Module):
     """Pre-norm block; sequential residual, or GPT-J parallel residual with one or two LayerNorms."""
 
-    def __init__(self, cfg: Config, mp: ModelParallelConfig) -> None:
+    def __init__(self, cfg: Config, build: LayerFactory) -> None:
         super().__init__()
-        dtype, eps, bias = mp.params_dtype, cfg.layernorm_epsilon, cfg.use_bias_in_norms
+        dtype, eps, bias = build.mp.params_dtype, cfg.layernorm_epsilon, cfg.use_bias_in_norms
         self.parallel_residual = cfg.gpt_j_residual
         self.input_norm = LayerNorm(cfg.hidden_size, eps, bias, dtype)
         self.post_attention_norm = None if cfg.gpt_j_tied else LayerNorm(cfg.hidden_size, eps, bias, dtype)
-        self.attention = Attention(cfg, mp)
-        self.mlp = MLP(cfg, mp)
+        self.attention = Attention(cfg, build)
+        self.mlp = MLP(cfg, build)
         self.hidden_dropout = cfg.hidden_dropout
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
@@ -319,9 +358,10 @@ class InferenceCache:
         self.length += steps
 
 
-def model_parallel_config(cfg: Config, dtype: torch.dtype) -> ModelParallelConfig:
+def model_parallel_config(dtype: torch.dtype, tp_size: int) -> ModelParallelConfig:
+    """megatron-core's layer config: CPU allocation, no initialisation (see :func:`init_weights`)."""
     return ModelParallelConfig(
-        tensor_model_parallel_size=parallel.tp_size(),
+        tensor_model_parallel_size=tp_size,
         params_dtype=dtype,
         use_cpu_initialization=True,
         perform_initialization=False,
@@ -331,38 +371,39 @@ def model_parallel_config(cfg: Config, dtype: torch.dtype) -> ModelParallelConfi
 
 
 class StableLMModel(nn.Module):
-    """Embedding → layers → final LayerNorm → vocab-parallel LM head (tied or not)."""
+    """Embedding → layers → final LayerNorm → vocab-parallel LM head (tied or not).
 
-    def __init__(self, cfg: Config, vocab_size: int, dtype: torch.dtype = torch.float32) -> None:
+    ``tp_group``: the tensor-parallel group the layers split over and communicate in (default: the
+    current megatron-core TP group). ``splits`` maps every parameter name to its :class:`ShardSpec`."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        vocab_size: int,
+        dtype: torch.dtype = torch.float32,
+        tp_group: TPGroup | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
-        tp = parallel.tp_size()
+        self.tp_group = parallel.tp_group() if tp_group is None else tp_group
+        tp = self.tp_group.size()
         if vocab_size % tp:
             raise ValueError(f"padded vocab {vocab_size} is not divisible by the tensor-parallel size {tp}")
-        mp = model_parallel_config(cfg, dtype)
-        kernels.select_attention_backend(
-            kernels.attention_type_from_config(cfg.attention_config, cfg.num_layers)
-        )
+        build = LayerFactory(model_parallel_config(dtype, tp), self.tp_group)
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            vocab_size, cfg.hidden_size, init_method=_no_init, config=mp
+            vocab_size, cfg.hidden_size, init_method=_no_init, config=build.mp, tp_group=self.tp_group
         )
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(cfg, build) for _ in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, cfg.use_bias_in_norms, dtype)
-        self.output = ColumnParallelLinear(
-            cfg.hidden_size,
-            vocab_size,
-            config=mp,
-            init_method=_no_init,
-            bias=False,
-            gather_output=False,
-            skip_weight_param_allocation=cfg.tied_embeddings,
+        self.output = build.column(
+            cfg.hidden_size, vocab_size, bias=False, skip_weight_param_allocation=cfg.tied_embeddings
         )
-        self.checkpoint_layers = cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0
+        self.splits: dict[str, ShardSpec] = model_splits(self)
         # megatron-core marks sharded weights only when it initialises them itself (we do not: see
         # init_weights). DeepSpeed reads these marks to count each shard once in the gradient norm.
         for name, param in self.named_parameters():
-            spec = self.canonical_spec(name)
+            spec = self.splits[name]
             if spec.dim is not None:  # (megatron's setter asserts they are unset; some already are)
                 param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, spec.dim, 1
 
@@ -388,12 +429,8 @@ class StableLMModel(nn.Module):
             position_ids.transpose(0, 1), self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype
         )
         for index, layer in enumerate(self.layers):
-            if cache is not None:
-                x = layer(x, cos, sin, cache=cache.layers[index])
-            elif self.training and self.checkpoint_layers and index % max(1, self.checkpoint_layers) == 0:
-                x = _checkpointed(layer, x, cos, sin, cu_seqlens, max_seqlen)
-            else:
-                x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+            layer_cache = cache.layers[index] if cache is not None else None
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen, layer_cache)
         if cache is not None:
             cache.advance(s)
         x = self.final_norm(x)
@@ -401,7 +438,7 @@ class StableLMModel(nn.Module):
             # LM head and loss fused, chunk by chunk: the [tokens, V/tp] logits never exist (one
             # extra head matmul in backward); the hidden gradient is all-reduced over TP inside.
             head = self.embedding.weight if self.cfg.tied_embeddings else self.output.weight
-            losses = kernels.fused_linear_cross_entropy(x, head, labels.transpose(0, 1), parallel.tp_group())
+            losses = kernels.fused_linear_cross_entropy(x, head, labels.transpose(0, 1), self.tp_group)
             return losses.transpose(0, 1)
         weight = self.embedding.weight if self.cfg.tied_embeddings else None
         logits, _ = self.output(x, weight=weight)  # [s, b, V/tp]
@@ -412,21 +449,18 @@ class StableLMModel(nn.Module):
         # the logits after the loss (the head's backward needs its input and weight only), so the
         # logits gradient is written over them in place: one [tokens, V/tp] buffer fewer.
         losses = kernels.vocab_parallel_cross_entropy(
-            logits, labels.transpose(0, 1), parallel.tp_group(), inplace_backward=True
+            logits, labels.transpose(0, 1), self.tp_group, inplace_backward=True
         )
         return losses.transpose(0, 1)
 
     # ------------------------------------------------------------------ canonical weights
-    def canonical_spec(self, name: str):
-        return shard_spec(name, self.cfg.is_gated_mlp)
-
     def local_state_dict(self) -> dict[str, torch.Tensor]:
         """This TP rank's shards under canonical names (no tied duplicates)."""
         return {name: p.detach() for name, p in self.named_parameters()}
 
     def load_canonical_state_dict(self, full: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Copy whole-model tensors in, each split for this rank."""
-        rank, size = parallel.tp_rank(), parallel.tp_size()
+        rank, size = self.tp_group.rank(), self.tp_group.size()
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(full))
         unexpected = sorted(set(full) - set(params))
@@ -436,23 +470,12 @@ class StableLMModel(nn.Module):
             for name, param in params.items():
                 if name not in full:
                     continue
-                shard = self.canonical_spec(name).split(full[name], rank, size)
+                shard = self.splits[name].split(full[name], rank, size)
                 if shard.shape != param.shape:
                     raise ValueError(
                         f"{name}: checkpoint shard {tuple(shard.shape)} vs model {tuple(param.shape)}"
                     )
                 param.copy_(shard)
-
-
-def _checkpointed(layer: TransformerLayer, x, cos, sin, cu_seqlens, max_seqlen) -> torch.Tensor:
-    """Full activation recomputation of one layer. On GPU through megatron-core's checkpoint, which
-    restores its CUDA RNG tracker so dropout is reproducible; megatron's needs CUDA, so on CPU through
-    torch's (which restores the CPU RNG state)."""
-    if x.is_cuda:
-        return tensor_parallel.checkpoint(layer, False, x, cos, sin, cu_seqlens, max_seqlen)
-    return torch.utils.checkpoint.checkpoint(
-        layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False, preserve_rng_state=True
-    )
 
 
 def init_std(method: str, cfg: Config) -> float | None:
@@ -475,7 +498,7 @@ def init_weights(model: StableLMModel, seed: int) -> None:
     (seed, name), then keep this rank's shard. The result is the same model at every TP size, which
     the TP-equivalence tests and resharding rely on."""
     cfg = model.cfg
-    rank, size = parallel.tp_rank(), parallel.tp_size()
+    rank, size = model.tp_group.rank(), model.tp_group.size()
     for name, param in model.named_parameters():
         if name.endswith(".bias"):
             param.zero_()
@@ -484,10 +507,8 @@ def init_weights(model: StableLMModel, seed: int) -> None:
             param.fill_(1.0)
             continue
         method = cfg.output_layer_init_method if name.endswith(_OUTPUT_LAYERS) else cfg.init_method
-        spec = model.canonical_spec(name)
-        shape = list(param.shape)
-        if spec.dim is not None:
-            shape[spec.dim] *= size
+        spec = model.splits[name]
+        shape = spec.full_shape(param.shape, size)
         gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         full = torch.empty(shape, dtype=torch.float32, device=param.device)
         std = init_std(method, cfg)
@@ -504,28 +525,38 @@ def init_weights(model: StableLMModel, seed: int) -> None:
         param.copy_(spec.split(full, rank, size))
 
 
-def canonical_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
-    """Whole-model parameter shapes under canonical names, from a model built on the meta device (no
-    memory is allocated) at the current TP size, scaled back to whole tensors."""
+def shape_model(cfg: Config, vocab_size: int) -> StableLMModel:
+    """The single-rank model on the meta device: whole shapes and splits, no memory, no process group,
+    and no process-wide state touched."""
     with torch.device("meta"):
-        model = StableLMModel(cfg, vocab_size)
-    size = parallel.tp_size()
-    shapes = {}
-    for name, param in model.named_parameters():
-        shape = list(param.shape)
-        spec = model.canonical_spec(name)
-        if spec.dim is not None:
-            shape[spec.dim] *= size
-        shapes[name] = tuple(shape)
-    return shapes
+        return StableLMModel(cfg, vocab_size, tp_group=SingleRankGroup())
+
+
+def canonical_shapes(cfg: Config, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Whole-model parameter shapes under canonical names."""
+    return {name: tuple(param.shape) for name, param in shape_model(cfg, vocab_size).named_parameters()}
+
+
+def config_splits(cfg: Config) -> dict[str, ShardSpec]:
+    """How every parameter of ``cfg``'s model splits over TP, without building a real model (for tools
+    that read or reshard checkpoints). The splits do not depend on the vocabulary size."""
+    return shape_model(cfg, vocab_size=1).splits
 
 
 def build_model(
-    cfg: Config, vocab_size: int, dtype: str | torch.dtype = torch.float32, seed: int | None = None
-):
-    """Construct on the current default device and initialise (``seed`` defaults to the config's)."""
+    cfg: Config,
+    vocab_size: int,
+    dtype: str | torch.dtype = torch.float32,
+    seed: int | None = None,
+    *,
+    tp_group: TPGroup | None = None,
+    attention: str | None = None,
+) -> StableLMModel:
+    """Construct on the current default device, initialise (``seed`` defaults to the config's) and
+    :func:`~megatron_stablelm.parallelize.parallelize` (``attention`` overrides the config's
+    attention type; ``tp_group`` defaults to the current megatron-core TP group)."""
     if isinstance(dtype, str):
         dtype = _DTYPES[dtype]
-    model = StableLMModel(cfg, vocab_size, dtype=dtype)
+    model = StableLMModel(cfg, vocab_size, dtype=dtype, tp_group=tp_group)
     init_weights(model, cfg.seed if seed is None else seed)
-    return model
+    return parallelize(model, cfg, attention=attention)

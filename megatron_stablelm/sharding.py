@@ -1,4 +1,4 @@
-"""How each canonical (whole-model) tensor is split across tensor-parallel ranks.
+"""How each canonical (whole-model) tensor is split across tensor-parallel ranks, read off the layers.
 
 The model's parameter names *are* the canonical names. A canonical tensor is TP-independent, so a
 checkpoint saved at one TP size loads at any other, and HF conversion never sees TP at all:
@@ -7,14 +7,25 @@ checkpoint saved at one TP size loads at any other, and HF conversion never sees
   contiguous split along rows hands every rank whole KV groups;
 * the gated MLP's fused up-projection is ``[gate | up]`` in canonical form, but each rank holds
   ``[gate_r | up_r]``: it is split as 2 *parts*, each part chunked across ranks.
+
+Why read off the layers: the layer types already say how they split (a megatron-core column-parallel
+layer splits its output rows, a row-parallel one its input columns, the vocab-parallel embedding its
+rows), so :func:`model_splits` derives every parameter's :class:`ShardSpec` from the module that owns
+it instead of restating the rule per name. Two declarations live on the layers themselves:
+
+* a column-parallel layer holding several independent blocks sets ``fused_parts`` (the gated MLP's
+  ``fc1``);
+* any other module whose parameters are split sets ``tp_param_splits``, a mapping from its own
+  parameter names to specs (the per-head QK-norm, split by heads).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -26,6 +37,7 @@ class ShardSpec:
     parts: int = 1
 
     def split(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """This rank's shard of the whole tensor ``full``."""
         if self.dim is None or size == 1:
             return full
         blocks = full.chunk(self.parts, dim=self.dim)
@@ -35,30 +47,46 @@ class ShardSpec:
         return torch.cat([b.chunk(size, dim=self.dim)[rank] for b in blocks], dim=self.dim)
 
     def merge(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The whole tensor from every rank's shard, in rank order."""
         if self.dim is None or len(shards) == 1:
             return shards[0]
         per_rank = [s.chunk(self.parts, dim=self.dim) for s in shards]
         blocks = [torch.cat([r[p] for r in per_rank], dim=self.dim) for p in range(self.parts)]
         return torch.cat(blocks, dim=self.dim)
 
+    def full_shape(self, local_shape: torch.Size | tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+        """The whole tensor's shape from one rank's shard shape at tensor-parallel size ``tp_size``."""
+        shape = list(local_shape)
+        if self.dim is not None:
+            shape[self.dim] *= tp_size
+        return tuple(shape)
+
 
 REPLICATED = ShardSpec(None)
-_RULES: list[tuple[re.Pattern, ShardSpec]] = [
-    (re.compile(r"^embedding\.weight$"), ShardSpec(0)),
-    (re.compile(r"^output\.weight$"), ShardSpec(0)),
-    (re.compile(r"\.attention\.qkv\.(weight|bias)$"), ShardSpec(0)),
-    (re.compile(r"\.attention\.[qk]_norm\.(weight|bias)$"), ShardSpec(0)),
-    (re.compile(r"\.attention\.dense\.weight$"), ShardSpec(1)),
-    (re.compile(r"\.mlp\.fc1\.(weight|bias)$"), ShardSpec(0)),  # parts fixed by gated_mlp
-    (re.compile(r"\.mlp\.fc2\.weight$"), ShardSpec(1)),
-]
 
 
-def shard_spec(name: str, gated_mlp: bool) -> ShardSpec:
-    """The split rule for canonical parameter ``name``; everything not listed is replicated."""
-    for pattern, spec in _RULES:
-        if pattern.search(name):
-            if ".mlp.fc1." in name and gated_mlp:
-                return ShardSpec(0, parts=2)
-            return spec
-    return REPLICATED
+def layer_splits(module: nn.Module) -> dict[str, ShardSpec]:
+    """Specs of ``module``'s own (not its children's) sharded parameters, by local name; parameters
+    it does not list are replicated."""
+    declared = getattr(module, "tp_param_splits", None)
+    if declared is not None:
+        return dict(declared)
+    if isinstance(module, tensor_parallel.ColumnParallelLinear):
+        rows = ShardSpec(0, parts=getattr(module, "fused_parts", 1))
+        return {"weight": rows, "bias": rows}
+    if isinstance(module, tensor_parallel.RowParallelLinear):
+        return {"weight": ShardSpec(1)}  # the bias is added after the all-reduce: replicated
+    if isinstance(module, tensor_parallel.VocabParallelEmbedding):
+        return {"weight": ShardSpec(0)}
+    return {}
+
+
+def model_splits(model: nn.Module) -> dict[str, ShardSpec]:
+    """Every parameter of ``model`` (under its ``named_parameters`` name) → how it splits over TP."""
+    splits: dict[str, ShardSpec] = {}
+    for prefix, module in model.named_modules():
+        rules = layer_splits(module)
+        for local, _ in module.named_parameters(prefix="", recurse=False):
+            name = f"{prefix}.{local}" if prefix else local
+            splits.setdefault(name, rules.get(local, REPLICATED))
+    return {name: splits[name] for name, _ in model.named_parameters()}

@@ -8,10 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_stablelm import parallel
-from megatron_stablelm.model import InferenceCache, build_model, init_std, split_qkv
+from megatron_stablelm import kernels, parallel
+from megatron_stablelm.model import (
+    InferenceCache,
+    StableLMModel,
+    build_model,
+    canonical_shapes,
+    config_splits,
+    init_std,
+    split_qkv,
+)
+from megatron_stablelm.parallelize import attention_backend, parallelize
 from tests.dist_helpers import run_distributed
-from tests.model_helpers import randomize, tiny_config
+from tests.model_helpers import TINY_ARCHS, randomize, tiny_config
 
 VOCAB = 256
 
@@ -33,13 +42,12 @@ def _init_worker(rank: int, world: int, out: str) -> None:
 def test_initialisation_is_the_same_at_every_tp_size(tmp_path, single_rank):
     """Each canonical tensor is drawn whole and then split, so TP=2 ranks hold exactly the shards of
     the TP=1 model (checked by merging them back)."""
-    from megatron_stablelm.sharding import shard_spec
-
-    whole = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=11).local_state_dict()
+    whole_model = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=11)
+    whole = whole_model.local_state_dict()
     run_distributed(_init_worker, 2, str(tmp_path))
     shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, tensor in whole.items():
-        merged = shard_spec(name, True).merge([s[name] for s in shards])
+        merged = whole_model.splits[name].merge([s[name] for s in shards])
         assert torch.equal(merged, tensor), name
 
 
@@ -137,8 +145,6 @@ def _fused_tp2_worker(rank: int, world: int, out: str) -> None:
 
 
 def test_fused_lm_head_loss_tp2_equals_tp1(tmp_path, single_rank):
-    from megatron_stablelm.sharding import shard_spec
-
     model = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=7)
     randomize(model, 7)
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(8))
@@ -150,7 +156,7 @@ def test_fused_lm_head_loss_tp2_equals_tp1(tmp_path, single_rank):
     for r in ranks:
         torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-6)
     for name, ref in ref_grads.items():
-        merged = shard_spec(name, True).merge([r["grads"][name] for r in ranks])
+        merged = model.splits[name].merge([r["grads"][name] for r in ranks])
         torch.testing.assert_close(merged, ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -176,3 +182,103 @@ def test_split_qkv_gradient_equals_slicing(kv_heads, group, used):
     for got, want in zip((q, k, v), (pq, plain[:, :, :, group], plain[:, :, :, group + 1]), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(mine.grad, plain.grad, rtol=0, atol=0)
+
+
+def _splits_tp2_worker(rank: int, world: int, out: str) -> None:
+    parallel.initialize(2)
+    case = torch.load(Path(out) / "case.pt")
+    results = {}
+    for arch in TINY_ARCHS:
+        model = build_model(tiny_config(arch, model_parallel_size=2), VOCAB, seed=13)
+        initialised = {name: t.clone() for name, t in model.local_state_dict().items()}
+        model.load_canonical_state_dict(case[arch]["state"])
+        loss, grads = _loss_and_grads(model, case["tokens"], case["labels"])
+        results[arch] = {"init": initialised, "loss": loss, "grads": grads}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def test_derived_splits_are_the_splits_tp2_computes_with(tmp_path, single_rank):
+    """For every parameter of every tiny architecture, the split read off the layers is the one a
+    TP=2 model actually has: its initialised shards are those splits of the TP=1 tensors, and loaded
+    with those splits of a perturbed TP=1 model it computes the TP=1 loss, with gradients that merge
+    back into the TP=1 gradients (a misplaced shard would change the function)."""
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(14))
+    case, reference = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1)}, {}
+    for arch in TINY_ARCHS:
+        model = build_model(tiny_config(arch), VOCAB, seed=13)
+        initialised = {name: t.clone() for name, t in model.local_state_dict().items()}
+        randomize(model, 13)
+        reference[arch] = (model.splits, initialised, *_loss_and_grads(model, tokens, case["labels"]))
+        case[arch] = {"state": model.local_state_dict()}
+    torch.save(case, tmp_path / "case.pt")
+    run_distributed(_splits_tp2_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for arch, (splits, initialised, ref_loss, ref_grads) in reference.items():
+        assert splits == config_splits(tiny_config(arch)), arch
+        assert splits.keys() == ref_grads.keys() == initialised.keys(), arch
+        for name, spec in splits.items():
+            for r in range(2):
+                shard = ranks[r][arch]["init"][name]
+                assert torch.equal(shard, spec.split(initialised[name], r, 2)), (arch, name, r)
+                assert spec.full_shape(shard.shape, 2) == initialised[name].shape, (arch, name)
+            merged = spec.merge([ranks[r][arch]["grads"][name] for r in range(2)])
+            torch.testing.assert_close(merged, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{arch} {name}")
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][arch]["loss"], ref_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_building_models_leaves_the_process_attention_alone(single_rank):
+    """The model holds the attention backend it was given; building one (or the meta model behind
+    shapes and splits) does not change what any other model or the free ``kernels.attention`` runs."""
+    cfg = tiny_config("stablelm-2-1_6b")  # no attention_config: "flash", i.e. SDPA on CPU
+    kernels.select_attention_backend("math")
+    try:
+        model = build_model(cfg, VOCAB, seed=0)
+        canonical_shapes(cfg, VOCAB)
+        config_splits(cfg)
+        math_model = build_model(cfg, VOCAB, seed=0, attention="math")
+        with torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long))
+        assert kernels.selected_attention_backend("cpu").name == "math"
+        assert attention_backend(model, "cpu").name == "sdpa"
+        assert attention_backend(math_model, "cpu").name == "math"
+    finally:
+        kernels.select_attention_backend("flash")
+    assert attention_backend(math_model, "cpu").name == "math"
+
+
+_RECOMPUTE = {
+    # granularity: config overrides, and the first module the recomputation runs again
+    "full": ({"checkpoint_activations": True, "checkpoint_num_layers": 1}, "input_norm"),
+    "selective": ({"recompute_granularity": "selective"}, "attention.q_norm"),
+}
+
+
+@pytest.mark.parametrize("granularity", sorted(_RECOMPUTE))
+def test_parallelize_recomputes_with_the_same_names_and_gradients(granularity, single_rank):
+    """Full and selective recomputation are applied from outside: parameter names (the canonical
+    names) stay as they are, the recomputed span runs again in backward, and the gradients are those
+    of the plain model."""
+    overrides, rerun = _RECOMPUTE[granularity]
+    plain = build_model(tiny_config("stablelm-2-12b"), VOCAB, seed=3)
+    randomize(plain, 3)
+    cfg = tiny_config("stablelm-2-12b", **overrides)
+    recomputed = StableLMModel(cfg, VOCAB)
+    names = [name for name, _ in recomputed.named_parameters()]
+    parallelize(recomputed, cfg)
+    assert [name for name, _ in recomputed.named_parameters()] == names
+    assert names == [name for name, _ in plain.named_parameters()]
+    assert list(recomputed.state_dict()) == list(plain.state_dict())
+    recomputed.load_canonical_state_dict(plain.local_state_dict())
+    calls = []
+    for layer in recomputed.layers:
+        layer.get_submodule(rerun).register_forward_hook(lambda *_: calls.append(1))
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(tokens, -1, dims=1)
+    ref_loss, ref_grads = _loss_and_grads(plain, tokens, labels)
+    loss, grads = _loss_and_grads(recomputed, tokens, labels)
+    assert len(calls) == 2 * cfg.num_layers  # in forward, then again in backward
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -3,15 +3,20 @@
 Each public function keeps one signature and picks its implementation per call: a fused Triton kernel
 for CUDA tensors when Triton is installed, the plain PyTorch ``*_reference`` function otherwise (CPU
 included; ``MEGATRON_STABLELM_KERNELS=reference`` forces it on GPU). The references are the ground
-truth the fused kernels are tested against. Attention dispatches to the backend chosen with
-:func:`select_attention_backend` (default: the best available).
+truth the fused kernels are tested against. A model's attention runs the :class:`AttentionSelection`
+it holds (given by :func:`megatron_stablelm.parallelize.parallelize`); the free function
+:func:`attention` runs the process-wide :data:`default_attention`, which
+:func:`select_attention_backend` changes (default: the best available).
 """
 
 from megatron_stablelm.kernels.attention import (
     AttentionBackend,
+    AttentionFn,
+    AttentionSelection,
     attention,
     attention_math,
     attention_type_from_config,
+    default_attention,
     resolve_attention_backend,
     select_attention_backend,
     selected_attention_backend,
@@ -40,6 +45,8 @@ from megatron_stablelm.kernels.swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "AttentionBackend",
+    "AttentionFn",
+    "AttentionSelection",
     "add_layer_norm",
     "add_layer_norm_reference",
     "apply_rotary",
@@ -50,6 +57,7 @@ __all__ = [
     "attention_math",
     "attention_type_from_config",
     "checkpointed",
+    "default_attention",
     "cross_entropy_reference",
     "fused_linear_cross_entropy",
     "layer_norm",

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_stablelm.config import ATTENTION_TYPES, expand_attention_config
+
 log = logging.getLogger(__name__)
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -113,15 +115,7 @@ def _cached_varlen(cu_seqlens: torch.Tensor, b: int, s: int) -> tuple[torch.Tens
 # ------------------------------------------------------------------------------------- backends
 
 
-def attention_math(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def attention_math(q, k, v, *, cu_seqlens=None, max_seqlen=None, dropout_p=0.0) -> torch.Tensor:
     """Explicit attention. GQA groups the query heads as ``[b, s, kv_heads, group, d]`` so K/V are
     broadcast, not repeated. Softmax in at least fp32."""
     b, s, h, d = q.shape
@@ -151,15 +145,7 @@ def _sdpa(q, k, v, mask, dropout_p):
     return out.transpose(1, 2)
 
 
-def attention_sdpa_masked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
+def attention_sdpa_masked(q, k, v, *, cu_seqlens=None, max_seqlen=None, dropout_p=0.0) -> torch.Tensor:
     """SDPA; documents through a dense boolean ``[b, 1, s, s]`` mask (the CPU path: forward and
     backward work there, with GQA)."""
     b, s = q.shape[:2]
@@ -316,18 +302,14 @@ def _backend(name: str, device_type: str) -> AttentionBackend:
     raise ValueError(f"unknown attention backend {name!r}")
 
 
-# attention_config names (GPT-NeoX) → backend. 'global' is GPT-NeoX's plain dense attention: the
-# same computation as SDPA, which PyTorch runs with its best kernel.
-CONFIG_NAMES = ("flash", "sdpa", "math", "global", "flash_attn", "flex")
-
-
 def resolve_attention_backend(name: str | None, device: torch.device | str | None = None) -> AttentionBackend:
     """The backend that attention type ``name`` means on ``device``: ``flash`` (or None) → flash-attn
     2 if importable on CUDA, else SDPA; ``sdpa``/``global`` → SDPA; ``math`` → explicit; ``flash_attn``
-    and ``flex`` force those kernels."""
+    and ``flex`` force those kernels. (``global`` is GPT-NeoX's plain dense attention: the same
+    computation as SDPA, which PyTorch runs with its best kernel.)"""
     name = (name or "flash").lower()
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"unknown attention type {name!r}; expected one of {', '.join(CONFIG_NAMES)}")
+    if name not in ATTENTION_TYPES:
+        raise ValueError(f"unknown attention type {name!r}; expected one of {', '.join(ATTENTION_TYPES)}")
     device_type = (
         torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     )
@@ -340,20 +322,25 @@ def resolve_attention_backend(name: str | None, device: torch.device | str | Non
     return _backend(name, device_type)
 
 
-class _Selection:
-    """The process-wide choice: a requested name, resolved once per device type (the model may be
-    built on CPU and moved to GPU), each resolution logged once."""
+class AttentionSelection:
+    """An attention type (an ``attention_config`` name) resolved lazily, once per device type (a model
+    may be built on CPU and moved to GPU), each resolution logged once. Callable like
+    :func:`attention`. Each parallelized model holds its own (see
+    :func:`megatron_stablelm.parallelize.parallelize`); :data:`default_attention` is the process-wide
+    one that :func:`attention` uses."""
 
-    def __init__(self) -> None:
-        self.requested = "flash"
+    def __init__(self, name: str | None = "flash") -> None:
+        self.select(name)
+
+    def select(self, name: str | None) -> None:
+        """Choose attention type ``name`` (validated now, not at the first forward)."""
+        resolve_attention_backend(name, "cpu")
+        self.requested = (name or "flash").lower()
         self.resolved: dict[str, AttentionBackend] = {}
 
-    def set(self, name: str | None) -> None:
-        resolve_attention_backend(name, "cpu")  # validate the name now, not at the first forward
-        self.requested = (name or "flash").lower()
-        self.resolved = {}
-
-    def for_device(self, device: torch.device) -> AttentionBackend:
+    def for_device(self, device: torch.device | str) -> AttentionBackend:
+        """The backend this selection runs on ``device``."""
+        device = torch.device(device)
         backend = self.resolved.get(device.type)
         if backend is None:
             backend = resolve_attention_backend(self.requested, device)
@@ -361,8 +348,12 @@ class _Selection:
             log.info("attention backend for %s on %s: %s", self.requested, device.type, backend.describe)
         return backend
 
+    def __call__(self, q, k, v, *, cu_seqlens=None, max_seqlen=None, dropout_p=0.0) -> torch.Tensor:
+        fn = self.for_device(q.device).fn
+        return fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p)
 
-_selection = _Selection()
+
+default_attention = AttentionSelection("flash")
 
 
 def attention_type_from_config(attention_config: list | None, num_layers: int) -> str:
@@ -370,8 +361,6 @@ def attention_type_from_config(attention_config: list | None, num_layers: int) -
     this framework knows compute the same function, so mixed lists use the first one's kernel."""
     if not attention_config:
         return "flash"
-    from megatron_stablelm.config import expand_attention_config
-
     kinds = expand_attention_config(attention_config, num_layers)
     if len(set(kinds)) > 1:
         log.warning("attention_config mixes %s; using %r for every layer", sorted(set(kinds)), kinds[0])
@@ -379,15 +368,17 @@ def attention_type_from_config(attention_config: list | None, num_layers: int) -
 
 
 def select_attention_backend(name: str | None = "flash") -> AttentionFn:
-    """Make ``name`` (an ``attention_config`` type) the backend :func:`attention` dispatches to, and
-    return that dispatching callable (same signature as :func:`attention`)."""
-    _selection.set(name)
+    """Make ``name`` (an ``attention_config`` type) the process-wide default that :func:`attention`
+    dispatches to, and return that dispatching callable (same signature as :func:`attention`). Models
+    do not read it: they hold the selection :func:`~megatron_stablelm.parallelize.parallelize` gave
+    them; it serves tools and tests that call :func:`attention` directly."""
+    default_attention.select(name)
     return attention
 
 
 def selected_attention_backend(device: torch.device | str = "cpu") -> AttentionBackend:
-    """What :func:`attention` runs on ``device`` with the current selection (for logs and tests)."""
-    return _selection.for_device(torch.device(device))
+    """What :func:`attention` runs on ``device`` with the current process-wide default."""
+    return default_attention.for_device(device)
 
 
 def attention(
@@ -399,7 +390,6 @@ def attention(
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Causal attention, ``[b, s, h, d]`` in and out, through the selected backend (default: best
-    available)."""
-    fn = _selection.for_device(q.device).fn
-    return fn(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p)
+    """Causal attention, ``[b, s, h, d]`` in and out, through the process-wide default backend (best
+    available unless :func:`select_attention_backend` chose another)."""
+    return default_attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p)

@@ -18,7 +18,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from megatron_stablelm.kernels.attention import attention
+from megatron_stablelm.kernels.attention import AttentionFn, attention
 from megatron_stablelm.kernels.rotary import apply_rotary_qk
 
 
@@ -44,33 +44,20 @@ def attention_core(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
+    attend: AttentionFn = attention,
 ) -> torch.Tensor:
     """Everything between the QKV projection and the output projection, sequence-first:
     ``q`` ``[s, b, heads, d]``, ``k``/``v`` ``[s, b, kv_heads, d]`` → ``[s, b, heads, d]``.
-    QK-norm (optional), rotary on Q and K in one pass, then the selected attention backend."""
+    QK-norm (optional), rotary on Q and K in one pass, then ``attend`` (a model passes the backend it
+    holds; the default is the process-wide :func:`~megatron_stablelm.kernels.attention.attention`)."""
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     q, k = apply_rotary_qk(q, k, cos, sin)
     q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-    out = attention(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p)
+    out = attend(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, dropout_p=dropout_p)
     return out.transpose(0, 1)
 
 
-def recompute_attention_core(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    q_norm: nn.Module | None = None,
-    k_norm: nn.Module | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    dropout_p: float = 0.0,
-    *,
-    enabled: bool = True,
-) -> torch.Tensor:
-    """:func:`attention_core` under selective recomputation (see the module doc)."""
-    return checkpointed(
-        attention_core, q, k, v, cos, sin, q_norm, k_norm, cu_seqlens, max_seqlen, dropout_p, enabled=enabled
-    )
+def recompute_attention_core(*args: Any, enabled: bool = True, **kwargs: Any) -> torch.Tensor:
+    """:func:`attention_core` (same arguments) under selective recomputation (see the module doc)."""
+    return checkpointed(attention_core, *args, enabled=enabled, **kwargs)

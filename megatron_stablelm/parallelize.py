@@ -1,0 +1,90 @@
+"""Apply a run's execution choices to a built model, from outside its blocks.
+
+The blocks of :mod:`megatron_stablelm.model` only compute. How they run is decided here, in one
+place, from the config (as torchtitan's ``parallelize.py`` does for its models):
+
+* the attention backend: every attention module gets the same :class:`~kernels.AttentionSelection`,
+  held by the model, so building a model never changes what another model (or the free
+  :func:`kernels.attention`) runs;
+* selective recomputation (``recompute_granularity: selective``): the span between the QKV and the
+  output projection is recomputed in backward (:func:`kernels.recompute_attention_core`);
+* full activation recomputation (``checkpoint_activations``): every ``checkpoint_num_layers``-th layer
+  keeps only its input and is recomputed whole in backward.
+
+Parameter names are untouched: checkpoints and HF conversion key on them, so a layer is wrapped by
+rebinding its ``forward`` on the instance, never by a wrapper module that would add a name level.
+Tensor parallelism itself is not applied here: megatron-core's layers are built split, from the TP
+group given to the model's constructor.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import TYPE_CHECKING
+
+import torch
+import torch.utils.checkpoint
+from megatron.core import tensor_parallel
+from torch import nn
+
+from megatron_stablelm import kernels
+from megatron_stablelm.config import Config
+
+if TYPE_CHECKING:
+    from megatron_stablelm.model import StableLMModel
+
+
+def parallelize(model: StableLMModel, cfg: Config, *, attention: str | None = None) -> StableLMModel:
+    """Apply ``cfg``'s attention type (or ``attention``, an ``attention_config`` name) and activation
+    recomputation to ``model`` in place; returns it."""
+    if attention is None:
+        attention = kernels.attention_type_from_config(cfg.attention_config, cfg.num_layers)
+    apply_attention_backend(model, attention)
+    if cfg.recompute_granularity == "selective":
+        apply_selective_recompute(model)
+    if cfg.checkpoint_activations and cfg.checkpoint_num_layers:
+        apply_full_recompute(model, cfg.checkpoint_num_layers)
+    return model
+
+
+def apply_attention_backend(model: StableLMModel, name: str) -> kernels.AttentionSelection:
+    """Make every attention module of ``model`` run attention type ``name``; returns the selection
+    (``selection.for_device(device)`` says which kernel runs there)."""
+    selection = kernels.AttentionSelection(name)
+    for layer in model.layers:
+        layer.attention.attend = selection
+    return selection
+
+
+def attention_backend(model: StableLMModel, device: torch.device | str) -> kernels.AttentionBackend:
+    """The attention kernel ``model`` runs on ``device`` (for logs and benchmark reports)."""
+    return model.layers[0].attention.attend.for_device(device)
+
+
+def apply_selective_recompute(model: StableLMModel) -> None:
+    """Recompute QK-norm, rotary and attention in backward instead of keeping their intermediates."""
+    for layer in model.layers:
+        layer.attention.core = kernels.recompute_attention_core
+
+
+def apply_full_recompute(model: StableLMModel, every: int) -> None:
+    """Recompute every ``every``-th layer (0, every, 2·every, …) whole in backward while training."""
+    for index, layer in enumerate(model.layers):
+        if index % every == 0:
+            layer.forward = types.MethodType(_recomputed_forward, layer)
+
+
+def _recomputed_forward(layer: nn.Module, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None):
+    """``layer``'s own forward under full activation recomputation (training with autograd only).
+    On GPU through megatron-core's checkpoint, which restores its CUDA RNG tracker so dropout is
+    reproducible; megatron's needs CUDA, so on CPU through torch's (which restores the CPU RNG
+    state)."""
+    plain = functools.partial(type(layer).forward, layer)
+    if cache is not None or not layer.training or not torch.is_grad_enabled():
+        return plain(x, cos, sin, cu_seqlens, max_seqlen, cache)
+    if x.is_cuda:
+        return tensor_parallel.checkpoint(plain, False, x, cos, sin, cu_seqlens, max_seqlen)
+    return torch.utils.checkpoint.checkpoint(
+        plain, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False, preserve_rng_state=True
+    )
