@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_stablelm import kernels
+
+# Stable LM 2 1.6B: hidden, heads, head dim, rotary dims, FFN, padded vocabulary
+HIDDEN, HEADS, HEAD_DIM, ROTARY_DIMS, FFN, VOCAB = 2048, 32, 64, 16, 5632, 100352
 
 
 def bench(fn: Callable[[], object], iters: int = 30) -> float:
@@ -66,30 +67,15 @@ def reference_kernels(fn: Callable) -> Callable:
     return run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=4 * 4096)
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("kernels_bench: needs CUDA (CPU timings say nothing about GPU kernel choices)")
-        return
-    import importlib
+def _leaf(*shape: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
 
-    from megatron_stablelm import kernels
 
-    ops = importlib.import_module("megatron_stablelm.kernels.triton_ops")
-    try:
-        import liger_kernel.transformers.functional as liger
-    except ImportError:
-        liger = None
-    dev, dt, n = "cuda", torch.bfloat16, args.tokens
-    h, heads, d, rd, ffn, vocab = 2048, 32, 64, 16, 5632, 100352
-
-    def leaf(*shape, dtype=dt):
-        return torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)
-
+def elementwise_cases(n: int, ops, liger, device: str = "cuda") -> dict[str, dict[str, Callable[[], None]]]:
+    """SwiGLU, rotary, LayerNorm (plain, with the residual add, per head) for ``n`` tokens: each
+    alternative as a forward + backward closure."""
     cases: dict[str, dict[str, Callable[[], None]]] = {}
-    x = leaf(n, 2 * ffn)
+    x = _leaf(n, 2 * FFN, device=device)
     cases["swiglu"] = {
         "eager": fwd_bwd(kernels.swiglu_reference, x),
         "compile": fwd_bwd(torch.compile(kernels.swiglu_reference), x),
@@ -98,8 +84,9 @@ def main() -> None:
     if liger is not None:
         cases["swiglu"]["liger"] = fwd_bwd(lambda t: liger.liger_swiglu(*t.chunk(2, -1)), x)
 
-    q, k = leaf(n, 1, heads, d), leaf(n, 1, heads, d)
-    cos, sin = kernels.rotary_cos_sin(torch.arange(n, device=dev).view(n, 1), rd, 10000.0, dt)
+    q, k = _leaf(n, 1, HEADS, HEAD_DIM, device=device), _leaf(n, 1, HEADS, HEAD_DIM, device=device)
+    positions = torch.arange(n, device=device).view(n, 1)
+    cos, sin = kernels.rotary_cos_sin(positions, ROTARY_DIMS, 10000.0, torch.bfloat16)
 
     def rot_ref(a, b):
         return kernels.apply_rotary_reference(a, cos, sin), kernels.apply_rotary_reference(b, cos, sin)
@@ -110,12 +97,14 @@ def main() -> None:
         "triton": fwd_bwd(lambda a, b: ops.apply_rotary_qk(a, b, cos, sin), q, k),
     }
 
-    xn, w, b, r = leaf(n, h), leaf(h), leaf(h), leaf(n, h)
+    xn, w, b, r = (_leaf(*shape, device=device) for shape in ((n, HIDDEN), (HIDDEN,), (HIDDEN,), (n, HIDDEN)))
+
+    def layer_norm_ref(a, ww, bb):
+        return kernels.layer_norm_reference(a, ww, bb, 1e-5)
+
     cases["layernorm"] = {
-        "eager": fwd_bwd(lambda a, ww, bb: kernels.layer_norm_reference(a, ww, bb, 1e-5), xn, w, b),
-        "compile": fwd_bwd(
-            torch.compile(lambda a, ww, bb: kernels.layer_norm_reference(a, ww, bb, 1e-5)), xn, w, b
-        ),
+        "eager": fwd_bwd(layer_norm_ref, xn, w, b),
+        "compile": fwd_bwd(torch.compile(layer_norm_ref), xn, w, b),
         "triton": fwd_bwd(lambda a, ww, bb: ops.layer_norm(a, ww, bb, 1e-5), xn, w, b),
     }
     cases["add+layernorm"] = {
@@ -124,15 +113,20 @@ def main() -> None:
         ),
         "triton": fwd_bwd(lambda a, rr, ww, bb: ops.add_layer_norm(a, rr, ww, bb, 1e-5), xn, r, w, b),
     }
-    qh, wh = leaf(n, heads, d), leaf(heads, d)
+    qh, wh = _leaf(n, HEADS, HEAD_DIM, device=device), _leaf(HEADS, HEAD_DIM, device=device)
     cases["per-head LN"] = {
         "eager": fwd_bwd(lambda a, ww: kernels.per_head_layer_norm_reference(a, ww, None, 1e-5), qh, wh),
         "triton": fwd_bwd(lambda a, ww: ops.per_head_layer_norm(a, ww, None, 1e-5), qh, wh),
     }
+    return cases
 
-    ce_rows = min(n, 8192)
-    logits, target = leaf(ce_rows, vocab), torch.randint(0, vocab, (ce_rows,), device=dev)
-    hidden, weight = leaf(ce_rows, h), leaf(vocab, h)
+
+def loss_cases(n: int, liger, device: str = "cuda") -> dict[str, dict[str, Callable[[], None]]]:
+    """Cross-entropy over the vocabulary (at most 8192 rows), alone and fused with the LM head."""
+    rows = min(n, 8192)
+    logits, target = _leaf(rows, VOCAB, device=device), torch.randint(0, VOCAB, (rows,), device=device)
+    hidden, weight = _leaf(rows, HIDDEN, device=device), _leaf(VOCAB, HIDDEN, device=device)
+    cases: dict[str, dict[str, Callable[[], None]]] = {}
     cases["cross-entropy"] = {
         "eager fp32": fwd_bwd(
             lambda t: torch.nn.functional.cross_entropy(t.float(), target, reduction="none"), logits
@@ -162,8 +156,12 @@ def main() -> None:
             hidden,
             weight,
         )
+    return cases
 
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  tokens {n}  (fwd+bwd, median ms)")
+
+def print_timings(cases: dict[str, dict[str, Callable[[], None]]], tokens: int) -> None:
+    """One line per kernel: each alternative's median ms and peak memory, or why it failed."""
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  tokens {tokens}  (fwd+bwd, median ms)")
     for name, impls in cases.items():
         row = []
         for impl, fn in impls.items():
@@ -174,6 +172,23 @@ def main() -> None:
             except Exception as exc:  # one failing alternative must not hide the others
                 row.append(f"{impl} failed: {type(exc).__name__}")
         print(f"{name:15} " + " | ".join(row))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=4 * 4096)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels_bench: needs CUDA (CPU timings say nothing about GPU kernel choices)")
+        return
+    from megatron_stablelm.kernels import triton_ops
+
+    try:
+        import liger_kernel.transformers.functional as liger
+    except ImportError:
+        liger = None
+    cases = elementwise_cases(args.tokens, triton_ops, liger) | loss_cases(args.tokens, liger)
+    print_timings(cases, args.tokens)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,11 @@ pack() {
 }
 trap pack EXIT
 export PYTHONUNBUFFERED=1
+# the tools import megatron_stablelm: from this checkout even where it is not pip-installed
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! $PY -c "import megatron.core" 2>/dev/null && [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 

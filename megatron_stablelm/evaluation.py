@@ -9,10 +9,11 @@ training loss path); it is averaged over tokens, per dataset and over all of the
 
 :class:`MegatronLM` adapts a checkpoint to EleutherAI's ``lm-eval`` (an optional extra, ``pip install
 lm-eval``): ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until``. Log-probabilities are
-computed vocab-parallel (the log-sum-exp and the greedy check are reduced over the TP group, never
-materialising ``[tokens, V]`` logits), so long documents with a 100k vocabulary fit. Every TP rank runs
-the same requests; lm-eval's own data parallelism is not used. Task names are checked against lm-eval's
-index (built-in tasks plus ``include_path``) before any model is loaded, so a typo fails at once.
+computed vocab-parallel by the training loss's kernel (``kernels/cross_entropy.py``: the log-sum-exp
+and the greedy check are reduced over the TP group, never gathering ``[tokens, V]`` logits), so long
+documents with a 100k vocabulary fit. Every TP rank runs the same requests; lm-eval's own data
+parallelism is not used. Task names are checked against lm-eval's index (built-in tasks plus
+``include_path``) before any model is loaded, so a typo fails at once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megatron_stablelm import parallel
 from megatron_stablelm.data.indexed import check_shard
@@ -37,6 +37,7 @@ from megatron_stablelm.generation import (
     load_tokenizer,
     max_positions,
 )
+from megatron_stablelm.kernels.cross_entropy import vocab_parallel_target_log_prob
 from megatron_stablelm.model import StableLMModel
 from megatron_stablelm.tokenizers import Tokenizer
 
@@ -217,23 +218,8 @@ class MegatronLM(_LMBase):
         self, tokens: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each target and whether it is the argmax, vocab-parallel: ``[b, s]`` each."""
-        logits = self.model(tokens).float()  # [b, s, V/tp]
         group = parallel.tp_group() if parallel.tp_size() > 1 else None
-        local_max = logits.max(dim=-1).values
-        global_max = local_max.clone()
-        if group is not None:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
-        width = logits.shape[-1]
-        first = parallel.tp_rank() * width
-        local_t = targets - first
-        mine = (local_t >= 0) & (local_t < width)
-        picked = logits.gather(-1, local_t.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1) * mine
-        if group is not None:
-            dist.all_reduce(sum_exp, group=group)
-            dist.all_reduce(picked, group=group)
-        logprob = picked - global_max - torch.log(sum_exp)
-        return logprob, picked >= global_max
+        return vocab_parallel_target_log_prob(self.model(tokens), targets, group)
 
     def _score(self, requests: list[tuple[list[int], list[int], int]]) -> list[tuple[float, bool]]:
         """Each request is (inputs, targets, n): the sum of log p(target) over the last ``n`` positions

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_stablelm import checkpointing, evaluation, parallel
+from megatron_stablelm import checkpoint, evaluation, parallel
 from megatron_stablelm.generation import generate, load_checkpoint_model
 from tests.data_helpers import write_synthetic_shard
+from tests.dist_helpers import run_distributed
 from tests.test_generate import VOCAB, make_checkpoint
 
 needs_lm_eval = pytest.mark.skipif(not evaluation.HAVE_LM_EVAL, reason="lm-eval is not installed")
@@ -177,7 +178,7 @@ def test_unknown_task_fails_before_the_model_loads(ckpt, tmp_path, capsys):
     tasks = _write_tasks(tmp_path / "tasks")
     # a corrupt model shard would fail the load: the task error must come first
     broken = tmp_path / "broken"
-    checkpointing.save_model(broken, checkpointing.read_config(run), [{"x": torch.zeros(1)}], VOCAB)
+    checkpoint.save_model(broken, checkpoint.read_config(run), [{"x": torch.zeros(1)}], VOCAB)
     argv = [str(broken), "--tasks", "tiny_mc", "tiny_mcq", "--include-path", str(tasks), "--no-default-tasks"]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -196,3 +197,39 @@ def test_library_loader_rejects_bad_tp(ckpt):
     run, _, _ = ckpt
     with pytest.raises(ValueError, match="tensor-parallel size 3"):
         load_checkpoint_model(run, tp_size=3)
+
+
+def _log_prob_tp2_worker(rank: int, world: int, out: str) -> None:
+    from megatron_stablelm.kernels.cross_entropy import vocab_parallel_target_log_prob
+
+    parallel.initialize(2)
+    logits, targets = _scoring_case()
+    width = logits.shape[-1] // world
+    log_prob, greedy = vocab_parallel_target_log_prob(
+        logits[..., rank * width : (rank + 1) * width], targets, parallel.tp_group()
+    )
+    if rank == 0:
+        torch.save((log_prob, greedy), out)
+
+
+def _scoring_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """[2, 5, 16] logits and targets: targets in both halves of the vocabulary, one target the argmax,
+    one tied with the argmax, one below it."""
+    logits = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(1))
+    targets[0, 0], targets[0, 1] = logits[0, 0].argmax(), 12
+    logits[0, 1, 12] = logits[0, 1, 3] = logits[0, 1].max() + 1.0  # a tie across the two halves
+    return logits, targets
+
+
+def test_vocab_parallel_log_prob_tp2_matches_log_softmax(tmp_path):
+    """The adapter's scoring kernel over 2 gloo ranks against a single-process log_softmax/argmax."""
+    out = tmp_path / "tp2.pt"
+    run_distributed(_log_prob_tp2_worker, 2, str(out))
+    log_prob, greedy = torch.load(out)
+    logits, targets = _scoring_case()
+    reference = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    torch.testing.assert_close(log_prob, reference)
+    target_logit = logits.gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.equal(greedy, target_logit >= logits.amax(-1))
+    assert greedy[0, 0] and greedy[0, 1] and not greedy.all()

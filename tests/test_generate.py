@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_stablelm import checkpointing, hf_conversion, parallel
+from megatron_stablelm import checkpoint, hf_conversion, parallel
 from megatron_stablelm.generation import SamplingParams, generate, sample_next
 from megatron_stablelm.model import build_model
 from tests.data_helpers import tiny_tokenizer_files
@@ -38,13 +38,11 @@ def make_checkpoint(arch: str, root: Path, seed: int = 0, tp: int = 1, **overrid
     randomize(model, seed)
     state = model.local_state_dict()
     full_cfg = tiny_config(arch, padded_vocab_size=VOCAB, vocab_file=tok, model_parallel_size=tp, **overrides)
-    shards = [
-        {n: model.canonical_spec(n).split(t, r, tp).clone() for n, t in state.items()} for r in range(tp)
-    ]
+    shards = [{n: model.splits[n].split(t, r, tp).clone() for n, t in state.items()} for r in range(tp)]
     run = root / "run"
     run.mkdir(parents=True)
-    checkpointing.save_model(run / "iter_0000010", full_cfg, shards, VOCAB)
-    checkpointing.write_latest(run, "iter_0000010")
+    checkpoint.save_model(run / "iter_0000010", full_cfg, shards, VOCAB)
+    checkpoint.write_latest(run, "iter_0000010")
     hf_dir = root / "hf"
     hf_conversion.write_hf_dir(hf_dir, cfg, state, VOCAB)
     return run, hf_dir
@@ -182,7 +180,7 @@ def test_bad_input_is_reported_before_work(tmp_path, capsys, single_rank):
     assert main([str(run), "--prompt", "x", "--tokenizer", str(tmp_path / "tok.json")]) == 2
     assert "tok.json" in capsys.readouterr().err
     # a corrupt shard names the checkpoint directory
-    shard = run / "iter_0000010" / checkpointing.shard_filename(0)
+    shard = run / "iter_0000010" / checkpoint.shard_filename(0)
     shard.write_bytes(b"not safetensors")
     assert main([str(run), "--prompt", "x", "--device", "cpu"]) == 2
     assert "iter_0000010" in capsys.readouterr().err

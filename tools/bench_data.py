@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -35,15 +36,13 @@ class _FakeTokenizer:
 
 
 def bench_preprocess(work: str, mb: float, max_workers: int) -> None:
-    sys.path.insert(0, os.path.dirname(__file__))
-    import make_demo_corpus
-
     from megatron_stablelm.data.preprocess import preprocess
     from megatron_stablelm.tokenizers import build_tokenizer
 
     demo = os.path.join(work, "demo")
     if not os.path.exists(os.path.join(demo, "tokenizer.json")):
-        make_demo_corpus.main(["--out", demo, "--max-mb", "4"])
+        make_demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_demo_corpus.py")
+        subprocess.run([sys.executable, make_demo, "--out", demo, "--max-mb", "4"], check=True)
     docs = []
     for name in ("code", "prose"):
         with open(os.path.join(demo, f"{name}.jsonl"), encoding="utf-8") as f:

@@ -9,17 +9,12 @@ backward + ``torch.optim.AdamW`` step, so the figure isolates the model's kernel
 Both models use the same dtype for parameters and optimizer state (the config's precision on GPU,
 fp32 on CPU where bf16 matmuls are emulated and slow).
 
-FLOPs per token (MFU counts the model's work, not recomputation):
-``6 × (non-embedding parameters + LM head)`` for the matmuls, forward and backward, plus
-``6 × layers × seq × heads × head_dim`` for causal attention scores and values (half of the full
-``12 × ...``, the causal triangle). With packed documents the attention term is an upper bound.
-MFU is reported against the device's datasheet dense peak and against a measured matmul ceiling
-(the best large-GEMM throughput of this device in the benchmark dtype).
-
-A second figure, ``MFU(6N+12lsh)``, uses the convention of the published anchors (llm-foundry's
-throughput table, the Megatron papers): ``6 × all parameters`` (embedding included) plus
-``12 × layers × seq × hidden`` for attention, i.e. the full, not causal, score matrix. It is larger
-than ours for the same step time; compare each target with the figure of its own convention.
+FLOPs per token, device peaks, MFU and peak memory come from :mod:`megatron_stablelm.metrics`, the
+same functions the training log uses (its docstring states the convention). ``MFU(peak)`` is the
+strict convention against the device's datasheet dense peak (or the config's ``peak_tflops``),
+``MFU(mm)`` the same FLOPs against a measured matmul ceiling (the best large-GEMM throughput of this
+device in the benchmark dtype), and ``MFU(6N+12lsh)`` the published anchors' convention against the
+datasheet peak: compare each target with the figure of its own convention.
 """
 
 from __future__ import annotations
@@ -31,43 +26,20 @@ import json
 import math
 import os
 import platform
-import resource
-import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_stablelm import metrics
 
-# datasheet dense (no sparsity) peaks in TFLOP/s, bf16 tensor-core; matched on the device name
-PEAK_TFLOPS_BF16 = {
-    "H200": 989.0,
-    "H100 SXM": 989.0,
-    "H100 80GB HBM3": 989.0,
-    "H100 NVL": 835.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "L4": 121.0,
-    "A10G": 125.0,
-    "RTX 4090": 165.0,
-}
+if TYPE_CHECKING:
+    from megatron_stablelm.config import Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def device_peak_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Datasheet peak for the benchmark dtype, or None where unknown (CPUs, unlisted GPUs)."""
-    if device.type != "cuda" or dtype == torch.float32:
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return value
-    return None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -103,35 +75,6 @@ def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / best / 1e12
 
 
-def _layer_matmul_params(cfg) -> int:
-    """Weights of one layer's matmuls: fused QKV (with GQA), attention output, MLP (gated or not)."""
-    h, heads, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
-    attn_params = h * (heads + 2 * kv) * d + heads * d * h
-    return attn_params + h * cfg.ffn_hidden_size * (3 if cfg.is_gated_mlp else 2)
-
-
-def flops_per_token(cfg, vocab: int, seq: int) -> float:
-    """Model FLOPs per trained token (see the module doc)."""
-    layers = cfg.num_layers
-    matmul_params = layers * _layer_matmul_params(cfg) + cfg.hidden_size * vocab  # LM head
-    attention = 6 * layers * seq * cfg.num_attention_heads * cfg.head_dim
-    return 6 * matmul_params + attention
-
-
-def flops_per_token_6n_12lsh(cfg, vocab: int, seq: int) -> float:
-    """FLOPs per token in the published-anchor convention (see the module doc)."""
-    h, layers = cfg.hidden_size, cfg.num_layers
-    embeddings = h * vocab * (1 if cfg.tied_embeddings else 2)
-    return 6 * (layers * _layer_matmul_params(cfg) + embeddings) + 12 * layers * seq * h
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak allocated device memory since the last reset (CUDA), or the process's peak RSS (CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
 def make_batch(cfg, vocab: int, micro_batch: int, seq: int, device: torch.device, documents: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (micro_batch, seq + 1), generator=gen)
@@ -153,34 +96,22 @@ def make_batch(cfg, vocab: int, micro_batch: int, seq: int, device: torch.device
 
 
 def time_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> dict:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, loss = [], None
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        loss = step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return {
-        "step_s": sorted(times)[len(times) // 2],
-        "loss": float(loss),
-        "peak_mem_gib": peak_memory_gib(device),
-    }
+    """Median step seconds, last loss and peak memory of ``steps`` timed calls after ``warmup``."""
+    return time_interleaved({"step": step}, device, warmup, steps)["step"]
 
 
 def time_interleaved(
     steps_by_name: dict[str, Callable[[], torch.Tensor]], device: torch.device, warmup: int, steps: int
 ) -> dict[str, dict]:
-    """Like :func:`time_steps` for several models at once, alternating one step of each: on a shared
-    or noisy machine (a CPU box) both then see the same background load, so their ratio is stable
+    """:func:`time_steps` for several models at once, alternating one step of each: on a shared or
+    noisy machine (a CPU box) they then all see the same background load, so their ratio is stable
     even when the absolute figures are not."""
     for _ in range(warmup):
         for step in steps_by_name.values():
             step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times: dict[str, list[float]] = {name: [] for name in steps_by_name}
     losses: dict[str, torch.Tensor] = {}
     for _ in range(steps):
@@ -194,58 +125,55 @@ def time_interleaved(
         name: {
             "step_s": sorted(t)[len(t) // 2],
             "loss": float(losses[name]),
-            "peak_mem_gib": peak_memory_gib(device),
+            "peak_mem_gib": metrics.peak_memory_gib(device)[0],
         }
         for name, t in times.items()
     }
 
 
-def _optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+def _training_step(
+    params, per_token_loss: Callable[[], torch.Tensor], mask: torch.Tensor, device: torch.device
+) -> Callable[[], torch.Tensor]:
+    """One step: masked mean of ``per_token_loss()``, backward, AdamW update (the same for both models)."""
     kwargs = {"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.1}
     if device.type == "cuda":
         kwargs["fused"] = True
-    return torch.optim.AdamW(params, **kwargs)
+    opt = torch.optim.AdamW(params, **kwargs)
+
+    def step() -> torch.Tensor:
+        loss = (per_token_loss() * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
 
 
 def framework_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
-    opt = _optimizer(model.parameters(), device)
-    mask = batch["loss_mask"]
-
-    def step() -> torch.Tensor:
-        losses = model(
+    def per_token_loss() -> torch.Tensor:
+        return model(
             batch["tokens"],
             position_ids=batch["position_ids"],
             cu_seqlens=batch.get("cu_seqlens"),
             max_seqlen=batch.get("max_seqlen"),
             labels=batch["labels"],
         )
-        loss = (losses * mask).sum() / mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    return step
+    return _training_step(model.parameters(), per_token_loss, batch["loss_mask"], device)
 
 
 def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
     """The same loss as the framework: per-token fp32 cross-entropy, masked mean. (Document masking is
     not given to HF: it would need a dense 4-D mask; compare with ``--documents 1``.)"""
-    opt = _optimizer(model.parameters(), device)
-    mask = batch["loss_mask"]
 
-    def step() -> torch.Tensor:
+    def per_token_loss() -> torch.Tensor:
         logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
-        losses = torch.nn.functional.cross_entropy(
+        return torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
-        ).view_as(mask)
-        loss = (losses * mask).sum() / mask.sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        ).view_as(batch["loss_mask"])
 
-    return step
+    return _training_step(model.parameters(), per_token_loss, batch["loss_mask"], device)
 
 
 def build_hf_model(cfg, model, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -299,107 +227,148 @@ def load_benchmark_config(paths: list[Path], overrides: list[str]):
     return cfg
 
 
-def run(args: argparse.Namespace) -> dict:
-    from megatron_stablelm import kernels, parallel
-    from megatron_stablelm.model import build_model
+@dataclass
+class Setup:
+    """One benchmark's inputs: the config, where and in which dtype it runs, the model and its batch."""
 
-    overrides = _overrides(args)
-    cfg = load_benchmark_config(args.config, overrides)
+    cfg: Config
+    device: torch.device
+    dtype_name: str
+    vocab: int
+    micro_batch: int
+    attention_backend: str
+    model: torch.nn.Module | None
+    batch: dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.cfg.seq_length
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Config (with the command line's overrides), device, process groups (TP=1), attention backend,
+    the model in training mode and a batch of random tokens."""
+    from megatron_stablelm import parallel
+    from megatron_stablelm.model import build_model
+    from megatron_stablelm.parallelize import attention_backend
+
+    cfg = load_benchmark_config(args.config, _overrides(args))
     device = resolve_device(args.device)
     dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
-    dtype = DTYPES[dtype_name]
-    seq = cfg.seq_length
     micro_batch = args.micro_batch or cfg.train_micro_batch_size_per_gpu
     vocab = cfg.padded_vocab()
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-
     parallel.initialize(1)
-    attention_type = args.attention or kernels.attention_type_from_config(
-        cfg.attention_config, cfg.num_layers
-    )
-    kernels.select_attention_backend(attention_type)
-    backend = kernels.selected_attention_backend(device)
-
     with torch.device(device):
-        model = build_model(cfg, vocab, dtype=dtype_name)
+        model = build_model(cfg, vocab, dtype=dtype_name, attention=args.attention)
     model.to(device).train()
-    batch = make_batch(cfg, vocab, micro_batch, seq, device, args.documents, cfg.seed)
-    tokens_per_step = micro_batch * seq
-    flops_tok = flops_per_token(cfg, vocab, seq)
-    flops_tok_anchor = flops_per_token_6n_12lsh(cfg, vocab, seq)
-    ceiling = matmul_ceiling_tflops(device, dtype)
-    peak = device_peak_tflops(device, dtype)
+    batch = make_batch(cfg, vocab, micro_batch, cfg.seq_length, device, args.documents, cfg.seed)
+    backend = attention_backend(model, device).describe
+    return Setup(cfg, device, dtype_name, vocab, micro_batch, backend, model, batch)
 
-    def summarise(timing: dict) -> dict:
-        tokens_s = tokens_per_step / timing["step_s"]
-        tflops = tokens_s * flops_tok / 1e12
-        return {
-            **timing,
-            "tokens_per_s": tokens_s,
-            "tflops": tflops,
-            "mfu_vs_peak": tflops / peak if peak else None,
-            "mfu_6n_12lsh_vs_peak": tokens_s * flops_tok_anchor / 1e12 / peak if peak else None,
-            "mfu_vs_matmul": tflops / ceiling,
-        }
 
-    # On CPU both models fit side by side: time them interleaved (fair under background load). On a GPU
-    # each gets the device to itself, one after the other.
-    interleave = args.vs_hf and device.type != "cuda"
-    if interleave:
-        hf, note = build_hf_model(cfg, model, vocab, dtype, device)
-        hf_batch = {k: v for k, v in batch.items() if k != "cu_seqlens"}
-        timed = time_interleaved(
-            {"framework": framework_step(model, batch, device), "hf": hf_step(hf, hf_batch, device)},
-            device, args.warmup, args.steps,
-        )  # fmt: skip
-        ours = summarise(timed["framework"])
-    else:
-        ours = summarise(time_steps(framework_step(model, batch, device), device, args.warmup, args.steps))
-    result = {
+def throughput(
+    timing: dict,
+    tokens_per_step: int,
+    flops_per_token: float,
+    flops_per_token_6n_12lsh: float,
+    peak: float | None,
+    ceiling: float,
+) -> dict:
+    """A timing (``step_s``, ...) with tokens/s, TFLOP/s and the three MFUs (module docstring)."""
+    tokens_s = tokens_per_step / timing["step_s"]
+    return {
+        **timing,
+        "tokens_per_s": tokens_s,
+        "tflops": metrics.tflops_per_device(tokens_s, flops_per_token),
+        "mfu_vs_peak": metrics.mfu(tokens_s, flops_per_token, peak),
+        "mfu_6n_12lsh_vs_peak": metrics.mfu(tokens_s, flops_per_token_6n_12lsh, peak),
+        "mfu_vs_matmul": metrics.mfu(tokens_s, flops_per_token, ceiling),
+    }
+
+
+def time_models(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, dict], str | None]:
+    """Timings of the framework step and, with ``--vs-hf``, of transformers' (plus how its weights
+    were obtained). On CPU both models fit side by side: they are timed interleaved (fair under
+    background load). On a GPU each gets the device to itself, one after the other."""
+    device, warmup, steps = setup.device, args.warmup, args.steps
+    ours = framework_step(setup.model, setup.batch, device)
+    hf_batch = {k: v for k, v in setup.batch.items() if k != "cu_seqlens"}
+    if args.vs_hf and device.type != "cuda":
+        hf, note = build_hf_model(setup.cfg, setup.model, setup.vocab, setup.dtype, device)
+        steps_by_name = {"framework": ours, "hf": hf_step(hf, hf_batch, device)}
+        return time_interleaved(steps_by_name, device, warmup, steps), note
+    timed = {"framework": time_steps(ours, device, warmup, steps)}
+    if not args.vs_hf:
+        return timed, None
+    del ours  # the step holds the model and its optimizer state: free the device for HF
+    setup.model = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    from megatron_stablelm.model import build_model
+
+    # rebuild ours only to take its weights across; HF owns the device from here
+    with torch.device("cpu"):
+        donor = build_model(setup.cfg, setup.vocab, dtype=setup.dtype_name)
+    hf, note = build_hf_model(setup.cfg, donor, setup.vocab, setup.dtype, device)
+    del donor
+    timed["hf"] = time_steps(hf_step(hf, hf_batch, device), device, warmup, steps)
+    return timed, note
+
+
+def describe(setup: Setup, args: argparse.Namespace) -> dict:
+    """What was measured, where and with which kernels."""
+    from megatron_stablelm import kernels
+
+    device = setup.device
+    return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "config": [str(p) for p in args.config],
-        "dtype": dtype_name,
-        "seq_length": seq,
-        "micro_batch": micro_batch,
-        "tokens_per_step": tokens_per_step,
+        "dtype": setup.dtype_name,
+        "seq_length": setup.cfg.seq_length,
+        "micro_batch": setup.micro_batch,
+        "tokens_per_step": setup.tokens_per_step,
         "documents_per_row": args.documents,
-        "attention_backend": backend.describe,
+        "attention_backend": setup.attention_backend,
         "elementwise_kernels": "triton"
         if kernels._dispatch.use_triton(torch.empty(0, device=device))
         else "reference",
-        "full_recompute": bool(cfg.checkpoint_activations),
-        "flops_per_token": flops_tok,
-        "flops_per_token_6n_12lsh": flops_tok_anchor,
+        "full_recompute": bool(setup.cfg.checkpoint_activations),
         "sdpa_backend": args.sdpa_backend or "default",
-        "peak_tflops": peak,
-        "matmul_ceiling_tflops": ceiling,
-        "framework": ours,
     }
-    if interleave:
-        result["hf"] = summarise(timed["hf"])
+
+
+def run(args: argparse.Namespace) -> dict:
+    setup = prepare(args)
+    cfg, seq = setup.cfg, setup.cfg.seq_length
+    result = describe(setup, args)
+    result["flops_per_token"] = metrics.flops_per_token(cfg, setup.vocab, seq)
+    result["flops_per_token_6n_12lsh"] = metrics.flops_per_token_6n_12lsh(cfg, setup.vocab, seq)
+    result["peak_tflops"] = metrics.peak_tflops(cfg, setup.dtype_name, setup.device)
+    result["matmul_ceiling_tflops"] = matmul_ceiling_tflops(setup.device, setup.dtype)
+    timed, note = time_models(setup, args)
+    for name, timing in timed.items():
+        result[name] = throughput(
+            timing,
+            setup.tokens_per_step,
+            result["flops_per_token"],
+            result["flops_per_token_6n_12lsh"],
+            result["peak_tflops"],
+            result["matmul_ceiling_tflops"],
+        )
+    if note is not None:
         result["hf"]["weights"] = note
-        result["speedup_vs_hf"] = ours["tokens_per_s"] / result["hf"]["tokens_per_s"]
-    elif args.vs_hf:
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        # rebuild ours only to take its weights across; HF owns the device from here
-        with torch.device("cpu"):
-            donor = build_model(cfg, vocab, dtype=dtype_name)
-        hf, note = build_hf_model(cfg, donor, vocab, dtype, device)
-        del donor
-        hf_batch = dict(batch)
-        hf_batch.pop("cu_seqlens", None)
-        result["hf"] = summarise(time_steps(hf_step(hf, hf_batch, device), device, args.warmup, args.steps))
-        result["hf"]["weights"] = note
-        result["speedup_vs_hf"] = ours["tokens_per_s"] / result["hf"]["tokens_per_s"]
+        result["speedup_vs_hf"] = result["framework"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
     return result
 
 
@@ -415,6 +384,10 @@ def print_report(r: dict) -> None:
     print(f"kernels           {r['elementwise_kernels']}; full recompute: {r['full_recompute']}")
     print(
         f"matmul ceiling    {r['matmul_ceiling_tflops']:.2f} TFLOP/s; datasheet peak {_fmt(r['peak_tflops'], '.0f')}"
+    )
+    print(
+        f"FLOPs/token       {r['flops_per_token'] / 1e9:.4g} GFLOP strict (6 x matmul params + causal attention); "
+        f"{r['flops_per_token_6n_12lsh'] / 1e9:.4g} GFLOP 6N+12lsh (anchors' convention)"
     )
     rows = [("framework", r["framework"])] + ([("transformers", r["hf"])] if "hf" in r else [])
     print(
@@ -495,25 +468,9 @@ def profile(args: argparse.Namespace) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from megatron_stablelm.model import build_model
-
-    cfg = load_benchmark_config(args.config, _overrides(args))
-    device = resolve_device(args.device)
-    dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
-    vocab = cfg.padded_vocab()
-    with torch.device(device):
-        model = build_model(cfg, vocab, dtype=dtype_name)
-    model.to(device).train()
-    batch = make_batch(
-        cfg,
-        vocab,
-        args.micro_batch or cfg.train_micro_batch_size_per_gpu,
-        cfg.seq_length,
-        device,
-        args.documents,
-        0,
-    )
-    step = framework_step(model, batch, device)
+    setup = prepare(args)
+    device = setup.device
+    step = framework_step(setup.model, setup.batch, device)
     for _ in range(2):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_stablelm import checkpointing, evaluation, parallel
-from megatron_stablelm.config import ConfigError
-from megatron_stablelm.data.indexed import ShardError, check_shard
+from megatron_stablelm import checkpoint, evaluation
+from megatron_stablelm.cli import run_command
+from megatron_stablelm.data.indexed import check_shard
 from megatron_stablelm.generation import load_checkpoint_model, load_tokenizer
-from megatron_stablelm.tokenizers import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,79 +55,68 @@ def _lm_eval_summary(results: dict) -> dict:
     return json.loads(json.dumps({k: results[k] for k in keep if k in results}, default=str))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started_here = not dist.is_initialized()
-    report: dict = {}
-    try:
-        ckpt = checkpointing.resolve_checkpoint(args.checkpoint)
-        cfg = checkpointing.read_config(ckpt)
-        meta = checkpointing.read_meta(ckpt)
-        tasks = args.tasks
-        if tasks is not None and not tasks:
-            tasks = list(cfg.eval_tasks or [])
-            if not tasks:
-                raise evaluation.EvalTaskError(f"{ckpt}: the config has no eval_tasks; name the tasks")
-        data = args.data
-        if data is None and tasks is None:
-            data = list(cfg.valid_data_paths or [])
-            if not data:
-                raise ValueError(f"{ckpt}: the config has no valid_data_paths; give --data or --tasks")
-        seq_length = args.seq_length or cfg.seq_length
-        # check all input before loading anything: shards, then task names (lm-eval's index)
-        for prefix in data or []:
-            check_shard(prefix, meta["padded_vocab_size"])
-        manager = tokenizer = None
-        if tasks is not None:
-            manager = evaluation.check_tasks(tasks, args.include_path, not args.no_default_tasks)
-            tokenizer = load_tokenizer(cfg, args.tokenizer)
-        loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
-        report["checkpoint"] = str(ckpt)
-        if data:
-            report["perplexity"] = evaluation.evaluate_loss(
-                loaded.model,
-                data,
-                seq_length,
-                batches=args.batches,
-                micro_batch_size=args.micro_batch_size,
-            )
-            report["perplexity"]["seq_length"] = seq_length
-        if tasks is not None:
-            from lm_eval import simple_evaluate
+def _checked_inputs(args: argparse.Namespace, ckpt: Path) -> tuple[list[str] | None, list[str] | None]:
+    """The datasets and lm-eval tasks to run (the config's where the command line names none), every
+    shard checked before anything is loaded."""
+    cfg, meta = checkpoint.read_config(ckpt), checkpoint.read_meta(ckpt)
+    tasks = args.tasks
+    if tasks is not None and not tasks:
+        tasks = list(cfg.eval_tasks or [])
+        if not tasks:
+            raise evaluation.EvalTaskError(f"{ckpt}: the config has no eval_tasks; name the tasks")
+    data = args.data
+    if data is None and tasks is None:
+        data = list(cfg.valid_data_paths or [])
+        if not data:
+            raise ValueError(f"{ckpt}: the config has no valid_data_paths; give --data or --tasks")
+    for prefix in data or []:
+        check_shard(prefix, meta["padded_vocab_size"])
+    return data, tasks
 
-            lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=args.micro_batch_size)
-            limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-            results = simple_evaluate(
-                model=lm,
-                tasks=tasks,
-                num_fewshot=args.num_fewshot,
-                limit=limit,
-                task_manager=manager,
-                log_samples=False,
-                bootstrap_iters=0,
-            )
-            report["lm_eval"] = _lm_eval_summary(results)
-        first_rank = not dist.is_initialized() or dist.get_rank() == 0
-    except (
-        checkpointing.CheckpointError,
-        ConfigError,
-        ShardError,
-        TokenizerError,
-        evaluation.EvalTaskError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            parallel.destroy()
-    if first_rank:
+
+def evaluate_from_args(args: argparse.Namespace) -> int:
+    """Check all input (shards, then task names against lm-eval's index), load the checkpoint at the
+    launcher's TP size, evaluate, and print the JSON report (first rank only)."""
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    cfg = checkpoint.read_config(ckpt)
+    data, tasks = _checked_inputs(args, ckpt)
+    manager = tokenizer = None
+    if tasks is not None:
+        manager = evaluation.check_tasks(tasks, args.include_path, not args.no_default_tasks)
+        tokenizer = load_tokenizer(cfg, args.tokenizer)
+    loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
+    report: dict = {"checkpoint": str(ckpt)}
+    if data:
+        seq_length = args.seq_length or cfg.seq_length
+        report["perplexity"] = evaluation.evaluate_loss(
+            loaded.model, data, seq_length, batches=args.batches, micro_batch_size=args.micro_batch_size
+        )
+        report["perplexity"]["seq_length"] = seq_length
+    if tasks is not None:
+        from lm_eval import simple_evaluate
+
+        lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=args.micro_batch_size)
+        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=args.num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
+        report["lm_eval"] = _lm_eval_summary(results)
+    if not dist.is_initialized() or dist.get_rank() == 0:
         text = json.dumps(report, indent=1)
         print(text)
         if args.output:
             Path(args.output).write_text(text + "\n")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(evaluate_from_args, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

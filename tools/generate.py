@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_stablelm import checkpointing, parallel
-from megatron_stablelm.config import ConfigError
+from megatron_stablelm import checkpoint
+from megatron_stablelm.cli import run_command
 from megatron_stablelm.generation import (
     GenerationError,
     SamplingParams,
@@ -33,7 +33,6 @@ from megatron_stablelm.generation import (
     load_checkpoint_model,
     load_tokenizer,
 )
-from megatron_stablelm.tokenizers import TokenizerError
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -97,42 +96,26 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    started_here = not dist.is_initialized()
-    try:
-        # everything that can be wrong with the input is checked before any process group or model
-        params = sampling_from_args(args)
-        texts = read_prompts(args.prompt, args.prompt_file)
-        ckpt = checkpointing.resolve_checkpoint(args.checkpoint)
-        tokenizer = load_tokenizer(checkpointing.read_config(ckpt), args.tokenizer)
-        prompts = [tokenizer.encode(t) for t in texts]
-        loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
-        outputs = generate(
-            loaded.model,
-            prompts,
-            args.max_new_tokens,
-            params,
-            eos_id=None if args.ignore_eod else tokenizer.eod,
-            seed=args.seed,
-            vocab_limit=tokenizer.vocab_size,
-            batch_size=args.batch_size,
-        )
-        first_rank = not dist.is_initialized() or dist.get_rank() == 0
-    except (
-        checkpointing.CheckpointError,
-        ConfigError,
-        TokenizerError,
-        GenerationError,
-        FileNotFoundError,
-        ValueError,
-    ) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            parallel.destroy()
-    if not first_rank:
+def generate_from_args(args: argparse.Namespace) -> int:
+    """Check every input before any process group or model exists, load the checkpoint at the
+    launcher's TP size, generate, and write the completions (first rank only)."""
+    params = sampling_from_args(args)
+    texts = read_prompts(args.prompt, args.prompt_file)
+    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
+    tokenizer = load_tokenizer(checkpoint.read_config(ckpt), args.tokenizer)
+    prompts = [tokenizer.encode(t) for t in texts]
+    loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
+    outputs = generate(
+        loaded.model,
+        prompts,
+        args.max_new_tokens,
+        params,
+        eos_id=None if args.ignore_eod else tokenizer.eod,
+        seed=args.seed,
+        vocab_limit=tokenizer.vocab_size,
+        batch_size=args.batch_size,
+    )
+    if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     lines = []
     for text, prompt, new in zip(texts, prompts, outputs):
@@ -148,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write(body)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(generate_from_args, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

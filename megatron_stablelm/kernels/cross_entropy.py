@@ -143,6 +143,26 @@ def vocab_parallel_cross_entropy(
     return loss.view(target.shape)
 
 
+@torch.no_grad()
+def vocab_parallel_target_log_prob(
+    logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For scoring (no autograd): ``log p(target)`` in fp32 (or wider) and whether the target holds
+    the largest logit (ties count), ``[...]`` each, from this rank's logits slice ``[..., V/tp]`` and
+    global target ids ``[...]``. The log-probability is minus :func:`vocab_parallel_cross_entropy`;
+    the argmax check adds two all-reduces of ``[tokens]`` vectors."""
+    log_prob = -vocab_parallel_cross_entropy(logits, target, group)
+    width = logits.shape[-1]
+    flat = logits.reshape(-1, width)
+    local, owned = _target_local(target.reshape(-1), _group_info(group)[0] * width, width)
+    acc = _acc_dtype(flat.dtype)
+    target_logit = flat.gather(1, local[:, None]).squeeze(1).to(acc) * owned
+    global_max = flat.amax(dim=-1).to(acc)
+    _all_reduce(target_logit, dist.ReduceOp.SUM, group)
+    _all_reduce(global_max, dist.ReduceOp.MAX, group)
+    return log_prob, (target_logit >= global_max).view(target.shape)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, group, chunk_elements):

@@ -1,86 +1,20 @@
 """What the trainer reports: one line per ``log_interval`` on rank 0, plus W&B and TensorBoard.
 
-Throughput is reported as model FLOP/s per GPU and MFU. Model FLOPs count the matrix multiplies of
-the architecture (never recomputation from activation checkpointing, so MFU stays comparable across
-memory settings):
-
-* per layer and token, forward: Q/K/V projections ``2 h (n_q + 2 n_kv) d``, output projection
-  ``2 n_q d h``, MLP ``2 h f`` per up/gate branch and ``2 f h`` down, attention scores and the
-  weighted sum ``2 · 2 s n_q d`` (the full sequence, no causal discount, as in PaLM's MFU);
-* the LM head ``2 h V``;
-* training = 3 × forward (backward costs twice the forward).
+Throughput is reported as model TFLOP/s per GPU and MFU, counted by :mod:`megatron_stablelm.metrics`
+(FLOPs per token in the strict convention, the device peak table, peak memory), the same functions
+``tools/benchmark.py`` uses, so the log and the benchmark give the same MFU for the same step.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import resource
-import time
 from dataclasses import dataclass, field
 
-import torch
-
+from megatron_stablelm import metrics
 from megatron_stablelm.config import Config, ConfigError
 
-# Dense peak TFLOP/s per device by precision (no sparsity); fp32 without TF32.
-_PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "GH200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "A800": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
-    "A10G": {"bf16": 70.0, "fp16": 70.0, "fp32": 35.0},
-    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.0},
-    "V100": {"fp16": 125.0, "fp32": 15.7},
-    "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
-    "MI250X": {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9},
-}
-
-
-def model_flops_per_token(cfg: Config, vocab_size: int, seq_length: int | None = None) -> float:
-    """Training FLOPs (forward + backward) per token, see the module docstring."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    nq, nkv = cfg.num_attention_heads, cfg.kv_heads
-    f = cfg.ffn_hidden_size
-    s = seq_length or cfg.seq_length
-    qkv = 2 * h * (nq + 2 * nkv) * d
-    dense = 2 * nq * d * h
-    mlp = 2 * h * f * (2 if cfg.is_gated_mlp else 1) + 2 * f * h
-    attention = 2 * 2 * s * nq * d
-    forward = cfg.num_layers * (qkv + dense + mlp + attention) + 2 * h * vocab_size
-    return 3.0 * forward
-
-
-def peak_tflops(cfg: Config, precision: str) -> float | None:
-    """``peak_tflops`` from the config, else the device's dense peak for ``precision``; None if unknown
-    (CPU), in which case MFU is not reported."""
-    if cfg.peak_tflops:
-        return float(cfg.peak_tflops)
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, table in _PEAK_TFLOPS.items():  # ordered: specific names before their prefixes
-        if key in name:
-            return table.get(precision)
-    return None
-
-
-def memory_gb() -> tuple[float, str]:
-    """Peak memory of this process: GPU allocator peak on CUDA, resident set size on CPU."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30, "GPU"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "RSS"
-
-
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "B", "T"):
-        if abs(n) < 1000:
-            return f"{n:.4g}{unit}"
-        n /= 1000.0
-    return f"{n:.4g}P"
+__all__ = ["MetricsLogger", "StepRecord"]
 
 
 def _eta(seconds: float) -> str:
@@ -174,23 +108,23 @@ class MetricsLogger:
         seconds = sum(r.seconds for r in window) / len(window)
         tokens = sum(r.tokens for r in window)
         tok_s = tokens / max(sum(r.seconds for r in window), 1e-9)
-        tflops = tok_s * self.flops_per_token / self.world_size / 1e12
-        mfu = tflops / self.peak if self.peak else None
-        mem, mem_kind = memory_gb()
+        tflops = metrics.tflops_per_device(tok_s, self.flops_per_token, self.world_size)
+        mfu = metrics.mfu(tok_s, self.flops_per_token, self.peak, self.world_size)
+        mem, mem_kind = metrics.peak_memory_gib()
         skipped = sum(r.skipped for r in window)
         norm = rec.grad_norm
         parts = [
             f"iter {rec.iteration}/{self.train_iters}",
-            f"tokens {_human(self.consumed_tokens)}",
+            f"tokens {metrics.si_prefixed(self.consumed_tokens)}",
             f"loss {loss:.4f}",
             f"lr {rec.lr:.3e}",
             f"grad_norm {norm:.3f}" if norm is not None else "grad_norm n/a",
             f"loss_scale {rec.loss_scale:g}" if rec.loss_scale is not None else "loss_scale 1",
             f"step {seconds:.3f}s",
-            f"tok/s {_human(tok_s)}",
+            f"tok/s {metrics.si_prefixed(tok_s)}",
             f"TFLOP/s/GPU {tflops:.2f}",
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
-            f"mem {mem:.2f}GB {mem_kind}",
+            f"mem {mem:.2f}GiB {mem_kind}",
             f"ETA {_eta(seconds * (self.train_iters - rec.iteration))}",
         ]
         if skipped:
@@ -221,11 +155,3 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
