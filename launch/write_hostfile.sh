@@ -5,14 +5,13 @@
 #
 # SLOTS_PER_NODE defaults to what SLURM granted (SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE),
 # NODELIST to $SLURM_JOB_NODELIST. A thin wrapper so shell scripts need no Python knowledge;
-# the parsing and its error messages live in launch/hostfile.py.
+# the parsing and its error messages live in megatron_stablelm/launch/hostfile.py.
 set -euo pipefail
 if [[ $# -lt 1 || $# -gt 3 ]]; then
     echo "usage: $0 OUTPUT [SLOTS_PER_NODE] [NODELIST]" >&2
     exit 2
 fi
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 args=(write -o "$1")
 if [[ $# -ge 2 && -n "$2" ]]; then args+=(--slots "$2"); fi
 if [[ $# -ge 3 && -n "$3" ]]; then args+=(--nodelist "$3"); fi
-exec "${PYTHON:-python}" "$here/hostfile.py" "${args[@]}"
+exec "${PYTHON:-python}" -m megatron_stablelm.launch.hostfile "${args[@]}"

@@ -1,4 +1,4 @@
-"""launch/: SLURM node lists, hostfiles, include/exclude, and the exact commands launch.py builds.
+"""megatron_stablelm.launch: SLURM node lists, hostfiles, include/exclude, and the exact launch commands.
 
 Everything here is pure planning (no process group, no GPU): the commands are asserted token by
 token because a wrong flag on a cluster surfaces only as a hung job.
@@ -10,17 +10,18 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from megatron_stablelm.config import ConfigError, load_config
+from megatron_stablelm.launch import hostfile as hf
+from megatron_stablelm.launch.job import prepare_job_dir
+from megatron_stablelm.launch.plan import build_plan
+from megatron_stablelm.launch.request import LaunchError
 
-from launch import hostfile as hf  # noqa: E402
-from launch import launch as ln  # noqa: E402
-from megatron_stablelm.config import load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 32}
 
@@ -36,7 +37,7 @@ def plan_for(tmp_path: Path, environ: dict[str, str] | None = None, extra_args=(
     cfg_path = write_config(tmp_path / "run.yml", **keys)
     cfg = load_config([cfg_path], report_ignored=False)
     script = tmp_path / "train.py"
-    plan = ln.build_plan(
+    plan = build_plan(
         cfg, [cfg_path], extra_args=extra_args, script=script, job_dir=tmp_path / "job", environ=environ or {}
     )
     return plan, str(script), str(cfg_path)
@@ -63,27 +64,6 @@ def test_expand_nodelist(text: str, hosts: list[str]) -> None:
     assert hf.expand_nodelist(text) == hosts
 
 
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [
-        ("", "empty"),
-        ("gpu[01-", "never closed"),
-        ("gpu01]", "without"),
-        ("gpu[[1]]", "nested"),
-        ("gpu[4-2]", "backwards"),
-        ("gpu[a-b]", "not a number"),
-        ("gpu[1,,2]", "empty entry"),
-        ("a,,b", "empty entry"),
-        ("gpu[1-2],gpu2", "twice"),
-        ("gpu 1", "bad characters"),
-        ("n[0-99999999]", "more than"),
-    ],
-)
-def test_expand_nodelist_errors(text: str, match: str) -> None:
-    with pytest.raises(hf.HostfileError, match=match):
-        hf.expand_nodelist(text)
-
-
 # ------------------------------------------------------------------------------------------- hostfiles
 def test_hostfile_round_trip(tmp_path: Path) -> None:
     text = hf.format_hostfile(hf.expand_nodelist("gpu[001-002],cpu7"), 8)
@@ -94,23 +74,34 @@ def test_hostfile_round_trip(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "match"),
+    ("parse", "text", "match"),
     [
-        ("gpu01\n", r"<hostfile>:1: host 'gpu01' names no slots"),
-        ("gpu01 slots=8\ngpu02 8\n", r":2: host 'gpu02' names no slots"),
-        ("gpu01 slots=8 fast\n", "unexpected 'fast'"),
-        ("gpu01 slots=x\n", "positive integer"),
-        ("gpu01 slots=0\n", "positive integer"),
-        ("gpu01 slots=-2\n", "positive integer"),
-        ("gpu01 slots=8 slots=4\n", "more than once"),
-        ("gpu01 slots=8\ngpu01 slots=8\n", "listed twice"),
-        ("# only a comment\n\n", "names no hosts"),
-        ("slots=8\n", "expected 'HOST slots=N'"),
+        (hf.expand_nodelist, "", "empty"),
+        (hf.expand_nodelist, "gpu[01-", "never closed"),
+        (hf.expand_nodelist, "gpu01]", "without"),
+        (hf.expand_nodelist, "gpu[[1]]", "nested"),
+        (hf.expand_nodelist, "gpu[4-2]", "backwards"),
+        (hf.expand_nodelist, "gpu[a-b]", "not a number"),
+        (hf.expand_nodelist, "gpu[1,,2]", "empty entry"),
+        (hf.expand_nodelist, "a,,b", "empty entry"),
+        (hf.expand_nodelist, "gpu[1-2],gpu2", "twice"),
+        (hf.expand_nodelist, "gpu 1", "bad characters"),
+        (hf.expand_nodelist, "n[0-99999999]", "more than"),
+        (hf.parse_hostfile, "gpu01\n", r"<hostfile>:1: host 'gpu01' names no slots"),
+        (hf.parse_hostfile, "gpu01 slots=8\ngpu02 8\n", r":2: host 'gpu02' names no slots"),
+        (hf.parse_hostfile, "gpu01 slots=8 fast\n", "unexpected 'fast'"),
+        (hf.parse_hostfile, "gpu01 slots=x\n", "positive integer"),
+        (hf.parse_hostfile, "gpu01 slots=0\n", "positive integer"),
+        (hf.parse_hostfile, "gpu01 slots=-2\n", "positive integer"),
+        (hf.parse_hostfile, "gpu01 slots=8 slots=4\n", "more than once"),
+        (hf.parse_hostfile, "gpu01 slots=8\ngpu01 slots=8\n", "listed twice"),
+        (hf.parse_hostfile, "# only a comment\n\n", "names no hosts"),
+        (hf.parse_hostfile, "slots=8\n", "expected 'HOST slots=N'"),
     ],
 )
-def test_parse_hostfile_errors(text: str, match: str) -> None:
+def test_nodelist_and_hostfile_errors(parse: Callable[[str], object], text: str, match: str) -> None:
     with pytest.raises(hf.HostfileError, match=match):
-        hf.parse_hostfile(text)
+        parse(text)
 
 
 def test_read_hostfile_missing(tmp_path: Path) -> None:
@@ -154,7 +145,9 @@ def test_slurm_gpus_per_node() -> None:
 
 def test_hostfile_cli_and_shell_wrapper(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "launch/hostfile.py"), "expand", "x[1-3]"], capture_output=True, text=True
+        [sys.executable, "-m", "megatron_stablelm.launch.hostfile", "expand", "x[1-3]"],
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0 and out.stdout.split() == ["x1", "x2", "x3"]
     env = {
@@ -366,7 +359,7 @@ def test_slurm_num_nodes_and_default_job_dir(tmp_path: Path) -> None:
     cfg_path = write_config(tmp_path / "run.yml", launcher="slurm", num_nodes=1)
     cfg = load_config([cfg_path], report_ignored=False)
     env = {**SLURM_ENV, "SLURM_JOB_NODELIST": "gpu[001-004]"}
-    plan = ln.build_plan(cfg, [cfg_path], script="train.py", environ=env, output_root=tmp_path / "runs")
+    plan = build_plan(cfg, [cfg_path], script="train.py", environ=env, output_root=tmp_path / "runs")
     assert plan.job_dir == tmp_path / "runs" / "stablelm-4242"
     assert plan.hosts == {"gpu001": list(range(8))}
     assert "--nodelist=gpu001" in plan.argv
@@ -384,14 +377,21 @@ def test_slurm_num_nodes_and_default_job_dir(tmp_path: Path) -> None:
         ({"num_nodes": 2}, {}, "needs a hostfile"),
         ({"include": "a", "num_gpus": 2}, {}, "cannot be combined"),
         ({"include": "a", "exclude": "b"}, {}, "cannot both"),
-        ({"master_port": 70000}, {}, "not a TCP port"),
         ({"launcher": "torchrun", "include": "localhost:0"}, {}, "need the deepspeed launcher"),
         ({"launcher": "slurm", "deepspeed_slurm": True, "exclude": "gpu001:0"}, SLURM_ENV, "cannot pin"),
     ],
 )
 def test_plan_errors(tmp_path: Path, keys: dict, environ: dict, match: str) -> None:
-    with pytest.raises((ln.LaunchError, hf.HostfileError), match=match):
+    with pytest.raises((LaunchError, hf.HostfileError), match=match):
         plan_for(tmp_path, environ=environ, **keys)
+
+
+def test_bad_launch_values_fail_when_the_config_loads(tmp_path: Path) -> None:
+    """Ranges of the launch keys are the config's to check, before any plan exists."""
+    with pytest.raises(ConfigError, match="master_port.*must be a TCP port"):
+        plan_for(tmp_path, master_port=70000)
+    with pytest.raises(ConfigError, match="num_gpus.*must be positive"):
+        plan_for(tmp_path, num_gpus=0)
 
 
 def test_hostfile_errors_before_launch(tmp_path: Path) -> None:
@@ -399,9 +399,9 @@ def test_hostfile_errors_before_launch(tmp_path: Path) -> None:
     with pytest.raises(hf.HostfileError, match="noslots:1: host 'gpu01' names no slots"):
         plan_for(tmp_path, hostfile=str(tmp_path / "noslots"))
     hosts = hf.write_hostfile(tmp_path / "hostfile", ["gpu01", "gpu02"], 8)
-    with pytest.raises(ln.LaunchError, match="num_gpus=9 per node but hostfile .* only 8"):
+    with pytest.raises(LaunchError, match="num_gpus=9 per node but hostfile .* only 8"):
         plan_for(tmp_path, hostfile=str(hosts), num_gpus=9)
-    with pytest.raises(ln.LaunchError, match="num_nodes=3 but hostfile"):
+    with pytest.raises(LaunchError, match="num_nodes=3 but hostfile"):
         plan_for(tmp_path, hostfile=str(hosts), num_nodes=3)
     with pytest.raises(hf.HostfileError, match="'gpu03' is not in the hostfile"):
         plan_for(tmp_path, hostfile=str(hosts), include="gpu03")
@@ -413,7 +413,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_"))}
     return subprocess.run(
-        [sys.executable, str(ROOT / "launch/launch.py"), *args],
+        [sys.executable, "-m", "megatron_stablelm.launch", *args],
         env={**base, **(env or {})},
         capture_output=True,
         text=True,
@@ -511,7 +511,7 @@ def test_prepare_job_dir_writes_hostfile_and_deepspeed_env(
         tmp_path, environ={**SLURM_ENV, "NCCL_DEBUG": "WARN"}, launcher="slurm", deepspeed_slurm=True
     )
     cfg = load_config([tmp_path / "run.yml"], report_ignored=False)
-    ln.prepare_job_dir(plan, cfg)
+    prepare_job_dir(plan, cfg)
     job = tmp_path / "job"
     assert (job / "hostfile").read_text() == "gpu001 slots=8\ngpu002 slots=8\n"
     lines = (job / ".deepspeed_env").read_text().splitlines()
@@ -550,13 +550,10 @@ def test_sbatch_template_dry_run(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- real runs
-REPO = Path(__file__).resolve().parents[1]
-
-
 def _tiny_train_config(path: Path) -> Path:
     import yaml
 
-    values = yaml.safe_load((REPO / "configs" / "tiny" / "stablelm-2-1_6b.yml").read_text())
+    values = yaml.safe_load((ROOT / "configs" / "tiny" / "stablelm-2-1_6b.yml").read_text())
     values.update(
         train_iters=3,
         train_micro_batch_size_per_gpu=2,
@@ -581,11 +578,11 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["local", "torchrun"])
 def test_real_two_process_training_run(tmp_path: Path, launcher: str) -> None:
-    """launch.py starts train.py in 2 ranks through the deepspeed launcher (``local``) and through
+    """The launcher starts train.py in 2 ranks through the deepspeed launcher (``local``) and through
     torchrun; both finish 3 data-parallel ZeRO-1 steps and the job directory keeps the resolved config."""
     cfg = _tiny_train_config(tmp_path / "tiny.yml")
     job = tmp_path / "job"
-    cmd = [sys.executable, str(REPO / "launch" / "launch.py"), str(cfg), "--launcher", launcher]
+    cmd = [sys.executable, "-m", "megatron_stablelm.launch", str(cfg), "--launcher", launcher]
     cmd += ["--job-dir", str(job), "--master-port", str(_free_port()), "--", "--synthetic-data"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE"}
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -8,9 +8,9 @@ more GPUs than a host has is reported *before* any process starts.
 
 Command line (also wrapped by ``launch/write_hostfile.sh``)::
 
-    python launch/hostfile.py expand [--first] 'gpu[001-004,010]'   # one host per line
-    python launch/hostfile.py write --slots 8 [--nodelist LIST] [-o FILE]
-    python launch/hostfile.py check FILE [--include SPEC | --exclude SPEC]
+    python -m megatron_stablelm.launch.hostfile expand [--first] 'gpu[001-004,010]'  # one host per line
+    python -m megatron_stablelm.launch.hostfile write --slots 8 [--nodelist LIST] [-o FILE]
+    python -m megatron_stablelm.launch.hostfile check FILE [--include SPEC | --exclude SPEC]
 """
 
 from __future__ import annotations
@@ -312,50 +312,65 @@ def slurm_gpus_per_node(environ: Mapping[str, str] | None = None) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _hosts_from(nodelist: str | None, option: str) -> list[str]:
+    """The hosts of the given node list, else of ``$SLURM_JOB_NODELIST``."""
+    text = nodelist or slurm_nodelist()
+    if not text:
+        raise HostfileError(f"no {option} given and SLURM_JOB_NODELIST is not set")
+    return expand_nodelist(text)
+
+
+def _expand(args: argparse.Namespace) -> None:
+    hosts = _hosts_from(args.nodelist, "node list")
+    print("\n".join(hosts[:1] if args.first else hosts))
+
+
+def _write(args: argparse.Namespace) -> None:
+    hosts = _hosts_from(args.nodelist, "--nodelist")
+    slots = args.slots if args.slots is not None else slurm_gpus_per_node()
+    if slots is None:
+        raise HostfileError("give --slots: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE are not set")
+    if args.output:
+        write_hostfile(args.output, hosts, slots)
+    else:
+        sys.stdout.write(format_hostfile(hosts, slots))
+
+
+def _check(args: argparse.Namespace) -> None:
+    active = apply_filter(read_hostfile(args.hostfile), args.include, args.exclude)
+    for host, slots in active.items():
+        print(f"{host} slots={len(slots)} ids={','.join(map(str, slots))}")
+    print(f"total {sum(len(s) for s in active.values())} GPUs on {len(active)} hosts")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry; returns the exit status (2 with a one-line message on bad input)."""
-    parser = argparse.ArgumentParser(description="SLURM node lists and DeepSpeed hostfiles")
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_stablelm.launch.hostfile",
+        description="SLURM node lists and DeepSpeed hostfiles",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_expand = sub.add_parser("expand", help="print one host per line")
     p_expand.add_argument("nodelist", nargs="?", help="default: $SLURM_JOB_NODELIST")
     p_expand.add_argument("--first", action="store_true", help="print only the first host (the master)")
+    p_expand.set_defaults(run=_expand)
     p_write = sub.add_parser("write", help="write a DeepSpeed hostfile")
     p_write.add_argument("--nodelist", help="default: $SLURM_JOB_NODELIST")
     p_write.add_argument("--slots", type=int, help="GPUs per host; default: from SLURM_GPUS_* variables")
     p_write.add_argument("-o", "--output", help="file to write; default: stdout")
+    p_write.set_defaults(run=_write)
     p_check = sub.add_parser("check", help="validate a hostfile and print the GPUs it gives")
     p_check.add_argument("hostfile")
     p_check.add_argument("--include")
     p_check.add_argument("--exclude")
+    p_check.set_defaults(run=_check)
     args = parser.parse_args(argv)
     try:
-        if args.cmd == "expand":
-            text = args.nodelist or slurm_nodelist()
-            if not text:
-                raise HostfileError("no node list given and SLURM_JOB_NODELIST is not set")
-            hosts = expand_nodelist(text)
-            print("\n".join(hosts[:1] if args.first else hosts))
-        elif args.cmd == "write":
-            text = args.nodelist or slurm_nodelist()
-            if not text:
-                raise HostfileError("no --nodelist given and SLURM_JOB_NODELIST is not set")
-            slots = args.slots if args.slots is not None else slurm_gpus_per_node()
-            if slots is None:
-                raise HostfileError("give --slots: SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE are not set")
-            hosts = expand_nodelist(text)
-            if args.output:
-                write_hostfile(args.output, hosts, slots)
-            else:
-                sys.stdout.write(format_hostfile(hosts, slots))
-        else:
-            active = apply_filter(read_hostfile(args.hostfile), args.include, args.exclude)
-            for host, slots in active.items():
-                print(f"{host} slots={len(slots)} ids={','.join(map(str, slots))}")
-            print(f"total {sum(len(s) for s in active.values())} GPUs on {len(active)} hosts")
+        args.run(args)
+        return 0
     except HostfileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
