@@ -41,6 +41,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _tokenizer_and_vocab(cfg, synthetic: bool):
+    """(tokenizer or None, padded vocabulary). Synthetic data needs no tokenizer when the config gives
+    ``padded_vocab_size``."""
+    from megatron_stablelm.config import ConfigError
+
+    if synthetic and not cfg.vocab_file:
+        if cfg.padded_vocab_size is None:
+            raise ConfigError("--synthetic-data needs padded_vocab_size (or a tokenizer vocab_file)")
+        return None, cfg.padded_vocab(None)
+    from megatron_stablelm.data import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg)
+    return tokenizer, cfg.padded_vocab(tokenizer.vocab_size)
+
+
+def _data_factory(cfg, tokenizer, padded: int, synthetic: bool):
+    """``make_data(request)`` for the trainer: the real pipeline, or deterministic synthetic tokens."""
+
+    def make_data(req):
+        if synthetic:
+            from megatron_stablelm.training.synthetic import SyntheticData
+
+            vocab_size = tokenizer.vocab_size if tokenizer is not None else padded
+            return SyntheticData(
+                cfg.seq_length,
+                vocab_size,
+                req.layout.micro,
+                req.layout.accumulation,
+                req.dp_rank,
+                req.dp_size,
+                cfg.seed,
+                eval_iters=cfg.eval_iters,
+            ).iterators(req.consumed_train_samples, req.consumed_valid_samples)
+        from megatron_stablelm.data import build_data_iterators
+
+        return build_data_iterators(
+            cfg,
+            tokenizer,
+            dp_rank=req.dp_rank,
+            dp_size=req.dp_size,
+            consumed_train_samples=req.consumed_train_samples,
+            consumed_valid_samples=req.consumed_valid_samples,
+            device=req.device,
+        )
+
+    return make_data
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (exit 2, one line) rather than a bug (traceback)."""
+    from megatron_stablelm.checkpoint import CheckpointError
+    from megatron_stablelm.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        from megatron_stablelm.data import DataError, ShardError, TokenizerError
+    except ImportError:  # the data pipeline is optional for --synthetic-data
+        return errors
+    return (*errors, DataError, ShardError, TokenizerError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
@@ -50,22 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     adopt_slurm_environment()  # deepspeed --launcher slurm: one srun task per rank
 
     # Imports after argument parsing so that --help is instant.
-    import dataclasses
-
     from megatron_stablelm import parallel
-    from megatron_stablelm.checkpointing import CheckpointError
-    from megatron_stablelm.config import ConfigError, load_config
-    from megatron_stablelm.training.loop import DataRequest, NonFiniteAbort, Trainer, world_from_env
+    from megatron_stablelm.config import load_config
+    from megatron_stablelm.training.loop import NonFiniteAbort, Trainer, world_from_env
 
     rank = world_from_env()[0]
-    overrides = [item for group in args.override for item in group]
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
-    try:
-        from megatron_stablelm.data import DataError, ShardError, TokenizerError
-
-        user_errors = (*user_errors, DataError, ShardError, TokenizerError)
-    except ImportError:  # the data pipeline is optional for --synthetic-data
-        DataError = None  # noqa: N806
+    user_errors = _user_errors()
 
     def fail(message: str, code: int) -> int:
         print(f"[train.py] error: {message}", file=sys.stderr, flush=True)
@@ -73,58 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
-        cfg = load_config(args.configs, overrides, report_ignored=rank == 0)
-        tokenizer = None
-        if args.synthetic_data:
-            if cfg.padded_vocab_size is None and not cfg.vocab_file:
-                raise ConfigError("--synthetic-data needs padded_vocab_size (or a tokenizer vocab_file)")
-            vocab = None
-            if cfg.vocab_file:
-                from megatron_stablelm.data import build_tokenizer
-
-                tokenizer = build_tokenizer(cfg)
-                vocab = tokenizer.vocab_size
-            padded = cfg.padded_vocab(vocab)
-        else:
-            from megatron_stablelm.data import build_tokenizer
-
-            tokenizer = build_tokenizer(cfg)
-            padded = cfg.padded_vocab(tokenizer.vocab_size)
-
-        def make_data(req: DataRequest):
-            data_cfg = dataclasses.replace(cfg, gradient_accumulation_steps=req.layout.accumulation)
-            if args.synthetic_data:
-                from megatron_stablelm.training.synthetic import SyntheticData
-
-                vocab_size = tokenizer.vocab_size if tokenizer is not None else padded
-                return SyntheticData(
-                    cfg.seq_length,
-                    vocab_size,
-                    req.layout.micro,
-                    req.layout.accumulation,
-                    req.dp_rank,
-                    req.dp_size,
-                    cfg.seed,
-                    eval_iters=cfg.eval_iters,
-                ).iterators(req.consumed_train_samples, req.consumed_valid_samples)
-            from megatron_stablelm.data import build_data_iterators
-
-            return build_data_iterators(
-                data_cfg,
-                tokenizer,
-                dp_rank=req.dp_rank,
-                dp_size=req.dp_size,
-                consumed_train_samples=req.consumed_train_samples,
-                consumed_valid_samples=req.consumed_valid_samples,
-                device=req.device,
-            )
-
-        trainer = Trainer(cfg, make_data, padded_vocab=padded)
+        overrides = [item for group in args.override for item in group]
+        cfg = load_config(args.configs, overrides, report_ignored=rank == 0, training=True)
+        tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
+        trainer = Trainer(
+            cfg, _data_factory(cfg, tokenizer, padded, args.synthetic_data), padded_vocab=padded
+        )
         trainer.setup()
-    except user_errors as err:
-        return fail(str(err), 2)
-
-    try:
         result = trainer.train()
     except NonFiniteAbort as err:
         return fail(str(err), 3)

@@ -13,7 +13,6 @@ one-prompt-at-a-time run gives (the property the ``transformers`` parity test re
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,9 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_stablelm import checkpointing, parallel
-from megatron_stablelm.config import Config, ConfigError, validate_config
+from megatron_stablelm import parallel
+from megatron_stablelm.checkpoint import CheckpointError, load_into_model, read_header
+from megatron_stablelm.checkpoint.model_files import config_at_tp_size
+from megatron_stablelm.config import Config, ConfigError
 from megatron_stablelm.model import InferenceCache, StableLMModel
+from megatron_stablelm.parallelize import parallelize
 from megatron_stablelm.tokenizers import Tokenizer, TokenizerError, build_tokenizer
 
 __all__ = [
@@ -102,30 +104,24 @@ def load_checkpoint_model(
     """Read the checkpoint's config and metadata, start the process groups (TP = ``tp_size``, default
     the launcher's world size) and load this rank's shards, re-split if the checkpoint was saved at
     another TP size. The checkpoint is validated before any process group exists, so a bad path fails
-    with a :class:`~megatron_stablelm.checkpointing.CheckpointError` naming it and nothing to clean up."""
-    ckpt, meta, cfg = checkpointing.read_header(checkpoint)
+    with a :class:`~megatron_stablelm.checkpoint.CheckpointError` naming it and nothing to clean up."""
+    ckpt, meta, cfg = read_header(checkpoint)
     if tp_size is None:
         tp_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg = dataclasses.replace(cfg, model_parallel_size=tp_size)
-    try:
-        validate_config(cfg)
-    except ConfigError as err:
-        raise ConfigError(f"{ckpt}: cannot run at tensor-parallel size {tp_size}: {err}") from None
+    cfg = config_at_tp_size(ckpt, meta, cfg, tp_size, "run")
     vocab = int(meta["padded_vocab_size"])
-    if vocab % tp_size:
-        raise ConfigError(f"{ckpt}: padded vocabulary {vocab} does not split over TP={tp_size}")
     torch_dtype = _DTYPES.get(dtype or meta.get("dtype", "float32"))
     if torch_dtype is None:
         raise ConfigError(f"unknown dtype {dtype or meta.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
     device = torch.device(device) if device is not None else _default_device()
     parallel.initialize(tp_size, backend="nccl" if device.type == "cuda" else "gloo")
-    model = StableLMModel(cfg, vocab, dtype=torch_dtype)
+    model = parallelize(StableLMModel(cfg, vocab, dtype=torch_dtype), cfg)
     try:
-        checkpointing.load_into_model(ckpt, model, parallel.tp_rank(), parallel.tp_size())
-    except checkpointing.CheckpointError:
+        load_into_model(ckpt, model, parallel.tp_rank(), parallel.tp_size())
+    except CheckpointError:
         raise
     except Exception as err:  # safetensors' errors do not name the file
-        raise checkpointing.CheckpointError(f"{ckpt}: cannot read the model shards ({err})") from None
+        raise CheckpointError(f"{ckpt}: cannot read the model shards ({err})") from None
     return LoadedModel(cfg, model.to(device).eval(), meta, ckpt)
 
 

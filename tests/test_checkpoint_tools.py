@@ -13,14 +13,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_stablelm import checkpointing, parallel
-from megatron_stablelm.sharding import shard_spec
+from megatron_stablelm import checkpoint, parallel
+from megatron_stablelm.checkpoint.describe import describe_checkpoint
+from megatron_stablelm.checkpoint.reshard import reshard_checkpoint
+from megatron_stablelm.model import config_splits
 from tests.data_helpers import tiny_tokenizer_files
 from tests.test_generate import make_checkpoint
-from tools.inspect_checkpoint import inspect_checkpoint
 from tools.inspect_checkpoint import main as inspect_main
 from tools.reshard_checkpoint import main as reshard_main
-from tools.reshard_checkpoint import reshard_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,11 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def _add_training_files(ckpt: Path, dp: int = 2) -> None:
     """What the trainer writes beside the model shards: per-parameter optimizer state spread over DP
     files, train_state.json and per-rank RNG files (the layout of megatron_stablelm/training/checkpoint.py)."""
-    cfg = checkpointing.read_config(ckpt)
-    meta = checkpointing.read_meta(ckpt)
+    cfg = checkpoint.read_config(ckpt)
+    meta = checkpoint.read_meta(ckpt)
     gen = torch.Generator().manual_seed(7)
     for tp_rank in range(meta["tp_size"]):
-        shard = _tensors(ckpt / checkpointing.shard_filename(tp_rank))
+        shard = _tensors(ckpt / checkpoint.shard_filename(tp_rank))
         files: list[dict[str, torch.Tensor]] = [{} for _ in range(dp)]
         for i, (name, t) in enumerate(sorted(shard.items())):
             for key in ("exp_avg", "exp_avg_sq"):
@@ -60,7 +60,7 @@ def _add_training_files(ckpt: Path, dp: int = 2) -> None:
 
 def _optimizer(ckpt: Path) -> dict[str, list[torch.Tensor]]:
     """Every optimizer tensor, per TP rank, whichever DP file holds it."""
-    meta = checkpointing.read_meta(ckpt)
+    meta = checkpoint.read_meta(ckpt)
     out: dict[str, list[torch.Tensor]] = {}
     for tp_rank in range(meta["tp_size"]):
         for path in sorted(ckpt.glob(f"optim_tp{tp_rank:02d}_dp*.safetensors")):
@@ -72,17 +72,17 @@ def _optimizer(ckpt: Path) -> dict[str, list[torch.Tensor]]:
 @pytest.mark.parametrize("arch", ["stablelm-2-12b", "stablelm-base-alpha-v1"])
 def test_reshard_round_trip_is_bit_exact(arch, tmp_path, single_rank):
     run, _ = make_checkpoint(arch, tmp_path, seed=3)
-    src = checkpointing.resolve_checkpoint(run)
+    src = checkpoint.resolve_checkpoint(run)
     _add_training_files(src)
     two = reshard_checkpoint(run, tmp_path / "tp2", 2, log=lambda _: None)
     assert reshard_main([str(tmp_path / "tp2"), str(tmp_path / "tp1"), "--tp", "1"]) == 0
-    back = checkpointing.resolve_checkpoint(tmp_path / "tp1")
+    back = checkpoint.resolve_checkpoint(tmp_path / "tp1")
     assert two.name == back.name == src.name
     # model shards and metadata: bit for bit
-    assert checkpointing.read_meta(two)["tp_size"] == 2
-    original = _tensors(src / checkpointing.shard_filename(0))
-    assert _tensors(back / checkpointing.shard_filename(0)).keys() == original.keys()
-    for name, t in _tensors(back / checkpointing.shard_filename(0)).items():
+    assert checkpoint.read_meta(two)["tp_size"] == 2
+    original = _tensors(src / checkpoint.shard_filename(0))
+    assert _tensors(back / checkpoint.shard_filename(0)).keys() == original.keys()
+    for name, t in _tensors(back / checkpoint.shard_filename(0)).items():
         assert t.dtype == original[name].dtype and torch.equal(t, original[name]), name
     assert json.loads((back / "model_meta.json").read_text()) == json.loads(
         (src / "model_meta.json").read_text()
@@ -90,18 +90,18 @@ def test_reshard_round_trip_is_bit_exact(arch, tmp_path, single_rank):
     assert yaml.safe_load((back / "config.yml").read_text()) == yaml.safe_load(
         (src / "config.yml").read_text()
     )
-    assert checkpointing.read_config(two).model_parallel_size == 2
+    assert checkpoint.read_config(two).model_parallel_size == 2
     # the TP=2 shards are the sharding rules' split of each canonical tensor
-    gated = checkpointing.read_config(src).is_gated_mlp
+    splits = config_splits(checkpoint.read_config(src))
     for rank in range(2):
-        for name, t in _tensors(two / checkpointing.shard_filename(rank)).items():
-            assert torch.equal(t, shard_spec(name, gated).split(original[name], rank, 2)), name
+        for name, t in _tensors(two / checkpoint.shard_filename(rank)).items():
+            assert torch.equal(t, splits[name].split(original[name], rank, 2)), name
     # optimizer state: re-split the same way, back bit for bit
     before, middle, after = _optimizer(src), _optimizer(two), _optimizer(back)
     assert before.keys() == middle.keys() == after.keys()
     for key, (t,) in before.items():
         assert torch.equal(after[key][0], t), key
-        spec = shard_spec(key.rsplit("/", 1)[0], gated)
+        spec = splits[key.rsplit("/", 1)[0]]
         assert all(torch.equal(middle[key][r], spec.split(t, r, 2)) for r in range(2)), key
     state = json.loads((back / "train_state.json").read_text())
     assert state["iteration"] == 10 and state["has_optimizer"] and state["tp_size"] == 1
@@ -110,7 +110,7 @@ def test_reshard_round_trip_is_bit_exact(arch, tmp_path, single_rank):
 
 def test_reshard_refuses_bad_input_and_can_drop_the_optimizer(tmp_path, capsys, single_rank):
     run, _ = make_checkpoint("stablelm-2-1_6b", tmp_path)
-    src = checkpointing.resolve_checkpoint(run)
+    src = checkpoint.resolve_checkpoint(run)
     _add_training_files(src)
     assert reshard_main([str(run), str(tmp_path / "x"), "--tp", "3"]) == 2  # 4 heads over 3 ranks
     assert "TP=3" in capsys.readouterr().err and not (tmp_path / "x").exists()
@@ -122,7 +122,7 @@ def test_reshard_refuses_bad_input_and_can_drop_the_optimizer(tmp_path, capsys, 
     assert reshard_main([str(run), str(tmp_path / "x"), "--tp", "2"]) == 2
     assert "mystery.bin" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert reshard_main([str(run), str(tmp_path / "x"), "--tp", "2", "--skip-unknown", "--no-optimizer"]) == 0
-    out = checkpointing.resolve_checkpoint(tmp_path / "x")
+    out = checkpoint.resolve_checkpoint(tmp_path / "x")
     assert "optimizer state: left out" in capsys.readouterr().out
     assert not list(out.glob("optim_*")) and not (out / "mystery.bin").exists()
     assert json.loads((out / "train_state.json").read_text())["has_optimizer"] is False
@@ -130,10 +130,10 @@ def test_reshard_refuses_bad_input_and_can_drop_the_optimizer(tmp_path, capsys, 
 
 def test_inspect_checkpoint(tmp_path, capsys, single_rank):
     run, _ = make_checkpoint("stablelm-3b-4e1t", tmp_path, tp=2)
-    src = checkpointing.resolve_checkpoint(run)
-    info = inspect_checkpoint(run)
+    src = checkpoint.resolve_checkpoint(run)
+    info = describe_checkpoint(run)
     assert info["iteration"] == 10 and info["train_state"] is None and info["tp_size"] == 2
-    full = checkpointing.load_canonical_state_dict(src)
+    full = checkpoint.load_canonical_state_dict(src)
     assert info["parameters"] == sum(t.numel() for t in full.values())
     for name, t in full.items():
         entry = info["tensors"][name]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from megatron_stablelm import checkpointing, hf_conversion, parallel
+from megatron_stablelm import checkpoint, hf_conversion, parallel
 from megatron_stablelm.model import build_model
 from tests.dist_helpers import run_distributed
 from tests.model_helpers import TINY_ARCHS, randomize, tiny_config
@@ -133,7 +133,7 @@ def test_round_trip_is_bit_exact(arch, tp, tmp_path, single_rank):
     from tools.convert_to_hf import convert_to_hf
 
     convert_from_hf(src, ckpt, tp=tp)
-    assert checkpointing.read_meta(ckpt)["tp_size"] == tp
+    assert checkpoint.read_meta(ckpt)["tp_size"] == tp
     out = tmp_path / "hf_out"
     convert_to_hf(ckpt, out, dtype="fp32")
     _, result = hf_conversion.read_hf_dir(out)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from megatron_stablelm.checkpointing import resolve_checkpoint
+from megatron_stablelm.checkpoint import resolve_checkpoint
 from tests.train_helpers import REPO, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow

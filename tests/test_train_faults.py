@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_stablelm.checkpointing import resolve_checkpoint
+from megatron_stablelm.checkpoint import resolve_checkpoint
 from tests.train_helpers import (
     REPO,
     run_ranks,

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from megatron_stablelm.checkpointing import resolve_checkpoint
+from megatron_stablelm.checkpoint import resolve_checkpoint
 from tests.train_helpers import losses, run_ranks, tiny_dict
 
 pytestmark = pytest.mark.slow

@@ -66,10 +66,15 @@ def train_worker(rank: int, world: int, cfg_values: dict, out_dir: str, options:
     cfg = config_from_dict(cfg_values)
     padded = cfg.padded_vocab(None)
 
+    mask_every = options.get("mask_every")  # count only targets whose token id is not divisible by it
+
     def make_data(req):
-        return SyntheticData(
+        data = SyntheticData(
             cfg.seq_length, padded, req.layout.micro, req.layout.accumulation, req.dp_rank, req.dp_size, 99
         ).iterators(req.consumed_train_samples, req.consumed_valid_samples)
+        if mask_every:
+            data.train = (dict(b, loss_mask=(b["labels"] % mask_every != 0).float()) for b in data.train)
+        return data
 
     hook = None
     faults = {int(k): v for k, v in (options.get("faults") or {}).items()}  # iteration -> "loss" | "grad"
@@ -134,7 +139,7 @@ def _gather_canonical(model) -> dict[str, torch.Tensor]:
     size = parallel.tp_size()
     for name, param in model.named_parameters():
         local = param.detach().float().contiguous()
-        spec = model.canonical_spec(name)
+        spec = model.splits[name]
         if size > 1 and spec.dim is not None:
             parts = [torch.empty_like(local) for _ in range(size)]
             dist.all_gather(parts, local, group=parallel.tp_group())

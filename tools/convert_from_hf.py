@@ -16,27 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_stablelm import checkpointing, hf_conversion, parallel
-from megatron_stablelm.config import ConfigError, load_config
+from megatron_stablelm import checkpoint, hf_conversion
+from megatron_stablelm.cli import run_command
+from megatron_stablelm.config import ARCHITECTURE_KEYS, ConfigError, load_config
 from megatron_stablelm.model import canonical_shapes
-from megatron_stablelm.sharding import shard_spec
-
-ARCH_KEYS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "kv_heads",
-    "ffn_hidden_size",
-    "rotary_dim",
-    "is_gated_mlp",
-    "qk_norm",
-    "gpt_j_residual",
-    "gpt_j_tied",
-    "tied_embeddings",
-    "qkv_bias",
-    "dense_bias",
-    "use_bias_in_mlp",
-)
 
 
 def convert_from_hf(
@@ -52,7 +35,7 @@ def convert_from_hf(
         user = load_config(
             configs, overrides={"model_parallel_size": tp, "padded_vocab_size": hf_cfg["vocab_size"]}
         )
-        for key in ARCH_KEYS:
+        for key in ARCHITECTURE_KEYS:
             if getattr(user, key) != getattr(cfg, key):
                 raise ConfigError(
                     f"{', '.join(configs)}: '{key}' is {getattr(user, key)!r} but the HF checkpoint has "
@@ -60,7 +43,6 @@ def convert_from_hf(
                 )
         cfg = user
     vocab = hf_cfg["vocab_size"]
-    parallel.initialize(1)
     shapes = canonical_shapes(cfg, vocab)
     canonical = hf_conversion.from_hf_state_dict(cfg, tensors, list(shapes))
     for name, shape in shapes.items():
@@ -68,14 +50,16 @@ def convert_from_hf(
             raise hf_conversion.ConversionError(
                 f"'{name}': HF gives {tuple(canonical[name].shape)}, expected {shape}"
             )
-    shards = [
-        {name: shard_spec(name, cfg.is_gated_mlp).split(t, rank, tp).clone() for name, t in canonical.items()}
-        for rank in range(tp)
-    ]
     out.mkdir(parents=True)
-    checkpointing.save_model(out / checkpointing.iteration_dirname(0), cfg, shards, vocab)
-    checkpointing.write_latest(out, checkpointing.iteration_dirname(0))
+    name = checkpoint.iteration_dirname(0)
+    checkpoint.save_canonical_model(out / name, cfg, canonical, vocab, tp)
+    checkpoint.write_latest(out, name)
     return out
+
+
+def _convert(args: argparse.Namespace) -> int:
+    print(f"wrote {convert_from_hf(args.hf_dir, args.out, args.tp, args.config)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,16 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", nargs="*", default=None, help="YAML configs merged over the HF architecture"
     )
-    args = parser.parse_args(argv)
-    try:
-        out = convert_from_hf(args.hf_dir, args.out, args.tp, args.config)
-    except (hf_conversion.ConversionError, ConfigError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        parallel.destroy()
-    print(f"wrote {out}")
-    return 0
+    return run_command(_convert, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

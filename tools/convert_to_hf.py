@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_stablelm import checkpointing, hf_conversion
+from megatron_stablelm import hf_conversion
+from megatron_stablelm.checkpoint import (
+    StagedDirectory,
+    load_canonical_state_dict,
+    read_header,
+)
+from megatron_stablelm.cli import run_command
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,11 +103,10 @@ def convert_to_hf(
     tokenizer_files: list[Path] | None = None,
     tokenizer: str | Path | None = None,
 ) -> Path:
-    ckpt = checkpointing.resolve_checkpoint(checkpoint)
+    ckpt, meta, cfg = read_header(checkpoint)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
-    cfg = checkpointing.read_config(ckpt)
     if tokenizer_files is None:
         tokenizer_files = tokenizer_files_for(tokenizer, cfg)
     tokenizer_files = [Path(f) for f in tokenizer_files]
@@ -109,13 +114,9 @@ def convert_to_hf(
         if not f.is_file():
             raise ValueError(f"tokenizer file '{f}' does not exist")
     eod = _tokenizer_eod(tokenizer_files)
-    meta = checkpointing.read_meta(ckpt)
     hf_conversion.architecture_for(cfg)  # refuse early, before reading tensors
-    state = checkpointing.load_canonical_state_dict(ckpt)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    state = load_canonical_state_dict(ckpt)
+    with StagedDirectory(out) as tmp:
         eod_id = eod[1] if eod else None
         hf_conversion.write_hf_dir(tmp, cfg, state, meta["padded_vocab_size"], DTYPES[dtype], eod_id)
         for f in tokenizer_files:
@@ -123,11 +124,12 @@ def convert_to_hf(
             shutil.copy(f, tmp / name)
         if eod is not None:
             _write_tokenizer_config(tmp, eod, cfg.max_position_embeddings or cfg.seq_length)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _convert(args: argparse.Namespace) -> int:
+    print(f"wrote {convert_to_hf(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,14 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer", help="tokenizer.json or a directory of HF tokenizer files (default: the config's)"
     )
-    args = parser.parse_args(argv)
-    try:
-        out = convert_to_hf(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer)
-    except (checkpointing.CheckpointError, hf_conversion.ConversionError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_command(_convert, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

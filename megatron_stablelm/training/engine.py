@@ -23,111 +23,31 @@ from typing import Any
 import torch
 from megatron.core import parallel_state as ps
 
-from megatron_stablelm.config import Config, ConfigError
+from megatron_stablelm.config import BatchLayout, Config
+from megatron_stablelm.training.optimizer import adam_step, build_optimizer, materialize_state, set_adam_step
 
 
 class MegatronCoreMPU:
-    """The subset of Megatron's old ``mpu`` module interface DeepSpeed calls, over megatron-core."""
+    """The subset of Megatron's old ``mpu`` module interface DeepSpeed calls, answered by megatron-core.
+    Model parallel is tensor parallel (one pipeline stage); DeepSpeed asks under several names."""
 
-    # tensor parallel (== model parallel: no pipeline stages)
-    def get_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = get_slice_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_slice_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_slice_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
 
-    def get_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
 
-    def get_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_slice_parallel_rank = get_model_parallel_rank
-    get_slice_parallel_world_size = get_model_parallel_world_size
-    get_slice_parallel_group = get_model_parallel_group
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return ps.get_tensor_model_parallel_src_rank()
-
-    # data parallel
-    def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
-
-    def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
-
-    # pipeline: one stage
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_pipeline_model_parallel_group(self):
-        return ps.get_pipeline_model_parallel_group()
-
-    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
-    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
-    get_pipe_parallel_group = get_pipeline_model_parallel_group
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How a global batch splits: ``global = micro × accumulation × data-parallel size``."""
-
-    micro: int
-    accumulation: int
-    dp_size: int
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.accumulation * self.dp_size
-
-
-def batch_layout(cfg: Config, world_size: int) -> BatchLayout:
-    """Check the batch arithmetic against the world size before anything is built. ``train_batch_size``
-    is optional; when given with ``gradient_accumulation_steps`` left at 1 the accumulation is derived
-    from it (as DeepSpeed does); otherwise all three must agree."""
-    tp = cfg.model_parallel_size
-    if world_size % tp:
-        raise ConfigError(
-            f"key 'model_parallel_size': {tp} does not divide the world size {world_size} "
-            f"(launch a multiple of {tp} processes)"
-        )
-    dp = world_size // tp
-    micro, gas = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps
-    if cfg.train_batch_size is not None:
-        tbs = cfg.train_batch_size
-        if micro * gas * dp != tbs:
-            if gas == 1 and tbs % (micro * dp) == 0:
-                gas = tbs // (micro * dp)
-            else:
-                raise ConfigError(
-                    f"batch arithmetic does not fit the world size: train_batch_size={tbs} must equal "
-                    f"train_micro_batch_size_per_gpu ({micro}) × gradient_accumulation_steps ({gas}) × "
-                    f"data-parallel size ({dp} = {world_size} processes / model_parallel_size {tp}) = "
-                    f"{micro * gas * dp}"
-                )
-    return BatchLayout(micro, gas, dp)
-
-
-def precision(cfg: Config) -> str:
-    """'fp32' | 'bf16' | 'fp16' from ``precision``, ``bf16`` and ``fp16``."""
-    return cfg.params_dtype_name
-
-
-def effective_zero_stage(cfg: Config) -> int:
-    """bf16 and fp16 always run under ZeRO (stage >= 1): that path keeps fp32 master weights, fp32
-    gradient accumulation for bf16, and one checkpoint format. At DP=1 stage 1 partitions nothing."""
-    stage = cfg.zero_stage
-    if stage > 2:
-        raise ConfigError("key 'zero_optimization': ZeRO stage 3 is not supported (use 0, 1 or 2)")
-    if precision(cfg) != "fp32" and stage == 0:
-        return 1
-    return stage
+    get_pipeline_model_parallel_rank = get_pipe_parallel_rank = staticmethod(lambda: 0)
+    get_pipeline_model_parallel_world_size = get_pipe_parallel_world_size = staticmethod(lambda: 1)
+    get_pipeline_model_parallel_group = get_pipe_parallel_group = staticmethod(
+        ps.get_pipeline_model_parallel_group
+    )
 
 
 _DROP_ZERO_KEYS = {
@@ -140,8 +60,8 @@ _DROP_ZERO_KEYS = {
 
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
     """The DeepSpeed config of a run, derived from ours."""
-    prec = precision(cfg)
-    stage = effective_zero_stage(cfg)
+    prec = cfg.params_dtype_name
+    stage = cfg.effective_zero_stage
     zero = {k: v for k, v in (cfg.zero_optimization or {}).items() if k not in _DROP_ZERO_KEYS}
     zero["stage"] = stage
     ds: dict[str, Any] = {
@@ -169,7 +89,7 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
     return ds
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, layout: BatchLayout):
+def _deepspeed_initialize(cfg: Config, model: torch.nn.Module, optimizer, layout: BatchLayout):
     """``deepspeed.initialize`` with our config and the megatron-core ``mpu``; returns the engine."""
     import deepspeed
 
@@ -184,7 +104,168 @@ def build_engine(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Opt
     return engine
 
 
-def uses_hp_mapping(engine) -> bool:
-    """True when DeepSpeed holds fp32 master partitions (ZeRO 1/2, bf16): state is reached through
-    ``deepspeed.utils.safe_*``; False when the base optimizer steps the model parameters directly."""
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step did: whether the update was applied (not skipped for a non-finite
+    gradient or an fp16 overflow), the gradient norm before clipping, the fp16 loss scale."""
+
+    applied: bool
+    grad_norm: float | None
+    loss_scale: float | None
+
+
+class TrainingEngine:
+    """The model under DeepSpeed, as the trainer and the checkpoint code see it.
+
+    Everything DeepSpeed-specific lives here: how the optimizer is wrapped (fp32 master partitions
+    under ZeRO for bf16/fp16, or the guarded optimizer stepping fp32 parameters directly), how it
+    scales losses (by ``1 / accumulation``) and reduces gradients (mean over the data-parallel group),
+    and how per-parameter optimizer state is reached (``deepspeed.utils.safe_*`` collectives over the
+    DP group, or the base optimizer's own state). The trainer calls :meth:`losses`, :meth:`backward`,
+    :meth:`finish_step`; checkpoints use the state accessors, which take canonical parameter names.
+    """
+
+    def __init__(self, cfg: Config, model: torch.nn.Module, layout: BatchLayout) -> None:
+        self.model = model
+        self.layout = layout
+        self.precision = cfg.params_dtype_name
+        device = next(model.parameters()).device
+        guarded = cfg.effective_zero_stage == 0
+        self.optimizer = build_optimizer(cfg, model, device, guarded=guarded)
+        if guarded:
+            self.optimizer.configure_guard(cfg.gradient_clipping, ps.get_tensor_model_parallel_group(), None)
+        self._ds = _deepspeed_initialize(cfg, model, self.optimizer, layout)
+        # DeepSpeed holds fp32 master partitions (ZeRO 1/2 or mixed precision): optimizer state is then
+        # reached through its safe_* accessors; otherwise the base optimizer steps the parameters.
+        ds = self._ds
+        self._master = ds.zero_optimization_stage() > 0 or ds.bfloat16_enabled() or ds.fp16_enabled()
+        self._params = dict(model.named_parameters())
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self._ds.zero_optimization_stage())
+
+    def train(self, mode: bool = True) -> None:
+        self._ds.train(mode)
+
+    # ------------------------------------------------------------------ one step
+    def losses(self, batch: dict[str, Any]) -> torch.Tensor:
+        """fp32 per-token losses ``[b, s]`` of a micro-batch (the Batch contract of ARCHITECTURE.md)."""
+        return self._ds(
+            batch["tokens"],
+            batch.get("position_ids"),
+            batch.get("cu_seqlens"),
+            batch.get("max_seqlen"),
+            labels=batch["labels"],
+        )
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss_sum: torch.Tensor, step_tokens: torch.Tensor) -> None:
+        """Backward of one micro-batch's summed token loss, weighted so that the step's gradient is the
+        mean over ``step_tokens``, the counted tokens of the whole step on all data-parallel ranks.
+        DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over
+        the DP group; the factor ``accumulation × DP`` undoes both."""
+        scale = self.layout.accumulation * self.layout.dp_size
+        self._ds.backward(loss_sum * scale / step_tokens.clamp(min=1.0))
+        self._ds.step()  # DeepSpeed applies the update at the accumulation boundary only
+
+    def finish_step(self) -> StepOutcome:
+        """After the last micro-batch of a step: whether the update happened, and its statistics."""
+        applied = bool(self._ds.was_step_applied())
+        if self._master:
+            norm = self._ds.get_global_grad_norm()
+        else:
+            norm = self.optimizer.last_grad_norm
+        scale = getattr(self._ds.optimizer, "cur_scale", None) if self.precision == "fp16" else None
+        return StepOutcome(
+            applied=applied,
+            grad_norm=float(norm) if norm is not None else None,
+            loss_scale=float(scale) if scale is not None else None,
+        )
+
+    # ------------------------------------------------------------------ optimizer state by name
+    def state_keys(self) -> list[str]:
+        """Per-parameter optimizer tensors a checkpoint holds: Adam moments, plus the fp32 master
+        weights when the model's own parameters are in lower precision."""
+        low_precision = next(self.model.parameters()).dtype != torch.float32
+        return list(ADAM_KEYS) + ([MASTER_KEY] if self._master and low_precision else [])
+
+    def accepts_state_key(self, key: str) -> bool:
+        """Whether saved state ``key`` can be restored: the moments always; fp32 master weights only
+        where DeepSpeed keeps a master copy (without one the weights come from the model files)."""
+        return key in ADAM_KEYS or (key == MASTER_KEY and self._master)
+
+    def adam_step(self) -> int:
+        return adam_step(self.optimizer)
+
+    def prepare_state(self, step: int | None = None) -> None:
+        """Make every parameter's state exist and be reachable (before reading or restoring it):
+        optimizers create state lazily at the first update, and DeepSpeed links its per-parameter
+        views once, after stepping the *first* parameter group only, so with two groups (decay / no
+        decay) the second group's views would stay empty. Relinking is cheap (views) and idempotent."""
+        step = self.adam_step() if step is None else step
+        materialize_state(self.optimizer)
+        set_adam_step(self.optimizer, step)
+        opt = self._ds.optimizer
+        if self._master and hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+            opt._hp_optimizer_states_linked = False
+            opt._lazy_init_hp_params_optimizer_state()
+
+    def get_state(self, name: str, key: str) -> torch.Tensor:
+        """This TP rank's whole shard of ``key`` for parameter ``name``, fp32 on CPU (a collective over
+        the DP group under ZeRO: every DP rank must call it for the same tensors in the same order)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        param = self._params[name]
+        if not self._master:
+            value = param if key == MASTER_KEY else self.optimizer.state[param][key]
+        elif key == MASTER_KEY:
+            value = safe_get_full_fp32_param(param)
+        else:
+            value = safe_get_full_optimizer_state(param, key)
+        return value.detach().float().cpu().contiguous()
+
+    def set_state(self, name: str, key: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        param = self._params[name]
+        value = value.to(device=param.device, dtype=torch.float32)
+        if self._master and key == MASTER_KEY:
+            safe_set_full_fp32_param(param, value)
+        elif self._master:
+            safe_set_full_optimizer_state(param, value, key)
+        elif key == MASTER_KEY:
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
+        else:
+            self.optimizer.state[param][key].copy_(value)
+
+    def loss_scaler_state(self) -> dict | None:
+        scaler = getattr(self._ds.optimizer, "loss_scaler", None)
+        if scaler is None:
+            return None
+        out = {}
+        for name in _SCALER_FIELDS:
+            value = getattr(scaler, name, None)
+            if isinstance(value, (int, float)) or torch.is_tensor(value):
+                out[name] = float(value) if not isinstance(value, int) else value
+        return out
+
+    def set_loss_scaler_state(self, state: dict | None) -> None:
+        scaler = getattr(self._ds.optimizer, "loss_scaler", None)
+        if scaler is None or not state:
+            return
+        for name, value in state.items():
+            old = getattr(scaler, name, None)
+            if torch.is_tensor(old):
+                old.fill_(value)
+            elif old is not None:
+                setattr(scaler, name, type(old)(value))
+
+
+_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+MASTER_KEY = "fp32"

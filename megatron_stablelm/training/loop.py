@@ -25,7 +25,6 @@ Failure policy:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import random
@@ -40,21 +39,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_stablelm import checkpointing as ckpt
 from megatron_stablelm import parallel
-from megatron_stablelm.config import Config, ConfigError
-from megatron_stablelm.model import build_model
-from megatron_stablelm.training import checkpoint as tckpt
-from megatron_stablelm.training.engine import (
-    BatchLayout,
-    batch_layout,
-    build_engine,
-    effective_zero_stage,
-    precision,
-    uses_hp_mapping,
+from megatron_stablelm.checkpoint import has_checkpoint
+from megatron_stablelm.checkpoint.training_state import (
+    CheckpointInfo,
+    checkpoint_for_config,
+    load_model_weights,
+    load_training_state,
+    save_training_checkpoint,
 )
-from megatron_stablelm.training.logging import MetricsLogger, StepRecord, model_flops_per_token, peak_tflops
-from megatron_stablelm.training.optimizer import build_optimizer, optimizer_settings
+from megatron_stablelm.config import BatchLayout, Config, ConfigError, validate_config, validate_layout
+from megatron_stablelm.metrics import flops_per_token, peak_tflops
+from megatron_stablelm.model import build_model
+from megatron_stablelm.training.engine import TrainingEngine
+from megatron_stablelm.training.logging import MetricsLogger, StepRecord
 from megatron_stablelm.training.schedules import schedule_from_config
 
 
@@ -138,8 +136,17 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _masked_sum(losses: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the counted token losses, number of counted tokens) of a micro-batch."""
+    mask = batch["loss_mask"].to(losses.dtype)
+    return (losses * mask).sum(), mask.sum()
+
+
 class Trainer:
-    """One training job. ``setup()`` does every check and build step; ``train()`` runs it."""
+    """One training job: the policy (steps, evaluation and save cadence, signals, failure rules).
+    ``setup()`` does every check and build step; ``train()`` runs it. The mechanics live elsewhere:
+    :class:`~megatron_stablelm.training.engine.TrainingEngine` (DeepSpeed) and
+    :mod:`megatron_stablelm.checkpoint` (the on-disk format)."""
 
     def __init__(
         self,
@@ -159,9 +166,8 @@ class Trainer:
         self.handle_sigterm = handle_sigterm
         self._sigterm = False
         self.state = TrainState()
-        self.checkpoint: tckpt.CheckpointInfo | None = None
+        self.checkpoint: CheckpointInfo | None = None
 
-    # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
         if self.rank == 0:
             self._log(message)
@@ -176,57 +182,29 @@ class Trainer:
         checkpoint to load (existence, completeness, architecture). Raises ConfigError/CheckpointError."""
         cfg = self.cfg
         _, world = world_from_env()
-        self.layout = batch_layout(cfg, world)
+        validate_config(cfg, training=True)
+        self.layout = validate_layout(cfg, world)
         if self.layout.accumulation != cfg.gradient_accumulation_steps:
             self.log(
                 f"[setup] gradient_accumulation_steps = {self.layout.accumulation}, derived from train_batch_size"
             )
-            cfg = self.cfg = dataclasses.replace(cfg, gradient_accumulation_steps=self.layout.accumulation)
         self.schedule = schedule_from_config(cfg)
-        optimizer_settings(cfg)
         if cfg.padded_vocab_size is None and self.padded_vocab % cfg.model_parallel_size:
             raise ConfigError(
                 f"padded vocab {self.padded_vocab} is not divisible by TP={cfg.model_parallel_size}"
             )
-        if cfg.checkpoint_factor is not None and cfg.checkpoint_factor <= 0:
-            raise ConfigError("key 'checkpoint_factor': must be positive")
         if (cfg.checkpoint_factor or cfg.extra_save_iters) and not cfg.save:
             self.log(
                 "[setup] checkpoint_factor/extra_save_iters are set but `save` is not: nothing will be saved"
             )
-        self.checkpoint = None
-        if cfg.load:
-            load = Path(cfg.load)
-            fresh_resume_dir = (
-                cfg.save is not None
-                and load.resolve() == Path(cfg.save).resolve()
-                and not (load / ckpt.LATEST_FILE).exists()
-                and not (load / ckpt.META_FILE).exists()
-                and cfg.iteration is None
-            )
-            if fresh_resume_dir:
-                # load == save with nothing in it yet: the first launch of an auto-resuming job.
-                self.log(f"[setup] no checkpoint in {load} yet (load == save): starting from scratch")
-            else:
-                self.checkpoint = tckpt.inspect_checkpoint(cfg, load, self.padded_vocab)
-                if self.checkpoint.train_state is None or cfg.finetune:
-                    what = "weights only" if self.checkpoint.train_state is None else "finetune: weights only"
-                    self.log(
-                        f"[setup] loading {self.checkpoint.path} ({what}); iteration, optimizer and data restart"
-                    )
-                elif self.checkpoint.iteration >= cfg.train_iters:
-                    self.log(
-                        f"[setup] checkpoint {self.checkpoint.path} is at iteration {self.checkpoint.iteration} "
-                        f">= train_iters={cfg.train_iters}: nothing to train"
-                    )
-        self.prec = precision(cfg)
-        self.zero_stage = effective_zero_stage(cfg)
-        if self.zero_stage != cfg.zero_stage:
+        self.checkpoint = self._find_checkpoint()
+        self.prec = cfg.params_dtype_name
+        if cfg.effective_zero_stage != cfg.zero_stage:
             self.log(
-                f"[setup] {self.prec} runs under ZeRO stage {self.zero_stage} (fp32 master weights and "
-                "optimizer states, one checkpoint format); stage 0 is only for fp32"
+                f"[setup] {self.prec} runs under ZeRO stage {cfg.effective_zero_stage} (fp32 master weights "
+                "and optimizer states, one checkpoint format); stage 0 is only for fp32"
             )
-        self.flops_per_token = model_flops_per_token(cfg, self.padded_vocab)
+        self.flops_per_token = flops_per_token(cfg, self.padded_vocab)
         self.metrics = MetricsLogger(
             cfg,
             self.flops_per_token,
@@ -238,48 +216,49 @@ class Trainer:
         )
         self.metrics.open_trackers()
 
+    def _find_checkpoint(self) -> CheckpointInfo | None:
+        """The checkpoint ``load`` names, checked against the config; None to start from scratch."""
+        cfg = self.cfg
+        if not cfg.load:
+            return None
+        load = Path(cfg.load)
+        first_launch = (
+            cfg.save is not None
+            and load.resolve() == Path(cfg.save).resolve()
+            and not has_checkpoint(load)
+            and cfg.iteration is None
+        )
+        if first_launch:  # load == save with nothing in it yet: the first launch of an auto-resuming job
+            self.log(f"[setup] no checkpoint in {load} yet (load == save): starting from scratch")
+            return None
+        info = checkpoint_for_config(cfg, load, self.padded_vocab)
+        if info.train_state is None or cfg.finetune:
+            what = "weights only" if info.train_state is None else "finetune: weights only"
+            self.log(f"[setup] loading {info.path} ({what}); iteration, optimizer and data restart")
+        elif info.iteration >= cfg.train_iters:
+            self.log(
+                f"[setup] checkpoint {info.path} is at iteration {info.iteration} "
+                f">= train_iters={cfg.train_iters}: nothing to train"
+            )
+        return info
+
     def setup(self) -> None:
         self.preflight()
         cfg = self.cfg
-        backend = cfg.distributed_backend or parallel.default_backend()
-        parallel.initialize(cfg.model_parallel_size, backend)
+        parallel.initialize(cfg.model_parallel_size, cfg.distributed_backend or parallel.default_backend())
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
         seed_everything(cfg.seed)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.prec]
         with torch.device(self.device):
-            self.model = build_model(cfg, self.padded_vocab, dtype=dtype, seed=cfg.seed)
+            self.model = build_model(cfg, self.padded_vocab, dtype=cfg.params_dtype, seed=cfg.seed)
         if self.checkpoint is not None:
-            tckpt.load_model_weights(self.checkpoint, self.model)
-        self.hp = self.zero_stage > 0
-        self.base_optimizer = build_optimizer(cfg, self.model, self.device, guarded=not self.hp)
-        if not self.hp:
-            self.base_optimizer.configure_guard(cfg.gradient_clipping, parallel.tp_group(), None)
-        self.engine = build_engine(cfg, self.model, self.base_optimizer, self.layout)
-        self.hp = uses_hp_mapping(self.engine)
-        resumed = self.checkpoint is not None and self.checkpoint.train_state is not None and not cfg.finetune
-        if resumed:
-            saved = tckpt.load_training_state(
-                self.checkpoint,
-                model=self.model,
-                engine=self.engine,
-                base_optimizer=self.base_optimizer,
-                hp=self.hp,
-                log=self.log,
-            )
-            for key in TrainState().as_dict():
-                if key in saved and key != "nonfinite_in_a_row":
-                    setattr(self.state, key, int(saved[key]))
-            if not saved.get("rng_restored"):
-                seed_everything(cfg.seed + self.state.iteration)
-            self.log(
-                f"[setup] resumed from {self.checkpoint.path}: iteration {self.state.iteration}, "
-                f"{self.state.consumed_samples} samples consumed (saved at TP={saved.get('tp_size')} "
-                f"DP={saved.get('dp_size')}, now TP={parallel.tp_size()} DP={parallel.dp_size()})"
-            )
+            load_model_weights(self.checkpoint, self.model)
+        self.engine = TrainingEngine(cfg, self.model, self.layout)
+        if self.checkpoint is not None and self.checkpoint.train_state is not None and not cfg.finetune:
+            self._resume(self.checkpoint)
         self.start_iteration = self.state.iteration
         self.metrics.consumed_tokens = self.state.consumed_tokens
         self.data = self.make_data(
@@ -295,94 +274,93 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"[setup] world {dist.get_world_size()} = TP {parallel.tp_size()} × DP {parallel.dp_size()}; "
-            f"{self.prec}, ZeRO {self.engine.zero_optimization_stage()}; global batch {self.layout.global_batch} "
+            f"{self.prec}, ZeRO {self.engine.zero_stage}; global batch {self.layout.global_batch} "
             f"= micro {self.layout.micro} × accumulation {self.layout.accumulation} × DP {self.layout.dp_size}; "
             f"{n_params / 1e6:.2f}M parameters on TP rank 0; {self.flops_per_token / 1e9:.3f} GFLOP/token"
         )
 
-    # ------------------------------------------------------------------ one iteration
-    def _forward_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        losses = self.engine(
-            batch["tokens"],
-            batch.get("position_ids"),
-            batch.get("cu_seqlens"),
-            batch.get("max_seqlen"),
-            labels=batch["labels"],
+    def _resume(self, info: CheckpointInfo) -> None:
+        saved = load_training_state(info, self.engine, log=self.log)
+        for key in TrainState().as_dict():
+            if key in saved and key != "nonfinite_in_a_row":
+                setattr(self.state, key, int(saved[key]))
+        if not saved.get("rng_restored"):
+            seed_everything(self.cfg.seed + self.state.iteration)
+        self.log(
+            f"[setup] resumed from {info.path}: iteration {self.state.iteration}, "
+            f"{self.state.consumed_samples} samples consumed (saved at TP={saved.get('tp_size')} "
+            f"DP={saved.get('dp_size')}, now TP={parallel.tp_size()} DP={parallel.dp_size()})"
         )
-        mask = batch["loss_mask"].to(losses.dtype)
-        count = mask.sum()
-        return (losses * mask).sum() / count.clamp(min=1.0), count
 
-    def _set_lr(self, lr: float) -> None:
-        for group in self.base_optimizer.param_groups:
-            group["lr"] = lr
-
+    # ------------------------------------------------------------------ one iteration
     def train_step(self, data: Iterator[dict]) -> StepRecord:
+        """One optimizer step. The loss and its gradient are the mean over every counted token of the
+        step (all micro-batches, all data-parallel ranks), not a mean of per-micro-batch means, so a
+        loss mask that counts more tokens in one micro-batch than another weighs each token equally."""
         start = time.perf_counter()
         step_number = self.state.iteration + 1
         lr = self.schedule(step_number)
-        self._set_lr(lr)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # one host sync per iteration
-        for micro in range(self.layout.accumulation):
-            batch = _to_device(next(data), self.device)
-            loss, _ = self._forward_loss(batch)
+        self.engine.set_lr(lr)
+        batches = [_to_device(next(data), self.device) for _ in range(self.layout.accumulation)]
+        step_tokens = sum(b["loss_mask"].sum(dtype=torch.float64) for b in batches)
+        step_tokens = torch.as_tensor(step_tokens, dtype=torch.float64, device=self.device)
+        dist.all_reduce(step_tokens, group=parallel.dp_group())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # one host sync per step
+        for micro, batch in enumerate(batches):
+            loss, _ = _masked_sum(self.engine.losses(batch), batch)
             if self.fault_hook is not None:
                 loss = self.fault_hook(step_number, micro, loss)
-            self.engine.backward(loss)
-            self.engine.step()
+            self.engine.backward(loss, step_tokens.to(loss.dtype))
             loss_sum += loss.detach().double()
-        applied = bool(self.engine.was_step_applied())
-        # loss: mean over micro-batches, averaged over DP ranks (TP ranks hold the same value); every
-        # rank must agree on "non-finite", hence the MAX over the whole world.
-        local = float(loss_sum) / self.layout.accumulation
-        bad = not math.isfinite(local)
-        stats = torch.tensor(
-            [0.0 if bad else local, 1.0 if bad else 0.0], dtype=torch.float64, device=self.device
-        )
-        dist.all_reduce(stats, group=parallel.dp_group())
-        flag = torch.tensor([float(stats[1].item() > 0)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        nonfinite_loss = bool(flag.item() > 0)
-        mean_loss = math.nan if nonfinite_loss else float(stats[0].item()) / parallel.dp_size()
-        grad_norm = (
-            self.engine.get_global_grad_norm()
-            if self.hp
-            else getattr(self.base_optimizer, "last_grad_norm", None)
-        )
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        if self.prec == "fp16":
-            nonfinite = nonfinite_loss  # overflow skips are the loss scaler's normal business
-        else:
-            nonfinite = nonfinite_loss or not applied
-        if nonfinite and applied:
+        outcome = self.engine.finish_step()
+        mean_loss, nonfinite_loss = self._step_loss(loss_sum, step_tokens)
+        # fp16 overflow skips are the loss scaler's normal business, not a non-finite step
+        nonfinite = nonfinite_loss or (not outcome.applied and self.prec != "fp16")
+        if nonfinite and outcome.applied:
             self.log(f"[train] WARNING: iteration {step_number}: non-finite loss but the update was applied")
-        gb = self.layout.global_batch
-        self.state.iteration = step_number
-        self.state.consumed_samples += gb
-        tokens = gb * self.cfg.seq_length
-        self.state.consumed_tokens += tokens
-        if not applied:
-            self.state.skipped_iterations += 1
-        if nonfinite:
-            self.state.nonfinite_iterations += 1
-            self.state.nonfinite_in_a_row += 1
-            self.log(
-                f"[train] iteration {step_number}: non-finite {'loss' if nonfinite_loss else 'gradient'} "
-                f"(grad norm {grad_norm}); update skipped ({self.state.nonfinite_in_a_row} in a row, "
-                f"{self.state.nonfinite_iterations} in total)"
-            )
-        else:
-            self.state.nonfinite_in_a_row = 0
-        scale = getattr(self.engine.optimizer, "cur_scale", None) if self.prec == "fp16" else None
+        self._count_step(step_number, outcome.applied, nonfinite, nonfinite_loss, outcome.grad_norm)
         return StepRecord(
             iteration=step_number,
             loss=mean_loss,
             lr=lr,
-            grad_norm=grad_norm,
-            loss_scale=float(scale) if scale is not None else None,
+            grad_norm=outcome.grad_norm,
+            loss_scale=outcome.loss_scale,
             seconds=time.perf_counter() - start,
-            tokens=tokens,
-            skipped=not applied,
+            tokens=self.layout.global_batch * self.cfg.seq_length,
+            skipped=not outcome.applied,
+        )
+
+    def _step_loss(self, loss_sum: torch.Tensor, step_tokens: torch.Tensor) -> tuple[float, bool]:
+        """(token mean of the step's loss over all DP ranks, whether any rank saw a non-finite loss).
+        TP ranks hold the same value; every rank must agree on "non-finite", hence the world MAX."""
+        bad = not math.isfinite(float(loss_sum))
+        stats = torch.tensor(
+            [0.0 if bad else float(loss_sum), 1.0 if bad else 0.0], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(stats, group=parallel.dp_group())
+        flag = torch.tensor([float(stats[1].item() > 0)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            return math.nan, True
+        return float(stats[0].item()) / max(float(step_tokens.item()), 1.0), False
+
+    def _count_step(
+        self, step_number: int, applied: bool, nonfinite: bool, nonfinite_loss: bool, grad_norm: float | None
+    ) -> None:
+        state = self.state
+        state.iteration = step_number
+        state.consumed_samples += self.layout.global_batch
+        state.consumed_tokens += self.layout.global_batch * self.cfg.seq_length
+        state.skipped_iterations += 0 if applied else 1
+        if not nonfinite:
+            state.nonfinite_in_a_row = 0
+            return
+        state.nonfinite_iterations += 1
+        state.nonfinite_in_a_row += 1
+        self.log(
+            f"[train] iteration {step_number}: non-finite {'loss' if nonfinite_loss else 'gradient'} "
+            f"(grad norm {grad_norm}); update skipped ({state.nonfinite_in_a_row} in a row, "
+            f"{state.nonfinite_iterations} in total)"
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -392,21 +370,14 @@ class Trainer:
             return None
         if name == "valid":
             self.state.consumed_valid_samples += int(self.data.samples_per_eval)
-        self.engine.eval()
+        self.engine.train(False)
         totals = torch.zeros(2, dtype=torch.float64)
         try:
             for _ in range(self.cfg.eval_iters * self.layout.accumulation):
                 batch = _to_device(next(data), self.device)
-                losses = self.engine(
-                    batch["tokens"],
-                    batch.get("position_ids"),
-                    batch.get("cu_seqlens"),
-                    batch.get("max_seqlen"),
-                    labels=batch["labels"],
-                )
-                mask = batch["loss_mask"].to(losses.dtype)
-                totals[0] += float((losses * mask).sum())
-                totals[1] += float(mask.sum())
+                loss_sum, count = _masked_sum(self.engine.losses(batch), batch)
+                totals[0] += float(loss_sum)
+                totals[1] += float(count)
         except StopIteration:
             pass
         finally:
@@ -430,15 +401,8 @@ class Trainer:
             )
             return None
         start = time.perf_counter()
-        path = tckpt.save_training_checkpoint(
-            self.cfg.save,
-            cfg=self.cfg,
-            model=self.model,
-            engine=self.engine,
-            base_optimizer=self.base_optimizer,
-            hp=self.hp,
-            padded_vocab=self.padded_vocab,
-            train_state=self.state.as_dict(),
+        path = save_training_checkpoint(
+            self.cfg.save, self.engine, self.cfg, self.padded_vocab, self.state.as_dict()
         )
         self.log(f"[checkpoint] saved {path} ({reason}) in {time.perf_counter() - start:.1f}s")
         return str(path)
@@ -456,63 +420,68 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunResult:
-        cfg = self.cfg
         result = RunResult("done", self.state, start_iteration=self.start_iteration)
-        previous = None
-        if self.handle_sigterm:
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self.handle_sigterm else None
         try:
-            data = self.data.train
-            if data is None:
+            if self.data.train is None:
                 raise ConfigError("no training data: set train_data_paths (or data_path)")
             self.engine.train()
-            last_saved = self.start_iteration if self.checkpoint is not None else None
-            while self.state.iteration < cfg.train_iters:
-                rec = self.train_step(data)
-                result.losses[rec.iteration] = rec.loss
-                result.lrs[rec.iteration] = rec.lr
-                self.metrics.record(rec)
-                limit = cfg.max_nonfinite_steps
-                if limit and limit > 0 and self.state.nonfinite_in_a_row >= limit:
-                    raise NonFiniteAbort(
-                        f"{self.state.nonfinite_in_a_row} consecutive non-finite iterations (max_nonfinite_steps="
-                        f"{limit}) at iteration {self.state.iteration}; stopping without saving. The last good "
-                        f"checkpoint is {result.checkpoints[-1] if result.checkpoints else 'the one loaded (if any)'}"
-                    )
-                it = self.state.iteration
-                # evaluate before saving, so a checkpoint includes the evaluation's data position
-                if cfg.eval_interval and it % cfg.eval_interval == 0 and it < cfg.train_iters:
-                    ev = self.evaluate(self.data.valid, "valid")
-                    if ev:
-                        result.evals.append(ev)
-                if self._should_save(it):
-                    path = self.save("periodic")
-                    if path:
-                        result.checkpoints.append(path)
-                        last_saved = it
-                if self._sigterm_agreed():
-                    self.log(f"[train] SIGTERM received: saving at iteration {it} and exiting")
-                    if last_saved != it:
-                        path = self.save("sigterm")
-                        if path:
-                            result.checkpoints.append(path)
+            self._last_saved = self.start_iteration if self.checkpoint is not None else None
+            while self.state.iteration < self.cfg.train_iters:
+                if self._iteration(result):
                     result.exit_reason = "sigterm"
                     return result
-            it = self.state.iteration
-            if it > self.start_iteration or self.checkpoint is None:
-                if last_saved != it:
-                    path = self.save("end of training")
-                    if path:
-                        result.checkpoints.append(path)
-                ev = self.evaluate(self.data.valid, "valid")
-                if ev:
-                    result.evals.append(ev)
-                result.test = self.evaluate(self.data.test, "test")
+            self._finish(result)
             return result
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             self.metrics.close()
+
+    def _save_into(self, result: RunResult, reason: str) -> None:
+        path = self.save(reason)
+        if path:
+            result.checkpoints.append(path)
+            self._last_saved = self.state.iteration
+
+    def _iteration(self, result: RunResult) -> bool:
+        """One step and what follows it (evaluation, save); True when a SIGTERM stopped the run."""
+        rec = self.train_step(self.data.train)
+        result.losses[rec.iteration] = rec.loss
+        result.lrs[rec.iteration] = rec.lr
+        self.metrics.record(rec)
+        limit = self.cfg.max_nonfinite_steps
+        if limit and limit > 0 and self.state.nonfinite_in_a_row >= limit:
+            raise NonFiniteAbort(
+                f"{self.state.nonfinite_in_a_row} consecutive non-finite iterations (max_nonfinite_steps="
+                f"{limit}) at iteration {self.state.iteration}; stopping without saving. The last good "
+                f"checkpoint is {result.checkpoints[-1] if result.checkpoints else 'the one loaded (if any)'}"
+            )
+        it = self.state.iteration
+        # evaluate before saving, so a checkpoint includes the evaluation's data position
+        if self.cfg.eval_interval and it % self.cfg.eval_interval == 0 and it < self.cfg.train_iters:
+            ev = self.evaluate(self.data.valid, "valid")
+            if ev:
+                result.evals.append(ev)
+        if self._should_save(it):
+            self._save_into(result, "periodic")
+        if not self._sigterm_agreed():
+            return False
+        self.log(f"[train] SIGTERM received: saving at iteration {it} and exiting")
+        if self._last_saved != it:
+            self._save_into(result, "sigterm")
+        return True
+
+    def _finish(self, result: RunResult) -> None:
+        """End of training: final save, validation and test (nothing when there was nothing to train)."""
+        if self.state.iteration == self.start_iteration and self.checkpoint is not None:
+            return
+        if self._last_saved != self.state.iteration:
+            self._save_into(result, "end of training")
+        ev = self.evaluate(self.data.valid, "valid")
+        if ev:
+            result.evals.append(ev)
+        result.test = self.evaluate(self.data.test, "test")
 
     def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
         self._sigterm = True

@@ -16,8 +16,6 @@ from torch import nn
 
 from megatron_stablelm.config import Config, ConfigError
 
-ADAM_TYPES = ("adam", "adamw", "fusedadam", "fused_adam", "apex_adam")
-
 
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay applies to weight matrices only: not to biases, not to any norm's weight (the
@@ -45,30 +43,6 @@ def _apex_fused_adam():
     except Exception:
         return None
     return FusedAdam
-
-
-def optimizer_settings(cfg: Config) -> tuple[str, dict]:
-    """(type, keyword arguments) from the GPT-NeoX ``optimizer`` block. ``Adam`` means decoupled weight
-    decay (AdamW), as in GPT-NeoX, whose FusedAdam runs in AdamW mode."""
-    block = cfg.optimizer or {}
-    kind = str(block.get("type", "Adam")).lower()
-    if kind not in ADAM_TYPES:
-        raise ConfigError(f"key 'optimizer': type {block.get('type')!r} is not supported; use Adam or AdamW")
-    params = dict(block.get("params", {}) or {})
-    if "lr" not in params:
-        raise ConfigError("key 'optimizer': `optimizer.params.lr` is required")
-    kwargs = {
-        "lr": float(params.pop("lr")),
-        "betas": tuple(float(b) for b in params.pop("betas", (0.9, 0.999))),
-        "eps": float(params.pop("eps", 1e-8)),
-    }
-    params.pop("weight_decay", None)  # the top-level `weight_decay` key governs, per group
-    impl = str(params.pop("impl", "auto")).lower()
-    if params:
-        raise ConfigError(f"key 'optimizer': unsupported Adam parameters {sorted(params)}")
-    if kind == "apex_adam":
-        impl = "apex"
-    return impl, kwargs
 
 
 class GuardMixin:
@@ -149,7 +123,8 @@ def build_optimizer(
     """AdamW over :func:`param_groups`. On CUDA torch's fused kernel (``impl: auto``/``torch_fused``);
     apex's FusedAdam only with ``impl: apex`` and only if apex is importable (never installed here);
     elsewhere torch's default (foreach) implementation. ``guarded`` adds :class:`GuardMixin`."""
-    impl, kwargs = optimizer_settings(cfg)
+    adam = cfg.adam
+    impl, kwargs = adam.impl, adam.kwargs()
     groups = param_groups(model, cfg.weight_decay)
     if impl == "apex":
         fused_adam = _apex_fused_adam()
@@ -157,10 +132,6 @@ def build_optimizer(
             raise ConfigError("optimizer impl 'apex' was requested but apex is not importable")
         cls = type("GuardedFusedAdam", (GuardMixin, fused_adam), {}) if guarded else fused_adam
         return cls(groups, adam_w_mode=True, **kwargs)
-    if impl not in ("auto", "torch", "torch_fused"):
-        raise ConfigError(
-            f"key 'optimizer': unknown impl {impl!r}; expected auto, torch, torch_fused or apex"
-        )
     cls = GuardedAdamW if guarded else torch.optim.AdamW
     fused = device.type == "cuda" and impl in ("auto", "torch_fused")
     if fused:

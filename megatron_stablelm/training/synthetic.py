@@ -35,7 +35,6 @@ class SyntheticIterators:
     train: Iterator[dict]
     valid: Iterator[dict]
     test: Iterator[dict]
-    samples_per_step: int
     samples_per_eval: int
 
 
@@ -79,9 +78,6 @@ class SyntheticData:
             start += global_batch
             produced += 1
 
-    def train(self, consumed_samples: int = 0) -> Iterator[dict]:
-        return self._iterate(consumed_samples, self.seed)
-
     def iterators(
         self, consumed_train_samples: int = 0, consumed_valid_samples: int = 0
     ) -> SyntheticIterators:
@@ -90,6 +86,5 @@ class SyntheticData:
             train=self._iterate(consumed_train_samples, self.seed),
             valid=self._iterate(consumed_valid_samples, self.seed + 1),
             test=self._iterate(0, self.seed + 2),
-            samples_per_step=global_batch,
             samples_per_eval=self.eval_iters * global_batch,
         )

@@ -1,0 +1,203 @@
+"""Model weights on disk: one safetensors file per tensor-parallel rank, under canonical names.
+
+``model_meta.json`` records, beside the TP size, padded vocabulary and dtype, every tensor's whole
+(TP-independent) shape and how it splits over TP ranks, so a checkpoint is read (merged, re-split,
+converted) without rebuilding the model. Loading at another TP size merges and re-splits tensor by
+tensor, so memory stays bounded by the largest single tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_stablelm.checkpoint.atomic import StagedDirectory
+from megatron_stablelm.checkpoint.layout import (
+    CONFIG_FILE,
+    META_FILE,
+    MODEL_FORMAT,
+    CheckpointError,
+    resolve_checkpoint,
+    shard_filename,
+)
+from megatron_stablelm.config import Config, ConfigError, config_from_dict, validate_config
+from megatron_stablelm.model import config_splits
+from megatron_stablelm.sharding import REPLICATED, ShardSpec
+
+
+def _split(splits: dict[str, ShardSpec], name: str) -> ShardSpec:
+    """A tensor the model does not have is stored whole (loading such a checkpoint is refused)."""
+    return splits.get(name, REPLICATED)
+
+
+def _spec_to_json(spec: ShardSpec) -> list:
+    return [spec.dim, spec.parts]
+
+
+def _spec_from_json(value: list) -> ShardSpec:
+    return ShardSpec(value[0], value[1])
+
+
+def write_model_files(
+    directory: str | Path,
+    cfg: Config,
+    tp_rank: int,
+    tp_size: int,
+    local_state: dict[str, torch.Tensor],
+    padded_vocab_size: int,
+) -> list[Path]:
+    """Write one TP rank's shard file; TP rank 0 also writes the config and metadata. Call on one
+    data-parallel replica only. Returns the files written (for syncing)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in local_state.items()}
+    shard = directory / shard_filename(tp_rank)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    if tp_rank != 0:
+        return [shard]
+    splits = config_splits(cfg)
+    meta = {
+        "format_version": MODEL_FORMAT,
+        "tp_size": tp_size,
+        "padded_vocab_size": padded_vocab_size,
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "shapes": {
+            name: list(_split(splits, name).full_shape(t.shape, tp_size)) for name, t in tensors.items()
+        },
+        "splits": {name: _spec_to_json(_split(splits, name)) for name in tensors},
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return [shard, directory / META_FILE, directory / CONFIG_FILE]
+
+
+def save_model(
+    directory: str | Path, cfg: Config, shards: list[dict[str, torch.Tensor]], padded_vocab_size: int
+) -> None:
+    """Single-process save of all TP shards (conversion tools); published atomically."""
+    with StagedDirectory(directory) as tmp:
+        for rank, state in enumerate(shards):
+            write_model_files(tmp, cfg, rank, len(shards), state, padded_vocab_size)
+
+
+def save_canonical_model(
+    directory: str | Path, cfg: Config, full: dict[str, torch.Tensor], padded_vocab_size: int, tp_size: int
+) -> None:
+    """Split whole-model tensors for ``tp_size`` ranks and save them (conversion tools)."""
+    splits = config_splits(cfg)
+    shards = [
+        {name: splits[name].split(t, rank, tp_size).clone() for name, t in full.items()}
+        for rank in range(tp_size)
+    ]
+    save_model(directory, cfg, shards, padded_vocab_size)
+
+
+def read_meta(directory: str | Path) -> dict:
+    directory = resolve_checkpoint(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    if meta.get("format_version") != MODEL_FORMAT:
+        raise CheckpointError(f"{directory}: unsupported checkpoint format {meta.get('format_version')}")
+    for rank in range(meta["tp_size"]):
+        if not (directory / shard_filename(rank)).is_file():
+            raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta['tp_size']})")
+    return meta
+
+
+def read_config(directory: str | Path) -> Config:
+    directory = resolve_checkpoint(directory)
+    values = yaml.safe_load((directory / CONFIG_FILE).read_text())
+    return config_from_dict(values)
+
+
+def read_header(path: str | Path) -> tuple[Path, dict, Config]:
+    """``(checkpoint dir, metadata, config)`` of a checkpoint or run directory, every failure reported
+    as a :class:`CheckpointError` naming the path (tools call this before any process group exists)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        return ckpt, read_meta(ckpt), read_config(ckpt)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{ckpt}: cannot read the checkpoint ({err})") from None
+
+
+def config_at_tp_size(directory: Path, meta: dict, cfg: Config, tp_size: int, purpose: str) -> Config:
+    """The checkpoint's config at tensor-parallel size ``tp_size``, or a :class:`ConfigError` naming the
+    checkpoint, the purpose ("run", "reshard"...) and why its model does not split that way."""
+    if tp_size < 1:
+        raise ConfigError(f"{directory}: cannot {purpose} at TP={tp_size}: the TP size must be >= 1")
+    new_cfg = dataclasses.replace(cfg, model_parallel_size=tp_size)
+    try:
+        validate_config(new_cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{directory}: cannot {purpose} at TP={tp_size}: {err}") from None
+    if int(meta["padded_vocab_size"]) % tp_size:
+        raise ConfigError(
+            f"{directory}: cannot {purpose} at TP={tp_size}: the padded vocabulary "
+            f"{meta['padded_vocab_size']} does not split over {tp_size} ranks"
+        )
+    return new_cfg
+
+
+def tensor_splits(meta: dict, cfg: Config) -> dict[str, ShardSpec]:
+    """How each saved tensor splits over TP: as recorded, or (checkpoints written before the record
+    existed) as the model built from the checkpoint's config splits it."""
+    if "splits" in meta:
+        return {name: _spec_from_json(value) for name, value in meta["splits"].items()}
+    return config_splits(cfg)
+
+
+def iter_canonical_tensors(
+    directory: str | Path, names: list[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield whole-model tensors one at a time, merged across the saved TP shards."""
+    directory, meta, cfg = read_header(directory)
+    splits = tensor_splits(meta, cfg)
+    handles = [safe_open(str(directory / shard_filename(r)), framework="pt") for r in range(meta["tp_size"])]
+    for name in names or list(meta["shapes"]):
+        if name not in meta["shapes"]:
+            raise CheckpointError(f"{directory}: no tensor '{name}'")
+        yield name, splits[name].merge([h.get_tensor(name) for h in handles])
+
+
+def load_canonical_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    return dict(iter_canonical_tensors(directory))
+
+
+def load_into_model(directory: str | Path, model: torch.nn.Module, tp_rank: int, tp_size: int) -> None:
+    """Fill ``model``'s local shards from a checkpoint saved at any TP size; shapes are checked against
+    the model and mismatches are reported with the tensor's name."""
+    directory, meta, cfg = read_header(directory)
+    params = dict(model.named_parameters())
+    saved = set(meta["shapes"])
+    if set(params) != saved:
+        missing, extra = sorted(set(params) - saved), sorted(saved - set(params))
+        raise CheckpointError(
+            f"{directory}: checkpoint does not match the model's architecture "
+            f"(missing {missing[:4]}, unexpected {extra[:4]})"
+        )
+    splits = tensor_splits(meta, cfg)
+    same_tp = meta["tp_size"] == tp_size
+    handle = safe_open(str(directory / shard_filename(tp_rank)), framework="pt") if same_tp else None
+    with torch.no_grad():
+        for name, param in params.items():
+            spec = splits[name]
+            full_shape = list(spec.full_shape(param.shape, tp_size))
+            if full_shape != list(meta["shapes"][name]):
+                raise CheckpointError(
+                    f"{directory}: '{name}' has shape {meta['shapes'][name]} in the checkpoint but "
+                    f"{full_shape} in the model built from the config"
+                )
+            if same_tp:
+                shard = handle.get_tensor(name)
+            else:
+                _, full = next(iter_canonical_tensors(directory, [name]))
+                shard = spec.split(full, tp_rank, tp_size)
+            param.copy_(shard.to(param.dtype))

@@ -1,0 +1,278 @@
+"""Full training checkpoints: model shards, optimizer state, schedule and data position, RNG.
+
+Collective save: every rank calls :func:`save_training_checkpoint`. Everything is written into the
+hidden staging directory; after a barrier global rank 0 syncs it, renames it to ``iter_N`` and then
+replaces ``latest``. A crash at any point leaves the previous checkpoint and ``latest`` untouched; the
+stale staging directory is removed by the next save. Resume reads it back through
+:func:`checkpoint_for_config` (every check, before anything is built) and
+:func:`load_training_state` (after the model and engine exist).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron_stablelm import parallel
+from megatron_stablelm.checkpoint.atomic import (
+    StagedDirectory,
+    fsync_file,
+    remove_stale_staging,
+    write_latest,
+)
+from megatron_stablelm.checkpoint.layout import (
+    TRAIN_FORMAT,
+    TRAIN_STATE_FILE,
+    CheckpointError,
+    iteration_dirname,
+    optim_files,
+    resolve_checkpoint,
+    rng_filename,
+)
+from megatron_stablelm.checkpoint.model_files import (
+    load_into_model,
+    read_header,
+    tensor_splits,
+    write_model_files,
+)
+from megatron_stablelm.checkpoint.optimizer_files import OptimizerShards, state_key, write_optimizer_file
+from megatron_stablelm.checkpoint.rng import load_rng_state, save_rng_state
+from megatron_stablelm.config import ARCHITECTURE_KEYS, Config
+
+
+class EngineState(Protocol):
+    """What a checkpoint needs from the training engine (``training.engine.TrainingEngine``)."""
+
+    model: torch.nn.Module
+    zero_stage: int
+
+    def state_keys(self) -> list[str]: ...
+    def accepts_state_key(self, key: str) -> bool: ...
+    def adam_step(self) -> int: ...
+    def prepare_state(self, step: int | None = None) -> None: ...
+    def get_state(self, name: str, key: str) -> torch.Tensor: ...
+    def set_state(self, name: str, key: str, value: torch.Tensor) -> None: ...
+    def loss_scaler_state(self) -> dict | None: ...
+    def set_loss_scaler_state(self, state: dict | None) -> None: ...
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- before building anything
+@dataclass
+class CheckpointInfo:
+    """A checkpoint found fit for a config; everything needed to decide before building anything."""
+
+    path: Path
+    meta: dict
+    config: Config
+    train_state: dict | None  # None: weights only (e.g. converted from Hugging Face)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def iteration(self) -> int:
+        return int(self.train_state["iteration"]) if self.train_state else 0
+
+
+def architecture_differences(saved: Config, current: Config) -> list[str]:
+    """``key: checkpoint X, config Y`` for every architecture key that differs."""
+    out = []
+    for key in ARCHITECTURE_KEYS:
+        a, b = getattr(saved, key), getattr(current, key)
+        if a != b:
+            out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+    return out
+
+
+def read_train_state(directory: Path) -> dict | None:
+    """``train_state.json`` of a checkpoint, or None for a weights-only one."""
+    path = directory / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read the training state ({err})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: unsupported training-state format {found}")
+    return state
+
+
+def _select(cfg: Config, path: Path) -> Path:
+    """``path`` itself, or its ``iter_N`` when the config asks for iteration N."""
+    if cfg.iteration is None:
+        return path
+    wanted = path / iteration_dirname(cfg.iteration)
+    if wanted.is_dir():
+        return wanted
+    if not (path / "model_meta.json").is_file():
+        raise CheckpointError(f"iteration {cfg.iteration} requested but {path} has no {wanted.name}")
+    return path
+
+
+def checkpoint_for_config(cfg: Config, path: str | Path, padded_vocab: int | None = None) -> CheckpointInfo:
+    """Resolve ``path`` (a checkpoint or a run directory with ``latest``; ``cfg.iteration`` picks a
+    specific one) and check that it can be loaded into the model ``cfg`` describes."""
+    directory = resolve_checkpoint(_select(cfg, Path(path)))
+    directory, meta, saved_cfg = read_header(directory)
+    if not cfg.no_checkpoint_arg_validation:
+        diffs = architecture_differences(saved_cfg, cfg)
+        if diffs:
+            raise CheckpointError(
+                f"{directory}: the checkpoint's architecture differs from the config:\n  "
+                + "\n  ".join(diffs)
+                + "\n(set no_checkpoint_arg_validation: true only if you know the shapes still match)"
+            )
+    if padded_vocab is not None and meta["padded_vocab_size"] != padded_vocab:
+        raise CheckpointError(
+            f"{directory}: the checkpoint's padded vocabulary is {meta['padded_vocab_size']} rows but the "
+            f"config gives {padded_vocab} (set padded_vocab_size: {meta['padded_vocab_size']})"
+        )
+    state = read_train_state(directory)
+    if state is not None and state.get("has_optimizer"):
+        for tp_rank in range(meta["tp_size"]):
+            if not optim_files(directory, tp_rank):
+                raise CheckpointError(f"{directory}: optimizer files for TP rank {tp_rank} are missing")
+    return CheckpointInfo(directory, meta, saved_cfg, state)
+
+
+# ----------------------------------------------------------------------------- save
+_STALL_ENV = "MEGATRON_STABLELM_TEST_SAVE_STALL"
+
+
+def _test_stall(iteration: int) -> None:
+    """Test hook for the crash-safety tests: ``ITERATION:SECONDS`` makes the save of that iteration
+    sleep after the model files are written, i.e. in the middle of the save, so a test can SIGKILL it."""
+    it, _, seconds = os.environ.get(_STALL_ENV, "").partition(":")
+    if it and int(it) == iteration and float(seconds) > 0:
+        if _rank() == 0:
+            print(
+                f"[checkpoint] test hook: stalling {seconds}s in the middle of saving {iteration}", flush=True
+            )
+        time.sleep(float(seconds))
+
+
+def _write_optimizer_share(tmp: Path, engine: EngineState) -> Path:
+    """Gather each parameter's state over the DP group (all DP ranks take part); DP rank ``i % dp``
+    keeps parameter ``i`` and writes its share."""
+    dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
+    engine.prepare_state()
+    mine: dict[str, torch.Tensor] = {}
+    for index, (name, _) in enumerate(engine.model.named_parameters()):
+        for key in engine.state_keys():
+            value = engine.get_state(name, key)
+            if index % dp_size == dp_rank:
+                mine[state_key(name, key)] = value
+    return write_optimizer_file(tmp, parallel.tp_rank(), parallel.tp_size(), dp_rank, dp_size, mine)
+
+
+def _train_state_record(engine: EngineState, train_state: dict[str, Any]) -> dict[str, Any]:
+    state = dict(train_state)
+    state.update(
+        format=TRAIN_FORMAT,
+        has_optimizer=True,
+        adam_step=engine.adam_step(),
+        optimizer_keys=engine.state_keys(),
+        loss_scaler=engine.loss_scaler_state(),
+        world_size=_world(),
+        tp_size=parallel.tp_size(),
+        dp_size=parallel.dp_size(),
+        zero_stage=engine.zero_stage,
+        saved_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    return state
+
+
+def save_training_checkpoint(
+    root: str | Path, engine: EngineState, cfg: Config, padded_vocab: int, train_state: dict[str, Any]
+) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory."""
+    root = Path(root)
+    iteration = int(train_state["iteration"])
+    staged = StagedDirectory(root / iteration_dirname(iteration), overwrite=True)
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(root)
+        staged.begin()
+    _barrier()
+    tmp = staged.tmp
+    written: list[Path] = []
+    if parallel.dp_rank() == 0:
+        local = {name: p.detach() for name, p in engine.model.named_parameters()}
+        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, padded_vocab)
+    _test_stall(iteration)
+    written.append(_write_optimizer_share(tmp, engine))
+    rng_file = tmp / rng_filename(rank)
+    save_rng_state(rng_file)
+    written.append(rng_file)
+    if rank == 0:
+        state_file = tmp / TRAIN_STATE_FILE
+        state_file.write_text(json.dumps(_train_state_record(engine, train_state), indent=1))
+        written.append(state_file)
+    for path in written:
+        fsync_file(path)
+    _barrier()
+    if rank == 0:
+        staged.commit()
+        write_latest(root, staged.final.name)
+    _barrier()
+    return staged.final
+
+
+# ----------------------------------------------------------------------------- load
+def load_model_weights(info: CheckpointInfo, model: torch.nn.Module) -> None:
+    """Fill the model's shards (re-split when the TP size differs). Call before building the engine, so
+    DeepSpeed's fp32 master copies start from these weights."""
+    load_into_model(info.path, model, parallel.tp_rank(), parallel.tp_size())
+
+
+def _restore_optimizer(info: CheckpointInfo, engine: EngineState, state: dict[str, Any]) -> None:
+    shards = OptimizerShards(info.path, info.meta["tp_size"])
+    splits = tensor_splits(info.meta, info.config)
+    engine.prepare_state(int(state["adam_step"]))
+    keys = [k for k in state["optimizer_keys"] if engine.accepts_state_key(k)]
+    tp_rank, tp_size = parallel.tp_rank(), parallel.tp_size()
+    for name, _ in engine.model.named_parameters():
+        for key in keys:
+            engine.set_state(name, key, shards.shard(state_key(name, key), splits[name], tp_rank, tp_size))
+    engine.set_loss_scaler_state(state.get("loss_scaler"))
+
+
+def load_training_state(info: CheckpointInfo, engine: EngineState, log=print) -> dict[str, Any]:
+    """Restore optimizer state, loss scaler and RNG; return the saved training state (iteration,
+    consumed samples, ...) with ``rng_restored``. Weights must already be loaded."""
+    state = dict(info.train_state or {})
+    if state.get("has_optimizer"):
+        _restore_optimizer(info, engine, state)
+    rank, world = _rank(), _world()
+    rng_file = info.path / rng_filename(rank)
+    state["rng_restored"] = state.get("world_size") == world and rng_file.is_file()
+    if state["rng_restored"]:
+        load_rng_state(rng_file)
+    elif rank == 0:
+        log(
+            f"[checkpoint] saved with {state.get('world_size')} ranks, running with {world}: RNG states are "
+            "re-seeded from (seed, iteration) instead of restored"
+        )
+    _barrier()
+    return state
