@@ -54,43 +54,81 @@ def tiny_dict(**overrides: Any) -> dict[str, Any]:
     return out
 
 
+def _synthetic_data(cfg, mask_every: int | None):
+    """``make_data`` over SyntheticData; ``mask_every``: count only targets whose id is not divisible
+    by it (uneven loss masks)."""
+    from megatron_stablelm.training.synthetic import SyntheticData
+
+    def make_data(req):
+        data = SyntheticData(
+            cfg.seq_length, cfg.padded_vocab(None), req.layout.micro, req.layout.accumulation,
+            req.dp_rank, req.dp_size, 99,
+        ).iterators(req.consumed_train_samples, req.consumed_valid_samples)  # fmt: skip
+        if mask_every:
+            data.train = (dict(b, loss_mask=(b["labels"] % mask_every != 0).float()) for b in data.train)
+        return data
+
+    return make_data
+
+
+def _real_data(cfg):
+    """``make_data`` over the real pipeline (tokenizer, indexed shards, megatron-core datasets, the
+    DataLoader), and the padded vocabulary of the config's tokenizer."""
+    from megatron_stablelm.data import build_data_iterators, build_tokenizer
+
+    tokenizer = build_tokenizer(cfg)
+
+    def make_data(req):
+        return build_data_iterators(
+            cfg,
+            tokenizer,
+            dp_rank=req.dp_rank,
+            dp_size=req.dp_size,
+            consumed_train_samples=req.consumed_train_samples,
+            consumed_valid_samples=req.consumed_valid_samples,
+            device=req.device,
+            report=False,
+        )
+
+    return make_data, cfg.padded_vocab(tokenizer.vocab_size)
+
+
+def _fault_hook(options: dict):
+    """Injected non-finite losses or gradients: ``faults`` {iteration: "loss" | "grad"} and/or
+    ``faults_from`` (first iteration, kind) for every iteration from there on."""
+    faults = {int(k): v for k, v in (options.get("faults") or {}).items()}
+    fault_from = options.get("faults_from")
+    if not (faults or fault_from):
+        return None
+
+    def hook(iteration: int, micro: int, loss: torch.Tensor) -> torch.Tensor:
+        kind = faults.get(iteration)
+        if fault_from and iteration >= fault_from[0]:
+            kind = fault_from[1]
+        if kind == "loss":
+            return loss * float("nan")
+        if kind == "grad":
+            return _NanGrad.apply(loss)
+        return loss
+
+    return hook
+
+
 def train_worker(rank: int, world: int, cfg_values: dict, out_dir: str, options: dict | None = None) -> None:
-    """Body of one rank (for ``dist_helpers.run_distributed``): train on synthetic data and write
+    """Body of one rank (for ``dist_helpers.run_distributed``): train on synthetic data (or, with
+    ``real_data``, the config's shards through the real pipeline) and write
     ``out_dir/rank{r}.json`` (losses, lrs, state) and, on rank 0, the final canonical weights."""
     options = options or {}
     torch.set_num_threads(1)
     from megatron_stablelm.config import config_from_dict
     from megatron_stablelm.training.loop import NonFiniteAbort, Trainer
-    from megatron_stablelm.training.synthetic import SyntheticData
 
     cfg = config_from_dict(cfg_values)
-    padded = cfg.padded_vocab(None)
-
-    mask_every = options.get("mask_every")  # count only targets whose token id is not divisible by it
-
-    def make_data(req):
-        data = SyntheticData(
-            cfg.seq_length, padded, req.layout.micro, req.layout.accumulation, req.dp_rank, req.dp_size, 99
-        ).iterators(req.consumed_train_samples, req.consumed_valid_samples)
-        if mask_every:
-            data.train = (dict(b, loss_mask=(b["labels"] % mask_every != 0).float()) for b in data.train)
-        return data
-
-    hook = None
-    faults = {int(k): v for k, v in (options.get("faults") or {}).items()}  # iteration -> "loss" | "grad"
-    fault_from = options.get("faults_from")  # (first iteration, kind): every iteration from there on
-    if faults or fault_from:
-
-        def hook(iteration: int, micro: int, loss: torch.Tensor) -> torch.Tensor:
-            kind = faults.get(iteration)
-            if fault_from and iteration >= fault_from[0]:
-                kind = fault_from[1]
-            if kind == "loss":
-                return loss * float("nan")
-            if kind == "grad":
-                return _NanGrad.apply(loss)
-            return loss
-
+    if options.get("real_data"):
+        make_data, padded = _real_data(cfg)
+    else:
+        make_data, padded = _synthetic_data(cfg, options.get("mask_every")), cfg.padded_vocab(None)
+    hook = _fault_hook(options)
     logs: list[str] = []
     trainer = Trainer(cfg, make_data, padded_vocab=padded, log=logs.append, fault_hook=hook)
     record: dict[str, Any] = {}

@@ -258,21 +258,34 @@ def _restore_optimizer(info: CheckpointInfo, engine: EngineState, state: dict[st
     engine.set_loss_scaler_state(state.get("loss_scaler"))
 
 
-def load_training_state(info: CheckpointInfo, engine: EngineState, log=print) -> dict[str, Any]:
-    """Restore optimizer state, loss scaler and RNG; return the saved training state (iteration,
-    consumed samples, ...) with ``rng_restored``. Weights must already be loaded."""
+def load_training_state(info: CheckpointInfo, engine: EngineState) -> dict[str, Any]:
+    """Restore optimizer state and loss scaler; return the saved training state (iteration, consumed
+    samples, ...). Weights must already be loaded. RNG states are restored separately, last
+    (:func:`restore_rng`), because building the data iterators draws from the global generator."""
     state = dict(info.train_state or {})
     if state.get("has_optimizer"):
         _restore_optimizer(info, engine, state)
+    return state
+
+
+def restore_rng(info: CheckpointInfo, log=print) -> bool:
+    """Put every generator of this rank back where it was when the checkpoint was saved; False (and
+    nothing restored) when the world size changed, so that per-rank states do not match ranks."""
     rank, world = _rank(), _world()
+    saved_world = (info.train_state or {}).get("world_size")
     rng_file = info.path / rng_filename(rank)
-    state["rng_restored"] = state.get("world_size") == world and rng_file.is_file()
-    if state["rng_restored"]:
-        load_rng_state(rng_file)
+    restored = saved_world == world and rng_file.is_file()
+    if restored:
+        try:
+            load_rng_state(rng_file)
+        except Exception as err:  # torch.load's errors do not name the file
+            raise CheckpointError(
+                f"{rng_file}: cannot read the RNG state ({type(err).__name__}: {err})"
+            ) from None
     elif rank == 0:
         log(
-            f"[checkpoint] saved with {state.get('world_size')} ranks, running with {world}: RNG states are "
+            f"[checkpoint] saved with {saved_world} ranks, running with {world}: RNG states are "
             "re-seeded from (seed, iteration) instead of restored"
         )
     _barrier()
-    return state
+    return restored

@@ -46,6 +46,7 @@ from megatron_stablelm.checkpoint.training_state import (
     checkpoint_for_config,
     load_model_weights,
     load_training_state,
+    restore_rng,
     save_training_checkpoint,
 )
 from megatron_stablelm.config import BatchLayout, Config, ConfigError, validate_config, validate_layout
@@ -257,7 +258,10 @@ class Trainer:
         if self.checkpoint is not None:
             load_model_weights(self.checkpoint, self.model)
         self.engine = TrainingEngine(cfg, self.model, self.layout)
-        if self.checkpoint is not None and self.checkpoint.train_state is not None and not cfg.finetune:
+        resuming = (
+            self.checkpoint is not None and self.checkpoint.train_state is not None and not cfg.finetune
+        )
+        if resuming:
             self._resume(self.checkpoint)
         self.start_iteration = self.state.iteration
         self.metrics.consumed_tokens = self.state.consumed_tokens
@@ -271,6 +275,9 @@ class Trainer:
                 device=self.device,
             )
         )
+        # Last: building the data iterators draws from the global generator (DataLoader seeds).
+        if resuming and not restore_rng(self.checkpoint, log=self.log):
+            seed_everything(cfg.seed + self.state.iteration)
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"[setup] world {dist.get_world_size()} = TP {parallel.tp_size()} × DP {parallel.dp_size()}; "
@@ -280,12 +287,10 @@ class Trainer:
         )
 
     def _resume(self, info: CheckpointInfo) -> None:
-        saved = load_training_state(info, self.engine, log=self.log)
+        saved = load_training_state(info, self.engine)
         for key in TrainState().as_dict():
             if key in saved and key != "nonfinite_in_a_row":
                 setattr(self.state, key, int(saved[key]))
-        if not saved.get("rng_restored"):
-            seed_everything(self.cfg.seed + self.state.iteration)
         self.log(
             f"[setup] resumed from {info.path}: iteration {self.state.iteration}, "
             f"{self.state.consumed_samples} samples consumed (saved at TP={saved.get('tp_size')} "
