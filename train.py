@@ -6,8 +6,10 @@ Works as one process (CPU or one GPU), under ``torchrun --nproc-per-node N train
 ``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed. The backend is NCCL on
 GPU and gloo on CPU unless ``distributed_backend`` says otherwise.
 
-Exit codes: 0 finished (or saved and stopped on SIGTERM), 2 bad config/checkpoint/data (reported
-before the first step; nothing is written), 3 stopped after ``max_nonfinite_steps`` non-finite steps.
+Exit codes: 0 finished, or saved and stopped on SIGTERM/SIGINT (or SIGTERM before training started);
+2 bad config/checkpoint/data (reported before the first step; nothing is written); 3 stopped after
+``max_nonfinite_steps`` non-finite steps; 130 Ctrl-C before training started, or a second Ctrl-C
+(see ``megatron_stablelm/signals.py``).
 """
 
 from __future__ import annotations
@@ -102,52 +104,101 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*errors, DataError, ShardError, TokenizerError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def _launch_position() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment, read without importing torch."""
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    return rank, world
+
+
+def _teardown() -> None:
+    """Tear down the process groups if this process got as far as creating them."""
+    parallel = sys.modules.get("megatron_stablelm.parallel")
+    if parallel is not None:
+        parallel.destroy()
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"[train.py] error: {message}", file=sys.stderr, flush=True)
+    _teardown()
+    return code
+
+
+def _check_inputs(args: argparse.Namespace, rank: int, world: int):
+    """Everything that can be checked before importing torch, megatron-core or DeepSpeed: the config
+    (keys, types, ranges, combinations) and the batch layout at this world size. Seconds, not minutes."""
+    from megatron_stablelm.config import load_config, validate_layout
+
+    overrides = [item for group in args.override for item in group]
+    cfg = load_config(args.configs, overrides, report_ignored=rank == 0, training=True)
+    return cfg, validate_layout(cfg, world)
+
+
+def _train(args: argparse.Namespace, stop) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    from megatron_stablelm.parallel import adopt_slurm_environment
-
-    adopt_slurm_environment()  # deepspeed --launcher slurm: one srun task per rank
-
-    # Imports after argument parsing so that --help is instant.
-    from megatron_stablelm import parallel
-    from megatron_stablelm.config import load_config
-    from megatron_stablelm.training.loop import NonFiniteAbort, Trainer, world_from_env
-
-    rank = world_from_env()[0]
-    user_errors = _user_errors()
-
-    def fail(message: str, code: int) -> int:
-        print(f"[train.py] error: {message}", file=sys.stderr, flush=True)
-        parallel.destroy()
-        return code
+    rank, world = _launch_position()
+    from megatron_stablelm.config import ConfigError
 
     try:
-        overrides = [item for group in args.override for item in group]
-        cfg = load_config(args.configs, overrides, report_ignored=rank == 0, training=True)
+        cfg, layout = _check_inputs(args, rank, world)
+    except ConfigError as err:
+        return _fail(str(err), 2)
+
+    from megatron_stablelm.parallel import adopt_slurm_environment
+    from megatron_stablelm.training.loop import NonFiniteAbort, Trainer
+
+    adopt_slurm_environment()  # deepspeed --launcher slurm: one srun task per rank
+    user_errors = _user_errors()
+    try:
         tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
+        if not args.synthetic_data:  # every shard and its header, before any process group or model
+            from megatron_stablelm.data import plan_splits
+
+            plan_splits(cfg, tokenizer.vocab_size, layout.dp_size, scan_tokens=False)
         trainer = Trainer(
-            cfg, _data_factory(cfg, tokenizer, padded, args.synthetic_data), padded_vocab=padded
+            cfg, _data_factory(cfg, tokenizer, padded, args.synthetic_data), padded_vocab=padded, stop=stop
         )
         trainer.setup()
         result = trainer.train()
     except NonFiniteAbort as err:
-        return fail(str(err), 3)
+        return _fail(str(err), 3)
     except user_errors as err:
-        return fail(str(err), 2)
+        return _fail(str(err), 2)
     except Exception:
         traceback.print_exc()
-        parallel.destroy()
+        _teardown()
         return 1
     if rank == 0:
-        last = result.checkpoints[-1] if result.checkpoints else "none"
+        last = (
+            result.checkpoints[-1]
+            if result.checkpoints
+            else (trainer.checkpoint.path if trainer.checkpoint else "none")
+        )
         print(
             f"[train.py] {result.exit_reason} at iteration {result.state.iteration}; last checkpoint: {last}",
             flush=True,
         )
-    parallel.destroy()
+    _teardown()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from megatron_stablelm.signals import StopBeforeTraining, StopRequest
+
+    stop = StopRequest().install()  # before anything heavy: a signal during start-up stops quietly
+    try:
+        return _train(args, stop)
+    except StopBeforeTraining as stopped:
+        print(
+            f"[train.py] {stopped.signal_name} before training started: stopped; nothing was written",
+            file=sys.stderr,
+            flush=True,
+        )
+        _teardown()
+        return 0 if stopped.signal_name == "SIGTERM" else 130
 
 
 if __name__ == "__main__":

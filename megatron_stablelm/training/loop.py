@@ -17,8 +17,9 @@ Failure policy:
 * a non-finite loss or gradient skips the update (DeepSpeed's overflow path, or the guarded optimizer
   without ZeRO), is logged and counted; ``max_nonfinite_steps`` in a row aborts with
   :class:`NonFiniteAbort` and *no* checkpoint is written while the streak lasts;
-* SIGTERM (SLURM's preemption notice) makes every rank finish the current iteration, save, and return
-  with ``exit_reason == "sigterm"``;
+* SIGTERM (SLURM's preemption notice) or SIGINT (Ctrl-C) makes every rank finish the current
+  iteration, save, and return with ``exit_reason`` ``"sigterm"``/``"sigint"`` (see
+  :mod:`megatron_stablelm.signals`: a second Ctrl-C exits at once);
 * configuration, batch arithmetic and checkpoint problems raise before any process group, model or
   checkpoint is touched.
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +52,7 @@ from megatron_stablelm.checkpoint.training_state import (
 from megatron_stablelm.config import BatchLayout, Config, ConfigError, validate_config, validate_layout
 from megatron_stablelm.metrics import flops_per_token, peak_tflops
 from megatron_stablelm.model import build_model
+from megatron_stablelm.signals import StopRequest
 from megatron_stablelm.training.engine import TrainingEngine
 from megatron_stablelm.training.logging import MetricsLogger, StepRecord
 from megatron_stablelm.training.schedules import schedule_from_config
@@ -99,7 +100,7 @@ class TrainState:
 
 @dataclass
 class RunResult:
-    exit_reason: str  # "done" | "sigterm"
+    exit_reason: str  # "done" | "sigterm" | "sigint"
     state: TrainState
     losses: dict[int, float] = field(
         default_factory=dict
@@ -157,15 +158,14 @@ class Trainer:
         padded_vocab: int,
         log: Callable[[str], None] = print,
         fault_hook: FaultHook | None = None,
-        handle_sigterm: bool = True,
+        stop: StopRequest | None = None,
     ) -> None:
         self.cfg = cfg
         self.make_data = make_data
         self.padded_vocab = padded_vocab
         self._log = log
         self.fault_hook = fault_hook
-        self.handle_sigterm = handle_sigterm
-        self._sigterm = False
+        self.stop = stop  # None: train() installs its own handlers for its duration
         self.state = TrainState()
         self.checkpoint: CheckpointInfo | None = None
 
@@ -418,15 +418,19 @@ class Trainer:
             return True
         return bool(cfg.extra_save_iters) and iteration in set(cfg.extra_save_iters)
 
-    def _sigterm_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (every rank must leave the loop at the same step)."""
+        flag = torch.tensor([1.0 if self.stop.signal_name else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunResult:
         result = RunResult("done", self.state, start_iteration=self.start_iteration)
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self.handle_sigterm else None
+        own_handlers = self.stop is None
+        if own_handlers:
+            self.stop = StopRequest().install()
+        self.stop.training = True
         try:
             if self.data.train is None:
                 raise ConfigError("no training data: set train_data_paths (or data_path)")
@@ -434,13 +438,13 @@ class Trainer:
             self._last_saved = self.start_iteration if self.checkpoint is not None else None
             while self.state.iteration < self.cfg.train_iters:
                 if self._iteration(result):
-                    result.exit_reason = "sigterm"
+                    result.exit_reason = (self.stop.signal_name or "SIGTERM").lower()
                     return result
             self._finish(result)
             return result
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if own_handlers:
+                self.stop.uninstall()
             self.metrics.close()
 
     def _save_into(self, result: RunResult, reason: str) -> None:
@@ -470,11 +474,12 @@ class Trainer:
                 result.evals.append(ev)
         if self._should_save(it):
             self._save_into(result, "periodic")
-        if not self._sigterm_agreed():
+        if not self._stop_agreed():
             return False
-        self.log(f"[train] SIGTERM received: saving at iteration {it} and exiting")
+        name = self.stop.signal_name or "a stop signal on another rank"
+        self.log(f"[train] {name} received: saving at iteration {it} and exiting")
         if self._last_saved != it:
-            self._save_into(result, "sigterm")
+            self._save_into(result, (self.stop.signal_name or "stop").lower())
         return True
 
     def _finish(self, result: RunResult) -> None:
@@ -487,9 +492,6 @@ class Trainer:
         if ev:
             result.evals.append(ev)
         result.test = self.evaluate(self.data.test, "test")
-
-    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002
-        self._sigterm = True
 
 
 def run(
