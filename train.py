@@ -104,6 +104,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*errors, DataError, ShardError, TokenizerError)
 
 
+def _check_shards(cfg, vocab_size: int) -> None:
+    """Every shard the config names exists and has a readable header (``.idx`` only; fast)."""
+    from megatron_stablelm.data import check_shard
+
+    prefixes = [cfg.data_path] if cfg.data_path else []
+    for split in ("train", "valid", "test"):
+        prefixes += getattr(cfg, f"{split}_data_paths") or []
+    for prefix in prefixes:
+        check_shard(prefix, vocab_size, scan_tokens=False)
+
+
 def _launch_position() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment, read without importing torch."""
     env = os.environ
@@ -146,14 +157,20 @@ def _train(args: argparse.Namespace, stop) -> int:
     except ConfigError as err:
         return _fail(str(err), 2)
 
+    user_errors = _user_errors()
+    try:  # the tokenizer and every shard's header, still before megatron-core and DeepSpeed
+        tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
+        if not args.synthetic_data:
+            _check_shards(cfg, tokenizer.vocab_size)
+    except user_errors as err:
+        return _fail(str(err), 2)
+
     from megatron_stablelm.parallel import adopt_slurm_environment
     from megatron_stablelm.training.loop import NonFiniteAbort, Trainer
 
     adopt_slurm_environment()  # deepspeed --launcher slurm: one srun task per rank
-    user_errors = _user_errors()
     try:
-        tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
-        if not args.synthetic_data:  # every shard and its header, before any process group or model
+        if not args.synthetic_data:  # the mixture: weights, splits, samples per source
             from megatron_stablelm.data import plan_splits
 
             plan_splits(cfg, tokenizer.vocab_size, layout.dp_size, scan_tokens=False)

@@ -27,7 +27,7 @@ from megatron_stablelm.checkpoint.model_files import config_at_tp_size
 from megatron_stablelm.config import Config, ConfigError
 from megatron_stablelm.model import InferenceCache, StableLMModel
 from megatron_stablelm.parallelize import parallelize
-from megatron_stablelm.tokenizers import Tokenizer, TokenizerError, build_tokenizer
+from megatron_stablelm.tokenizers import load_tokenizer
 
 __all__ = [
     "GenerationError",
@@ -123,28 +123,6 @@ def load_checkpoint_model(
     except Exception as err:  # safetensors' errors do not name the file
         raise CheckpointError(f"{ckpt}: cannot read the model shards ({err})") from None
     return LoadedModel(cfg, model.to(device).eval(), meta, ckpt)
-
-
-def load_tokenizer(cfg: Config, path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer to encode prompts: ``path`` (a ``tokenizer.json``, a ``.tiktoken`` ranks file, or a
-    directory holding one) when given, else the checkpoint config's ``tokenizer_type``/``vocab_file``."""
-    if path is None:
-        if not cfg.vocab_file:
-            raise TokenizerError(
-                "the checkpoint's config names no vocab_file; give the tokenizer with --tokenizer"
-            )
-        return build_tokenizer(cfg)
-    path = Path(path)
-    if path.is_dir():
-        found = [path / "tokenizer.json"] if (path / "tokenizer.json").is_file() else []
-        found = found or sorted(path.glob("*.tiktoken"))
-        if not found:
-            raise TokenizerError(f"tokenizer directory '{path}' holds no tokenizer.json or .tiktoken file")
-        path = found[0]
-    if not path.is_file():
-        raise TokenizerError(f"tokenizer file '{path}' does not exist")
-    kind = "TiktokenTokenizer" if path.suffix == ".tiktoken" else "HFTokenizer"
-    return build_tokenizer(tokenizer_type=kind, vocab_file=str(path))
 
 
 def gather_vocab(local: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core import tensor_parallel
 from torch import nn
 
 
@@ -71,6 +70,8 @@ def layer_splits(module: nn.Module) -> dict[str, ShardSpec]:
     declared = getattr(module, "tp_param_splits", None)
     if declared is not None:
         return dict(declared)
+    from megatron.core import tensor_parallel  # here, so checkpoint readers need not import megatron-core
+
     if isinstance(module, tensor_parallel.ColumnParallelLinear):
         rows = ShardSpec(0, parts=getattr(module, "fused_parts", 1))
         return {"weight": rows, "bias": rows}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -35,7 +36,9 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "build_tokenizer",
+    "hf_tokenizer_from_tiktoken",
     "load_tiktoken_ranks",
+    "tokenizer_in_directory",
     "write_tiktoken_ranks",
 ]
 
@@ -299,6 +302,65 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------- export / import
+def tokenizer_in_directory(directory: str | os.PathLike) -> tuple[str, Path] | None:
+    """``(tokenizer_type, file)`` of the tokenizer a model directory holds: a ``.tiktoken`` ranks file
+    (Arcade100k, the form the framework trains with), else a ``tokenizer.json``; None if neither."""
+    directory = Path(directory)
+    ranks = sorted(directory.glob("*.tiktoken"))
+    if ranks:
+        return "TiktokenTokenizer", ranks[0]
+    if (directory / "tokenizer.json").is_file():
+        return "HFTokenizer", directory / "tokenizer.json"
+    return None
+
+
+def load_tokenizer(cfg: Any, path: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint's user: ``path`` (a ``tokenizer.json``, a ``.tiktoken`` ranks file,
+    or a directory holding one) when given, else the checkpoint config's ``tokenizer_type``/``vocab_file``."""
+    if path is None:
+        if not cfg.vocab_file:
+            raise TokenizerError("the checkpoint's config names no vocab_file; give the tokenizer with --tokenizer")
+        return build_tokenizer(cfg)
+    path = Path(path)
+    if path.is_dir():
+        found = tokenizer_in_directory(path)
+        if found is None:
+            raise TokenizerError(f"tokenizer directory '{path}' holds no tokenizer.json or .tiktoken file")
+        kind, path = found
+    elif not path.is_file():
+        raise TokenizerError(f"tokenizer file '{path}' does not exist")
+    else:
+        kind = "TiktokenTokenizer" if path.suffix == ".tiktoken" else "HFTokenizer"
+    return build_tokenizer(tokenizer_type=kind, vocab_file=str(path))
+
+
+def hf_tokenizer_from_tiktoken(tok: TiktokenTokenizer) -> Any:
+    """A ``tokenizers.Tokenizer`` giving ``tok``'s ids, special tokens included, so that
+    ``AutoTokenizer`` loads an Arcade100k-style tokenizer without remote code. ``transformers``'
+    tiktoken converter derives the BPE merges from the ranks; the special tokens keep ``tok``'s ids
+    (with the published ranks they start one id after the last rank, a gap the converter would close)."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTok
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _RanksConverter(TikTokenConverter):
+        def load_tiktoken_bpe(self, tiktoken_url: str) -> dict[bytes, int]:
+            return tok._encoding._mergeable_ranks
+
+    converted = _RanksConverter(pattern=tok._encoding._pat_str).converted()
+    spec = json.loads(converted.to_str())
+    spec["model"]["vocab"].update(tok.special_tokens)
+    result = HFTok.from_str(json.dumps(spec))
+    result.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t in sorted(tok.special_tokens, key=tok.special_tokens.get)
+        ]
+    )
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- factory

@@ -32,7 +32,8 @@ def _corpus(seed: int, n: int) -> list[str]:
 
 def test_interop_formats_workers(tmp_path, tok_file):
     """jsonl, .jsonl.gz, .jsonl.zst, parquet and a datasets dir, 2 workers: IndexedDataset reads back
-    exactly the tokenizer's ids + EOD, in input order."""
+    exactly the tokenizer's ids + EOD, in input order (an empty text: a document without a sequence,
+    as Megatron-LM writes it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import zstandard
@@ -59,10 +60,13 @@ def test_interop_formats_workers(tmp_path, tok_file):
     tok = HFTokenizer(tok_file)
     texts = [t for p in parts for t in p]
     ds = IndexedDataset(str(tmp_path / "out_text_document"))
-    assert len(ds) == len(texts) == stats.documents
+    bounds = ds.document_indices
+    assert len(bounds) - 1 == len(texts) == stats.documents
+    assert len(ds) == len(texts) - stats.empty_documents and stats.empty_documents == len(parts)
     assert ds[0].dtype == np.uint16
     for i, text in enumerate(texts):
-        assert ds[i].tolist() == tok.encode(text) + [tok.eod], i
+        doc = [t for seq in range(bounds[i], bounds[i + 1]) for t in ds[seq].tolist()]
+        assert doc == (tok.encode(text) + [tok.eod] if text else []), i
     assert stats.tokens == int(ds.sequence_lengths.sum())
     assert not list(tmp_path.glob("*.tmp-*"))
 
@@ -97,7 +101,8 @@ def test_no_eod_multiple_keys_and_int32(tmp_path, tok_file):
     code = IndexedDataset(str(tmp_path / "o_code_document"))
     text = IndexedDataset(str(tmp_path / "o_text_document"))
     assert [code[i].tolist() for i in range(2)] == [tok.encode(r["code"]) for r in rows]
-    assert len(text) == 1 and stats.empty_documents == 1  # an empty document without EOD is dropped
+    assert len(text) == 1 and stats.empty_documents == 1  # an empty document has no sequence
+    assert text.document_indices.tolist() == [0, 1, 1]  # ... but is a document, as Megatron-LM writes it
     writer = ShardWriter(str(tmp_path / "big"), vocab_size=100289)
     writer.add_document(np.array([100288, 5]))
     writer.finalize()
@@ -165,4 +170,4 @@ def test_cli(tmp_path, tok_file, capsys):
             str(tmp_path / "nope.json"),
         ]
     )
-    assert rc == 1 and "nope.json" in capsys.readouterr().err
+    assert rc == 2 and "nope.json" in capsys.readouterr().err  # bad input: exit 2, as every tool

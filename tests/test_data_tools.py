@@ -80,7 +80,7 @@ def test_mixture_report_cli(tmp_path, capsys):
     path.write_text(
         yaml.safe_dump({**config, "train_data_paths": [str(tmp_path / "gone")], "train_data_weights": [1]})
     )
-    assert _tool("mixture_report").main([str(path)]) == 1
+    assert _tool("mixture_report").main([str(path)]) == 2  # bad input: exit 2, as every tool
     assert "gone.idx" in capsys.readouterr().err
 
 

@@ -2,7 +2,7 @@
 """Evaluate a framework checkpoint: validation loss/perplexity on indexed datasets, and lm-eval tasks.
 
     python tools/evaluate.py CHECKPOINT --data data/val_text_document [PREFIX ...] \
-        [--seq-length 4096] [--batches 100] [--micro-batch-size 4]
+        [--seq-length 4096] [--max-tokens 131072 | --batches 100] [--micro-batch-size 4]
     python tools/evaluate.py CHECKPOINT --tasks hellaswag arc_easy [--num-fewshot 0] [--limit 100]
     python tools/evaluate.py CHECKPOINT --tasks my_task --include-path my_tasks/ --no-default-tasks
     python tools/evaluate.py CHECKPOINT --tasks            # the config's eval_tasks
@@ -10,9 +10,12 @@
 
 ``--data`` defaults to the checkpoint config's ``valid_data_paths`` when neither option is given, and
 ``--seq-length`` to its ``seq_length``. Perplexity windows: the shard's token stream in consecutive
-windows, every token but the first predicted once (see megatron_stablelm/evaluation.py). lm-eval is an
-optional extra (``pip install lm-eval``); unknown task names, missing shards and unreadable checkpoints
-are reported before any model is loaded. Results are printed as one JSON object (first rank only).
+windows, every token but the first predicted once (see megatron_stablelm/evaluation.py); each dataset
+stops after ``--max-tokens`` predicted tokens (default 131072, 0 for the whole shard), and a progress
+line per dataset goes to stderr. lm-eval is an optional extra (``pip install lm-eval``); unknown task
+names, missing shards and unreadable checkpoints are reported before any model is loaded (the model
+code is not even imported until the input is known to be good). Results are printed as one JSON
+object (first rank only).
 """
 
 from __future__ import annotations
@@ -22,12 +25,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
-from megatron_stablelm import checkpoint, evaluation
 from megatron_stablelm.cli import run_command
-from megatron_stablelm.data.indexed import check_shard
-from megatron_stablelm.generation import load_checkpoint_model, load_tokenizer
+
+DEFAULT_MAX_TOKENS = 131072  # per dataset: a perplexity within ~1% in minutes on a CPU, not hours
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,13 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory, or run directory with a 'latest' file")
     p.add_argument("--data", nargs="+", help="indexed dataset prefixes (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--seq-length", type=int, help="window length (default: the config's seq_length)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"predicted tokens per dataset, in whole micro-batches (default {DEFAULT_MAX_TOKENS}; 0: all)",
+    )
     p.add_argument("--batches", type=int, help="at most this many micro-batches per dataset")
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--tasks", nargs="*", help="lm-eval tasks (no names: the config's eval_tasks)")
     p.add_argument("--include-path", nargs="+", help="directories of extra lm-eval task YAMLs")
     p.add_argument("--no-default-tasks", action="store_true", help="index only --include-path tasks (fast)")
-    p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--limit", type=float, help="lm-eval: at most this many (or this fraction of) documents")
+    p.add_argument(
+        "--num-fewshot", type=int, help="lm-eval: few-shot examples (default: the config's eval_num_fewshot)"
+    )
+    p.add_argument(
+        "--limit",
+        type=float,
+        help="lm-eval: at most this many (or this fraction of) documents per task (default: the config's eval_limit)",
+    )
     p.add_argument("--tokenizer", help="for lm-eval: tokenizer file/directory (default: the config's)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
@@ -55,15 +67,20 @@ def _lm_eval_summary(results: dict) -> dict:
     return json.loads(json.dumps({k: results[k] for k in keep if k in results}, default=str))
 
 
-def _checked_inputs(args: argparse.Namespace, ckpt: Path) -> tuple[list[str] | None, list[str] | None]:
+def _checked_inputs(
+    args: argparse.Namespace, ckpt: Path, meta: dict, cfg
+) -> tuple[list[str] | None, list[str] | None]:
     """The datasets and lm-eval tasks to run (the config's where the command line names none), every
     shard checked before anything is loaded."""
-    cfg, meta = checkpoint.read_config(ckpt), checkpoint.read_meta(ckpt)
+    from megatron_stablelm.data.indexed import check_shard
+
     tasks = args.tasks
     if tasks is not None and not tasks:
         tasks = list(cfg.eval_tasks or [])
         if not tasks:
-            raise evaluation.EvalTaskError(f"{ckpt}: the config has no eval_tasks; name the tasks")
+            raise ValueError(f"{ckpt}: the config has no eval_tasks; name the tasks")
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0 (0: the whole shard), got {args.max_tokens}")
     data = args.data
     if data is None and tasks is None:
         data = list(cfg.valid_data_paths or [])
@@ -77,9 +94,16 @@ def _checked_inputs(args: argparse.Namespace, ckpt: Path) -> tuple[list[str] | N
 def evaluate_from_args(args: argparse.Namespace) -> int:
     """Check all input (shards, then task names against lm-eval's index), load the checkpoint at the
     launcher's TP size, evaluate, and print the JSON report (first rank only)."""
-    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
-    cfg = checkpoint.read_config(ckpt)
-    data, tasks = _checked_inputs(args, ckpt)
+    from megatron_stablelm import checkpoint
+
+    ckpt, meta, cfg = checkpoint.read_header(args.checkpoint)
+    data, tasks = _checked_inputs(args, ckpt, meta, cfg)
+    import torch.distributed as dist
+
+    from megatron_stablelm import evaluation
+    from megatron_stablelm.generation import load_checkpoint_model
+    from megatron_stablelm.tokenizers import load_tokenizer
+
     manager = tokenizer = None
     if tasks is not None:
         manager = evaluation.check_tasks(tasks, args.include_path, not args.no_default_tasks)
@@ -89,18 +113,25 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
     if data:
         seq_length = args.seq_length or cfg.seq_length
         report["perplexity"] = evaluation.evaluate_loss(
-            loaded.model, data, seq_length, batches=args.batches, micro_batch_size=args.micro_batch_size
+            loaded.model,
+            data,
+            seq_length,
+            batches=args.batches,
+            max_tokens=args.max_tokens or None,
+            micro_batch_size=args.micro_batch_size,
+            progress=not dist.is_initialized() or dist.get_rank() == 0,
         )
         report["perplexity"]["seq_length"] = seq_length
     if tasks is not None:
         from lm_eval import simple_evaluate
 
         lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=args.micro_batch_size)
-        limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+        limit = cfg.eval_limit if args.limit is None else args.limit
+        limit = limit if limit is None or limit < 1 else int(limit)
         results = simple_evaluate(
             model=lm,
             tasks=tasks,
-            num_fewshot=args.num_fewshot,
+            num_fewshot=cfg.eval_num_fewshot if args.num_fewshot is None else args.num_fewshot,
             limit=limit,
             task_manager=manager,
             log_samples=False,

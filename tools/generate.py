@@ -21,18 +21,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-
-from megatron_stablelm import checkpoint
 from megatron_stablelm.cli import run_command
-from megatron_stablelm.generation import (
-    GenerationError,
-    SamplingParams,
-    generate,
-    load_checkpoint_model,
-    load_tokenizer,
-)
+
+if TYPE_CHECKING:
+    from megatron_stablelm.generation import SamplingParams
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
@@ -83,9 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    """The sampling settings of the command line."""
     sampling = args.temperature is not None or args.top_k is not None or args.top_p is not None
     if args.greedy and sampling:
-        raise GenerationError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+        raise ValueError("--greedy cannot be combined with --temperature/--top-k/--top-p")
+    from megatron_stablelm.generation import SamplingParams
+
     if not sampling or args.temperature == 0:
         return SamplingParams(greedy=True)
     return SamplingParams(
@@ -97,12 +94,19 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def generate_from_args(args: argparse.Namespace) -> int:
-    """Check every input before any process group or model exists, load the checkpoint at the
-    launcher's TP size, generate, and write the completions (first rank only)."""
-    params = sampling_from_args(args)
+    """Check every input before any process group or model exists (prompts and the checkpoint's header
+    even before the model code is imported), load the checkpoint at the launcher's TP size, generate,
+    and write the completions (first rank only)."""
     texts = read_prompts(args.prompt, args.prompt_file)
-    ckpt = checkpoint.resolve_checkpoint(args.checkpoint)
-    tokenizer = load_tokenizer(checkpoint.read_config(ckpt), args.tokenizer)
+    from megatron_stablelm import checkpoint
+
+    ckpt, _, cfg = checkpoint.read_header(args.checkpoint)
+    from megatron_stablelm.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg, args.tokenizer)  # before the model code is imported
+    params = sampling_from_args(args)
+    from megatron_stablelm.generation import generate, load_checkpoint_model
+
     prompts = [tokenizer.encode(t) for t in texts]
     loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
     outputs = generate(
@@ -115,6 +119,8 @@ def generate_from_args(args: argparse.Namespace) -> int:
         vocab_limit=tokenizer.vocab_size,
         batch_size=args.batch_size,
     )
+    import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     lines = []

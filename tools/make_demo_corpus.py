@@ -10,9 +10,16 @@ writes, under ``--out``:
 * ``tokenizer.json`` (+ ``tokenizer.tiktoken``): a byte-level BPE trained on both;
 * ``code_text_document.{bin,idx}``, ``prose_text_document.{bin,idx}``: the shards, EOD appended.
 
+* ``manifest.json``: the settings and each file's SHA-256, written last.
+
 Config keys for a run: ``tokenizer_type: HFTokenizer``, ``vocab_file: data/demo/tokenizer.json``,
 ``train_data_paths: [data/demo/code_text_document, data/demo/prose_text_document]``. Nothing is
 downloaded; the order of documents is sorted, so the corpus is the same on every run of one machine.
+
+Re-running is safe and cheap: the jsonl files are written again (a second); when the manifest records
+the same settings and jsonl files and every listed file is unchanged, everything is reused. Otherwise
+all is built in a staging directory inside ``--out`` and moved into place only when complete, and the
+``index-cache`` of the previous shards is removed.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ from __future__ import annotations
 import argparse
 import glob
 import gzip
+import hashlib
 import json
 import os
+import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -31,6 +41,7 @@ from megatron_stablelm.data.preprocess import preprocess
 from megatron_stablelm.data.tokenizer_training import train_bpe_tokenizer
 
 MAX_DOC_CHARS = 200_000
+MANIFEST = "manifest.json"
 
 
 def code_documents() -> Iterator[str]:
@@ -74,6 +85,10 @@ def prose_documents() -> Iterator[str]:
             yield text
 
 
+SOURCES = {"code": code_documents, "prose": prose_documents}
+JSONL_FILES = tuple(f"{name}.jsonl" for name in SOURCES)
+
+
 def write_jsonl(path: str, docs: Iterator[str], max_bytes: int) -> tuple[int, int]:
     n = size = 0
     with open(path, "w", encoding="utf-8") as f:
@@ -87,6 +102,62 @@ def write_jsonl(path: str, docs: Iterator[str], max_bytes: int) -> tuple[int, in
     return n, size
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _reusable(out: str, staging: str, settings: dict) -> bool:
+    """Whether ``out`` already holds exactly what this run would build: its manifest records the same
+    settings and the same freshly written jsonl files, and every file it lists is unchanged."""
+    try:
+        with open(os.path.join(out, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if manifest["settings"] != settings or any(
+            files[name] != _sha256(os.path.join(staging, name)) for name in JSONL_FILES
+        ):
+            return False
+        return all(_sha256(os.path.join(out, name)) == digest for name, digest in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _build(staging: str, settings: dict, workers: int, t0: float) -> None:
+    """The tokenizer and the shards, from the jsonl files already in ``staging``."""
+
+    def texts() -> Iterator[str]:
+        for name in JSONL_FILES:
+            with open(os.path.join(staging, name), encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+
+    paths = train_bpe_tokenizer(texts(), staging, vocab_size=settings["vocab_size"], write_tiktoken=True)
+    print(f"tokenizer: trained ({time.perf_counter() - t0:.1f}s)")
+    for name in SOURCES:
+        stats = preprocess(
+            [os.path.join(staging, f"{name}.jsonl")],
+            os.path.join(staging, name),
+            tokenizer_type="HFTokenizer",
+            vocab_file=paths["json"],
+            workers=workers,
+            progress=False,
+        )
+        print(f"{name}_text_document: {stats.documents} documents, {stats.tokens:,} tokens")
+
+
+def _publish(staging: str, out: str) -> None:
+    """Move the built files into ``out``, the manifest last, and drop the index cache built on the
+    previous shards (megatron-core keys it by path, not content, so it would be stale)."""
+    shutil.rmtree(os.path.join(out, "index-cache"), ignore_errors=True)
+    names = sorted(n for n in os.listdir(staging) if n != MANIFEST) + [MANIFEST]
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/demo")
@@ -95,31 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    cap = int(args.max_mb * 1e6)
-    sources = {"code": code_documents(), "prose": prose_documents()}
-    for name, docs in sources.items():
-        n, size = write_jsonl(os.path.join(args.out, f"{name}.jsonl"), docs, cap)
-        print(f"{name}.jsonl: {n} documents, {size / 1e6:.1f} MB")
-
-    def texts() -> Iterator[str]:
-        for name in sources:
-            with open(os.path.join(args.out, f"{name}.jsonl"), encoding="utf-8") as f:
-                for line in f:
-                    yield json.loads(line)["text"]
-
-    paths = train_bpe_tokenizer(texts(), args.out, vocab_size=args.vocab_size, write_tiktoken=True)
-    print(f"tokenizer: {paths['json']} ({time.perf_counter() - t0:.1f}s)")
-    for name in sources:
-        stats = preprocess(
-            [os.path.join(args.out, f"{name}.jsonl")],
-            os.path.join(args.out, name),
-            tokenizer_type="HFTokenizer",
-            vocab_file=paths["json"],
-            workers=args.workers,
-            progress=False,
-        )
-        print(f"{name}_text_document: {stats.documents} documents, {stats.tokens:,} tokens")
+    settings = {"max_mb": args.max_mb, "vocab_size": args.vocab_size}
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=args.out)
+    except OSError as err:
+        print(f"error: cannot write '{args.out}': {err.strerror or err}", file=sys.stderr)
+        return 2
+    try:
+        for name, docs in SOURCES.items():
+            n, size = write_jsonl(os.path.join(staging, f"{name}.jsonl"), docs(), int(args.max_mb * 1e6))
+            print(f"{name}.jsonl: {n} documents, {size / 1e6:.1f} MB")
+        if _reusable(args.out, staging, settings):
+            print(f"'{args.out}' already holds this corpus, tokenizer and shards: reused")
+            return 0
+        _build(staging, settings, args.workers, t0)
+        files = {name: _sha256(os.path.join(staging, name)) for name in sorted(os.listdir(staging))}
+        with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "files": files}, f, indent=1)
+        _publish(staging, args.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -4,6 +4,7 @@
 
 Only the shards' ``.idx`` files are read (no index is built). ``--dp-size`` defaults to what
 ``train_batch_size`` implies (else 1); a source above ``mixture_epochs_warning`` epochs is flagged.
+Bad input (config, missing or malformed shard) prints one ``error: ...`` line and exits 2.
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args
 from megatron_stablelm.config import ConfigError, load_config
 from megatron_stablelm.data import DataError, ShardError, mixture_report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+")
+    add_config_arguments(p)
     p.add_argument("--dp-size", type=int, default=None)
-    p.add_argument("--override", nargs="*", default=[], help="key=value config overrides")
-    args = p.parse_args(argv)
+    args = parse_config_args(p, argv)
     try:
-        cfg = load_config(args.configs, args.override, report_ignored=False)
+        cfg = load_config(args.configs, overrides_from(args), report_ignored=False)
         dp = args.dp_size
         if dp is None:
             per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         print(mixture_report(cfg, dp_size=dp))
     except (ConfigError, DataError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -5,7 +5,10 @@ Example::
     python tools/preprocess_data.py --input 'data/raw/*.jsonl.zst' --output-prefix data/web \
         --tokenizer-type TiktokenTokenizer --vocab-file arcade100k.tiktoken --append-eod --workers 16
 
-The shards are megatron-core's mmap indexed-dataset format, readable by its ``IndexedDataset``.
+The shards are megatron-core's mmap indexed-dataset format, readable by its ``IndexedDataset`` and
+byte for byte what Megatron-LM's ``tools/preprocess_data.py`` writes for the same ids. Bad input (a
+malformed line, a missing file or tokenizer, an input without tokens, an output that cannot be
+written) prints one ``error: ...`` line and exits 2; nothing on disk changes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_stablelm.data.indexed import ShardError
 from megatron_stablelm.data.preprocess import BadInputError, preprocess
 from megatron_stablelm.tokenizers import TOKENIZER_TYPES, TokenizerError
 
@@ -36,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
     p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="GPT-NeoX compatibility")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--allow-empty", action="store_true", help="write a shard without tokens instead of failing"
+    )
     args = p.parse_args(argv)
     try:
         stats = preprocess(
@@ -49,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             log_interval=args.log_interval,
             skip_bad_lines=args.skip_bad_lines,
             progress=not args.no_progress,
+            allow_empty=args.allow_empty,
         )
-    except (BadInputError, TokenizerError, FileNotFoundError) as err:
+    except (BadInputError, ShardError, TokenizerError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(
         f"{stats.documents:,} documents, {stats.tokens:,} tokens, {stats.bytes / 1e6:.1f} MB in "
         f"{stats.seconds:.1f}s ({stats.mb_per_s:.2f} MB/s, {stats.tokens_per_s:,.0f} tokens/s); "

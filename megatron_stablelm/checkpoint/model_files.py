@@ -28,8 +28,15 @@ from megatron_stablelm.checkpoint.layout import (
     shard_filename,
 )
 from megatron_stablelm.config import Config, ConfigError, config_from_dict, validate_config
-from megatron_stablelm.model import config_splits
 from megatron_stablelm.sharding import REPLICATED, ShardSpec
+
+
+def config_splits(cfg: Config) -> dict[str, ShardSpec]:
+    """How each tensor of ``cfg``'s model splits over TP, read off a meta-device model's layers.
+    Imported here, not at the top: readers of a checkpoint's header must not pay for megatron-core."""
+    from megatron_stablelm.model import config_splits as model_config_splits
+
+    return model_config_splits(cfg)
 
 
 def _split(splits: dict[str, ShardSpec], name: str) -> ShardSpec:

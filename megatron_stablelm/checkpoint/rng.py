@@ -47,7 +47,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_rng_state(path: Path) -> None:
-    torch.save(rng_state(), path)
+    with open(path, "wb") as fh:  # a failed write raises OSError (disk full), not torch's RuntimeError
+        torch.save(rng_state(), fh)
 
 
 def load_rng_state(path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from megatron_stablelm import parallel
 from megatron_stablelm.checkpoint.atomic import (
@@ -215,28 +216,63 @@ def save_training_checkpoint(
         remove_stale_staging(root)
         staged.begin()
     _barrier()
-    tmp = staged.tmp
-    written: list[Path] = []
-    if parallel.dp_rank() == 0:
-        local = {name: p.detach() for name, p in engine.model.named_parameters()}
-        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, padded_vocab)
-    _test_stall(iteration)
-    written.append(_write_optimizer_share(tmp, engine))
-    rng_file = tmp / rng_filename(rank)
-    save_rng_state(rng_file)
-    written.append(rng_file)
-    if rank == 0:
-        state_file = tmp / TRAIN_STATE_FILE
-        state_file.write_text(json.dumps(_train_state_record(engine, train_state), indent=1))
-        written.append(state_file)
-    for path in written:
-        fsync_file(path)
+    try:
+        _write_share(staged.tmp, engine, cfg, padded_vocab, train_state, iteration)
+        failure = None
+    except OSError as err:  # disk full, quota, I/O error: this rank's share is incomplete
+        failure = f"{err.filename or staged.tmp}: {err.strerror}"
+    except SafetensorError as err:  # safetensors reports its I/O errors as its own type
+        failure = f"{staged.tmp}: {err}"
+    if _any_rank(failure is not None):
+        if rank == 0:
+            staged.abort()
+        raise CheckpointError(
+            f"cannot save iteration {iteration} in {root} ({failure or 'failed on another rank'}); "
+            "the previous checkpoint and 'latest' are untouched"
+        )
     _barrier()
     if rank == 0:
         staged.commit()
         write_latest(root, staged.final.name)
     _barrier()
     return staged.final
+
+
+def _write_share(
+    tmp: Path,
+    engine: EngineState,
+    cfg: Config,
+    padded_vocab: int,
+    train_state: dict[str, Any],
+    iteration: int,
+) -> None:
+    """This rank's files of the checkpoint (model shard on DP rank 0, optimizer share, RNG state,
+    training state on rank 0), each synced."""
+    written: list[Path] = []
+    if parallel.dp_rank() == 0:
+        local = {name: p.detach() for name, p in engine.model.named_parameters()}
+        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, padded_vocab)
+    _test_stall(iteration)
+    written.append(_write_optimizer_share(tmp, engine))
+    rng_file = tmp / rng_filename(_rank())
+    save_rng_state(rng_file)
+    written.append(rng_file)
+    if _rank() == 0:
+        state_file = tmp / TRAIN_STATE_FILE
+        state_file.write_text(json.dumps(_train_state_record(engine, train_state), indent=1))
+        written.append(state_file)
+    for path in written:
+        fsync_file(path)
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank must take the same branch after a collective)."""
+    if _world() == 1:
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 # ----------------------------------------------------------------------------- load

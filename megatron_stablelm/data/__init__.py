@@ -16,6 +16,9 @@ consumed_valid_samples=0, num_workers=None, device=None, report=True) -> DataIte
     both ``ValueError``, naming the file or key), builds each split sized for the whole run, rank 0
     building missing index caches in ``cfg.data_cache_dir`` (default: ``index-cache/`` beside the first
     training shard) while the others wait at a barrier, and prints the mixture report on rank 0.
+    Every cache file is checked from its ``.npy`` header and read without pickle; a bad one is rebuilt
+    in a private cache directory and refused (``DataError`` naming it) in a shared one
+    (:mod:`megatron_stablelm.data.index_cache`). Shards may hold empty documents (Megatron-LM's).
     ``.train`` / ``.valid`` / ``.test`` are iterators of micro-batches (``None`` for a split without
     data), each a dict as in ARCHITECTURE.md's batch contract: ``tokens``, ``labels`` ``[b, s]`` int64,
     ``loss_mask`` ``[b, s]`` float32, ``position_ids`` ``[b, s]`` int64, and with
@@ -54,21 +57,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron_stablelm.config import Config
-from megatron_stablelm.data.datasets import (
-    DataError,
-    TrainingDatasets,
-    build_datasets,
-    plan_splits,
-    samples_per_eval,
-)
+from megatron_stablelm.data.errors import DataError
 from megatron_stablelm.data.indexed import ShardError, check_shard
 from megatron_stablelm.data.loader import Collate, document_fields, make_loader
-from megatron_stablelm.data.mixture import format_mixture_report
 from megatron_stablelm.tokenizers import Tokenizer, TokenizerError, build_tokenizer
+
+if TYPE_CHECKING:
+    from megatron_stablelm.data.datasets import TrainingDatasets
+
+# The megatron-core dataset machinery loads on first use (PEP 562), so that checking a shard or a
+# tokenizer reports bad input without the seconds of importing megatron-core.
+_LAZY = {"TrainingDatasets", "build_datasets", "plan_splits", "samples_per_eval"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from megatron_stablelm.data import datasets
+
+        return getattr(datasets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DataError",
@@ -98,8 +111,14 @@ class DataIterators:
 
 
 def _to_device(loader, device) -> Iterator[dict]:
-    for batch in loader:
-        yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The loader's batches moved to ``device``. The loader's iterator is created here, not at the
+    first ``next``: creating it draws a seed from the global generator, which must happen while the
+    iterators are built (a resumed run restores the generators after that), not inside a step."""
+    batches = iter(loader)
+    return (
+        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+        for b in batches
+    )
 
 
 def _rank0() -> bool:
@@ -110,6 +129,9 @@ def _rank0() -> bool:
 
 def mixture_report(cfg: Config, tokenizer: Tokenizer | None = None, *, dp_size: int = 1) -> str:
     """The training mixture report without building any index (only the ``.idx`` files are read)."""
+    from megatron_stablelm.data.datasets import plan_splits
+    from megatron_stablelm.data.mixture import format_mixture_report
+
     plans = plan_splits(cfg, tokenizer.vocab_size if tokenizer else None, dp_size, scan_tokens=False)
     return format_mixture_report(plans[0], cfg.seq_length, cfg.mixture_epochs_warning)
 
@@ -128,6 +150,9 @@ def build_data_iterators(
 ) -> DataIterators:
     """Train/valid/test micro-batch iterators for data-parallel rank ``dp_rank`` of ``dp_size``
     (see the module docstring for sizes, state and resumption)."""
+    from megatron_stablelm.data.datasets import build_datasets, samples_per_eval
+    from megatron_stablelm.data.mixture import format_mixture_report
+
     datasets = build_datasets(cfg, tokenizer, dp_size=dp_size)
     layout = datasets.layout
     text = format_mixture_report(datasets.plans[0], cfg.seq_length, cfg.mixture_epochs_warning)

@@ -16,6 +16,9 @@ What we replace, and why:
   of samples, so every rank recomputes it deterministically instead of caching it.
 * Input checking. megatron-core asserts (or reads garbage) on bad shards; :func:`check_shard` runs
   first on every rank and raises an error that names the file.
+* The index cache. megatron-core reads its cached indexes with pickle enabled and writes them in
+  place; :class:`~megatron_stablelm.data.index_cache.CheckedGPTDataset` checks every cache file from
+  its header before reading it without pickle, and publishes new ones atomically.
 * Weights default to the sources' token counts (the natural mixture) rather than megatron's
   "exhaustive" blend, so the mixture report and the sampler agree.
 
@@ -41,12 +44,14 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
     parse_and_normalize_split,
 )
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from megatron_stablelm.config import BatchLayout, Config, validate_layout
 from megatron_stablelm.config.choices import DATA_SPLITS
+from megatron_stablelm.data.errors import DataError
+from megatron_stablelm.data.index_cache import CheckedGPTDataset
 from megatron_stablelm.data.indexed import ShardInfo, check_shard
 
 __all__ = [
@@ -78,19 +83,16 @@ MEGATRON_MASKS_OFF = {
 }
 
 
-class DataError(ValueError):
-    """A data configuration problem, raised before training; the message names the key or file."""
-
-
 @dataclass(frozen=True)
 class Source:
-    """One shard prefix as used by one split: its documents ``[doc_begin, doc_end)`` and weight."""
+    """One shard prefix as used by one split: its sequences ``[seq_begin, seq_end)`` (what
+    megatron-core's ``GPTDataset`` calls documents; a shard's empty documents have none) and weight."""
 
     prefix: str
     weight: float  # normalised within the split
-    doc_begin: int
-    doc_end: int
-    tokens: int  # tokens in [doc_begin, doc_end)
+    seq_begin: int
+    seq_end: int
+    tokens: int  # tokens in [seq_begin, seq_end)
     shard: ShardInfo
 
 
@@ -167,7 +169,7 @@ def plan_splits(
                 raise DataError(f"key '{name}_data_weights': {len(weights)} weights for {len(paths)} paths")
             norm = _normalise(weights, f"{name}_data_weights")
             sources = [
-                Source(p, w, 0, info.num_documents, info.num_tokens, info)
+                Source(p, w, 0, info.num_sequences, info.num_tokens, info)
                 for p, w, info in zip(paths, norm, infos)
                 if w > 0
             ]
@@ -179,8 +181,8 @@ def plan_splits(
             if matrix[i] is None:
                 plans.append(None)
                 continue
-            beg = int(round(matrix[i][0] * info.num_documents))
-            end = int(round(matrix[i][1] * info.num_documents))
+            beg = int(round(matrix[i][0] * info.num_sequences))
+            end = int(round(matrix[i][1] * info.num_sequences))
             if end <= beg:
                 plans.append(None)
                 continue
@@ -229,7 +231,9 @@ def megatron_config(cfg: Config, tokenizer, plans: Sequence[SplitPlan | None]) -
 
 
 def default_cache_dir(plans: Sequence[SplitPlan | None]) -> str:
-    """Without ``data_cache_dir``: an ``index-cache`` folder beside the first training shard."""
+    """Without ``data_cache_dir``: an ``index-cache`` folder beside the first training shard. It is
+    as shared as the data directory: a bad cache file there is refused, not rebuilt, unless the folder
+    is private to this user (see :mod:`megatron_stablelm.data.index_cache`)."""
     first = plans[0].sources[0].prefix
     return os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
 
@@ -256,9 +260,9 @@ def build_datasets(cfg: Config, tokenizer, *, dp_size: int = 1) -> TrainingDatas
                 else math.ceil(math.ceil(plan.num_samples * src.weight) * (1 + SURPLUS))
             )
             indexed = IndexedDataset(src.prefix, multimodal=False, mmap=True)
-            docs = np.arange(src.doc_begin, src.doc_end, dtype=np.int32)
+            docs = np.arange(src.seq_begin, src.seq_end, dtype=np.int32)
             ds = BlendedMegatronDatasetBuilder.build_generic_dataset(
-                GPTDataset, lambda: True, True, indexed, src.prefix, docs, wanted, split, config
+                CheckedGPTDataset, lambda: True, True, indexed, src.prefix, docs, wanted, split, config
             )
             parts.append(ds)
         if len(parts) == 1:

@@ -15,14 +15,16 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import (
-    _INDEX_HEADER,
-    DType,
-    IndexedDataset,
-    IndexedDatasetBuilder,
-)
 
 __all__ = ["ShardError", "ShardInfo", "ShardWriter", "check_shard", "token_dtype"]
+
+
+def _megatron_indexed():
+    """megatron-core's indexed-dataset module, imported on first use: a missing or malformed shard is
+    reported without paying for importing megatron-core (seconds)."""
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
 
 
 class ShardError(ValueError):
@@ -36,11 +38,17 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 @dataclass(frozen=True)
 class ShardInfo:
+    """What a checked shard holds. megatron-core's ``GPTDataset`` samples *sequences* (its
+    ``numel_low_level_dataset``), so splits and token counts are over sequences; ``num_documents``
+    counts the document index's entries, which may be empty (Megatron-LM records an empty text as a
+    document without a sequence) or hold several sentences (``--split-sentences``)."""
+
     prefix: str
     dtype: type[np.number]
+    num_sequences: int
     num_documents: int
     num_tokens: int
-    sequence_lengths: np.ndarray  # one entry per document (one sequence per document)
+    sequence_lengths: np.ndarray  # one entry per sequence
 
 
 def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool = True) -> ShardInfo:
@@ -48,7 +56,9 @@ def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool
 
     Raises :class:`ShardError` naming the file for: a missing file, a wrong magic header or version,
     an unknown dtype code, an index whose arrays run past the end of the ``.idx``, an ``.idx`` that
-    does not describe the ``.bin`` byte for byte, and (``scan_tokens``) a token id >= ``vocab_size``.
+    does not describe the ``.bin`` byte for byte, a document index that is not a non-decreasing run
+    from 0 to the number of sequences, and (``scan_tokens``) a token id >= ``vocab_size``. Every other
+    shard megatron-core's ``IndexedDataset`` reads is accepted, empty documents included.
     The id scan reads the whole ``.bin`` once (about a second per GB from the page cache); the result
     is remembered per process, keyed by the file's path, size and mtime.
     """
@@ -59,17 +69,17 @@ def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
         header = f.read(34)
-    if len(header) < 34 or header[:9] != _INDEX_HEADER:
+    if len(header) < 34 or header[:9] != _megatron_indexed()._INDEX_HEADER:
         raise ShardError(
             f"'{idx_path}' is not a megatron indexed-dataset index (bad magic header {header[:9]!r}; "
-            f"expected {_INDEX_HEADER!r})"
+            f"expected {_megatron_indexed()._INDEX_HEADER!r})"
         )
     (version,) = struct.unpack("<Q", header[9:17])
     if version != 1:
         raise ShardError(f"'{idx_path}': unsupported index version {version} (expected 1)")
     code = header[17]
     try:
-        dtype = DType.dtype_from_code(code)
+        dtype = _megatron_indexed().DType.dtype_from_code(code)
     except ValueError:
         raise ShardError(f"'{idx_path}': unknown token dtype code {code}") from None
     n_seq, n_doc = struct.unpack("<QQ", header[18:34])
@@ -96,12 +106,6 @@ def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool
         raise ShardError(f"'{idx_path}': sequence pointers are inconsistent with the sequence lengths")
     if n_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or np.any(np.diff(doc_idx) < 0):
         raise ShardError(f"'{idx_path}': the document index is inconsistent with {n_seq} sequences")
-    if n_doc - 1 != n_seq:
-        # GPTDataset treats every sequence as a document; multi-sequence documents are another format.
-        raise ShardError(
-            f"'{idx_path}': {n_seq} sequences in {n_doc - 1} documents; expected one sequence per "
-            f"document (a GPT shard from tools/preprocess_data.py)"
-        )
     fits = np.issubdtype(dtype, np.integer) and vocab_size is not None and np.iinfo(dtype).max < vocab_size
     if scan_tokens and vocab_size is not None and n_tokens and not fits:
         max_id = _max_token(bin_path, dtype, bin_size)
@@ -110,7 +114,7 @@ def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool
                 f"'{bin_path}' contains token id {max_id} >= the tokenizer's vocab size {vocab_size}: "
                 f"the shard was made with another tokenizer"
             )
-    return ShardInfo(prefix, dtype, n_seq, n_tokens, np.array(lengths))
+    return ShardInfo(prefix, dtype, n_seq, n_doc - 1, n_tokens, np.array(lengths))
 
 
 _MAX_CACHE: dict[tuple[str, int, int], int] = {}
@@ -131,58 +135,63 @@ class ShardWriter:
     """Write one shard through megatron-core's ``IndexedDatasetBuilder``, under temporary names that
     are renamed to ``PREFIX.bin`` / ``PREFIX.idx`` only by :meth:`finalize`: an interrupted run never
     leaves a half-written shard under the final name (the ``.idx`` is renamed last, and readers
-    check it against the ``.bin``)."""
+    check it against the ``.bin``). Documents are recorded as Megatron-LM's preprocessing records
+    them: one sequence per non-empty document, none for an empty one, so the bytes are the same."""
 
     def __init__(self, prefix: str, vocab_size: int) -> None:
         self.prefix = prefix
         self.dtype = token_dtype(vocab_size)
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         tag = f".tmp-{os.getpid()}"
         self._tmp_bin = prefix + ".bin" + tag
         self._tmp_idx = prefix + ".idx" + tag
-        self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            self._builder = _megatron_indexed().IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype)
+        except OSError as err:
+            raise ShardError(f"cannot write shard '{prefix}.bin': {err.strerror or err}") from None
         self.num_documents = 0
         self.num_tokens = 0
 
     def add_document(self, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
-        self._builder.add_document(ids, [int(ids.size)])
+        self._builder.add_document(ids, [int(ids.size)] if ids.size else [])
         self.num_documents += 1
         self.num_tokens += int(ids.size)
 
     def add_documents(self, flat: np.ndarray, lengths: np.ndarray) -> None:
         """Many documents at once: ``flat`` holds their tokens back to back, ``lengths`` their sizes
-        (all > 0). The same bytes and index entries as one :meth:`add_document` per document — one
-        sequence per document, as megatron-core's builder records it — in one write instead of a Python
-        call per document, which was the parent process's bottleneck in ``preprocess``."""
+        (0 for an empty document). The same bytes and index entries as one :meth:`add_document` per
+        document, in one write instead of a Python call per document, which was the parent
+        process's bottleneck in ``preprocess``."""
         lengths = np.asarray(lengths, dtype=np.int64)
         if lengths.size == 0:
             return
         builder = self._builder
         builder.data_file.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes(order="C"))
         base = len(builder.sequence_lengths)
-        builder.sequence_lengths.extend(lengths.tolist())
-        builder.document_indices.extend(range(base + 1, base + 1 + lengths.size))
+        present = lengths > 0
+        builder.sequence_lengths.extend(lengths[present].tolist())
+        builder.document_indices.extend((base + np.cumsum(present)).tolist())
         self.num_documents += int(lengths.size)
         self.num_tokens += int(lengths.sum())
 
     def finalize(self) -> None:
-        self._builder.finalize(self._tmp_idx)
-        os.replace(self._tmp_bin, self.prefix + ".bin")
-        os.replace(self._tmp_idx, self.prefix + ".idx")
+        try:
+            self._builder.finalize(self._tmp_idx)
+            os.replace(self._tmp_bin, self.prefix + ".bin")
+            os.replace(self._tmp_idx, self.prefix + ".idx")
+        except OSError as err:
+            raise ShardError(f"cannot write shard '{self.prefix}': {err.strerror or err}") from None
 
     def abort(self) -> None:
         """Remove the temporary files (on error or interrupt)."""
-        try:
-            self._builder.data_file.close()
-        except Exception:
-            pass
+        self._builder.data_file.close()
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
 
 
-def read_shard(prefix: str) -> IndexedDataset:
+def read_shard(prefix: str):
     """megatron-core's reader for a checked shard."""
     check_shard(prefix, scan_tokens=False)
-    return IndexedDataset(prefix, multimodal=False, mmap=True)
+    return _megatron_indexed().IndexedDataset(prefix, multimodal=False, mmap=True)

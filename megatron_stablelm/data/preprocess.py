@@ -3,9 +3,12 @@
 Inputs are read in order, in chunks of documents; a pool of worker processes parses and tokenizes the
 chunks and the parent writes the results, in input order, through megatron-core's
 ``IndexedDatasetBuilder`` (see :class:`~megatron_stablelm.data.indexed.ShardWriter`). Output names
-follow GPT-NeoX / Megatron: ``{output_prefix}_{key}_document.bin`` / ``.idx``, one sequence per
-document, EOD appended with ``append_eod``. Documents that tokenize to nothing (empty text without
-``append_eod``) are left out, as a zero-length document cannot be sampled.
+follow GPT-NeoX / Megatron: ``{output_prefix}_{key}_document.bin`` / ``.idx``, one sequence per non-empty
+document, EOD appended with ``append_eod``. A document that tokenizes to nothing is recorded as
+Megatron-LM's ``tools/preprocess_data.py`` records it: a document without a sequence and without EOD
+(GPT-NeoX's drops it; this is the only case where those two tools differ), so the shards are byte for
+byte Megatron-LM's. An input with no tokens at all for a key is an error unless ``allow_empty``: a
+shard without tokens cannot be trained on, and writing one would replace a good shard of that name.
 """
 
 from __future__ import annotations
@@ -211,7 +214,8 @@ def _process_chunk(chunk: Chunk) -> Result:
         ids = _TOKENIZER.encode_batch(col)
         if _APPEND_EOD:
             for seq in ids:
-                seq.append(_TOKENIZER.eod)
+                if seq:  # an empty document stays empty, as in Megatron-LM's preprocessing
+                    seq.append(_TOKENIZER.eod)
         lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_DTYPE, count=int(lengths.sum()))
         out.append((flat, lengths))
@@ -219,6 +223,25 @@ def _process_chunk(chunk: Chunk) -> Result:
 
 
 # ----------------------------------------------------------------------------------------- driver
+def _name_inputs(files: Sequence[str]) -> str:
+    """The inputs for a one-line message: the first three, then how many more."""
+    named = ", ".join(repr(f) for f in files[:3])
+    return named + (f" and {len(files) - 3} more" if len(files) > 3 else "") if files else "(none)"
+
+
+def _open_writers(output_prefix: str, keys: Sequence[str], vocab_size: int) -> dict[str, ShardWriter]:
+    """One writer per key; if one cannot be opened, the others' temporary files are removed."""
+    writers: dict[str, ShardWriter] = {}
+    try:
+        for k in keys:
+            writers[k] = ShardWriter(f"{output_prefix}_{k}_document", vocab_size)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    return writers
+
+
 def preprocess(
     inputs: Sequence[str],
     output_prefix: str,
@@ -231,16 +254,19 @@ def preprocess(
     log_interval: int = 10000,
     skip_bad_lines: bool = False,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> PreprocessStats:
     """Tokenize ``inputs`` into ``{output_prefix}_{key}_document.{bin,idx}`` per key.
 
-    Raises :class:`BadInputError` (file and line) on a malformed record unless ``skip_bad_lines``;
-    then no output file is left behind.
+    Raises :class:`BadInputError` (file and line) on a malformed record unless ``skip_bad_lines``, and
+    (naming the inputs) when a key gets no tokens at all unless ``allow_empty``;
+    :class:`~megatron_stablelm.data.indexed.ShardError` when the output cannot be written. On any
+    error no output file is left behind and existing shards of the same name are untouched.
     """
     tokenizer = build_tokenizer(tokenizer_type=tokenizer_type, vocab_file=vocab_file)
     files = expand_inputs(inputs)
     keys = tuple(jsonl_keys)
-    writers = {k: ShardWriter(f"{output_prefix}_{k}_document", tokenizer.vocab_size) for k in keys}
+    writers = _open_writers(output_prefix, keys, tokenizer.vocab_size)
     stats = PreprocessStats(outputs={k: w.prefix for k, w in writers.items()})
     init_args = (tokenizer_type, vocab_file, keys, append_eod, skip_bad_lines)
     chunks = (c for path in files for c in _iter_chunks(path, keys))
@@ -264,12 +290,17 @@ def preprocess(
             stats.bytes += nbytes
             stats.skipped_lines += bad
             for key, (flat, lengths) in zip(keys, per_key):
-                empty = lengths == 0  # tokenized to nothing: no tokens in `flat`, no document
-                stats.empty_documents += int(empty.sum())
-                writers[key].add_documents(flat, lengths[~empty])
+                stats.empty_documents += int(np.count_nonzero(lengths == 0))
+                writers[key].add_documents(flat, lengths)
             stats.documents += len(per_key[0][1]) if per_key else 0
             stats.tokens += sum(int(f.size) for f, _ in per_key)
             bar.update(stats, time.perf_counter() - t0)
+        for key, writer in writers.items():
+            if writer.num_tokens == 0 and not allow_empty:
+                raise BadInputError(
+                    f"input {_name_inputs(files)}: no tokens for key {key!r} "
+                    f"({writer.num_documents} documents); nothing written (--allow-empty writes it anyway)"
+                )
         for writer in writers.values():
             writer.finalize()
     except BaseException:

@@ -1,0 +1,83 @@
+"""The run directory a training job saves into: one writer at a time, writable, with room to save.
+
+These checks run when the job starts, before any step is trained, so that a read-only or full
+directory, or a second job pointed at the same ``save``, fails in seconds instead of at the first
+checkpoint (or, worse, by two jobs deleting each other's in-progress saves and overwriting each
+other's checkpoints).
+
+The lock is ``fcntl.flock`` on the run directory itself (no lock file to go stale): the kernel
+releases it when the holding process dies, however it dies, so a killed job never blocks the next one.
+(On network file systems that do not implement ``flock`` the lock call fails with a clear message; set
+``MEGATRON_STABLELM_NO_RUN_LOCK=1`` there to run without it, at your own risk.)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from megatron_stablelm.checkpoint.layout import CheckpointError
+
+_NO_LOCK_ENV = "MEGATRON_STABLELM_NO_RUN_LOCK"
+
+
+class RunDirectoryLock:
+    """Exclusive ownership of a run directory for the lifetime of this process (or until
+    :meth:`release`)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunDirectoryLock:
+        if os.environ.get(_NO_LOCK_ENV):
+            return self
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise CheckpointError(
+                    f"{self.root} is in use by another training run (it holds the directory's lock); give "
+                    "this run its own `save` directory, or stop the other one"
+                ) from None
+            raise CheckpointError(
+                f"{self.root}: cannot lock the run directory ({err.strerror}); set {_NO_LOCK_ENV}=1 on file "
+                "systems without flock"
+            ) from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def check_writable(root: str | Path, checkpoint_bytes: int) -> str:
+    """Create ``root`` if needed, prove a file can be written there, and compare the free space with
+    the size of one checkpoint. Returns a one-line report; raises :class:`CheckpointError` naming the
+    directory when it cannot be written or one checkpoint would not fit."""
+    root = Path(root)
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        raise CheckpointError(f"{root}: the save directory is not writable ({err.strerror})") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < checkpoint_bytes:
+        raise CheckpointError(
+            f"{root}: {free / 2**30:.2f} GiB free but one checkpoint needs about "
+            f"{checkpoint_bytes / 2**30:.2f} GiB"
+        )
+    return f"{root}: {free / 2**30:.1f} GiB free, one checkpoint is about {checkpoint_bytes / 2**30:.2f} GiB"
