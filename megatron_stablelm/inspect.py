@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args
 from megatron_stablelm.config import Config, ConfigError, load_config
 
 GIB = 1024**3
@@ -90,6 +91,12 @@ def estimate_memory(
     return MemoryEstimate(weights, gradients, optimizer_bytes, activations)
 
 
+def _mlp_kind(cfg: Config) -> str:
+    if not cfg.is_gated_mlp:
+        return cfg.act_fn_name
+    return "SwiGLU" if cfg.act_fn_name == "silu" else f"gated {cfg.act_fn_name}"
+
+
 def report(cfg: Config, vocab: int, dp: int) -> str:
     from megatron_stablelm.model import canonical_shapes
 
@@ -114,7 +121,7 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
         f"attention:           {cfg.num_attention_heads} heads, {cfg.kv_heads} KV heads, head dim {cfg.head_dim}"
         f"{', per-head QK LayerNorm' if cfg.qk_norm else ''}",
         f"rotary:              {cfg.rotary_dim}/{cfg.head_dim} dims ({cfg.rotary_pct:.0%}), base {cfg.rotary_emb_base:g}",
-        f"mlp:                 {'SwiGLU' if cfg.is_gated_mlp else cfg.activation} width {cfg.ffn_hidden_size}",
+        f"mlp:                 {_mlp_kind(cfg)} width {cfg.ffn_hidden_size}",
         f"residual:            {residual}",
         f"norm:                {cfg.norm}, eps {cfg.layernorm_epsilon:g}",
         f"biases:              {', '.join(biases)}",
@@ -136,17 +143,29 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a data-parallel size or a vocabulary cannot be 0)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_stablelm.inspect", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("configs", nargs="+", help="YAML config files, merged in order")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--padded-vocab-size", type=int, default=None)
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel size for the ZeRO estimate")
-    args = parser.parse_args(argv)
+    add_config_arguments(parser)
+    parser.add_argument("--padded-vocab-size", type=_positive_int, default=None)
+    parser.add_argument(
+        "--dp", type=_positive_int, default=1, help="data-parallel size for the ZeRO estimate"
+    )
+    args = parse_config_args(parser, argv)
     try:
-        cfg = load_config(args.configs, args.override)
+        cfg = load_config(args.configs, overrides_from(args))
         vocab = resolve_vocab(cfg, args.padded_vocab_size)
         print(report(cfg, vocab, args.dp))
     except ConfigError as err:

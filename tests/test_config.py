@@ -118,7 +118,10 @@ MINIMAL = "num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nseq_length: 3
         ("activation: tanh\n", r"key 'activation': unknown value 'tanh'"),
         ("pos_emb: alibi\n", r"key 'pos_emb': unknown value 'alibi'"),
         ("attention_head_type: sparse\n", r"key 'attention_head_type': unknown value 'sparse'"),
-        ("num_kv_heads: 2\n", r"'multihead' needs num_kv_heads == num_attention_heads"),
+        (
+            "num_kv_heads: 2\nattention_head_type: multihead\n",
+            r"'multihead' needs num_kv_heads == num_attention_heads",
+        ),
         ("attention_config: [[['flash'], 3]]\n", r"'attention_config': covers 3 layers, num_layers is 2"),
         (
             "train_data_paths: [a, b]\ntrain_data_weights: [1.0]\n",

@@ -4,7 +4,9 @@
 * :mod:`.validation`: :func:`validate_config`, every check that is a pure function of the config;
 * :mod:`.layout`: :func:`validate_layout`, the batch arithmetic at a world size (trainer and data);
 * :mod:`.schema`: :class:`Config`, its keys with GPT-NeoX's defaults and every derived value;
-* :mod:`.choices`: every list of allowed values; :mod:`.adam`: the ``optimizer`` block.
+* :mod:`.choices`: every list of allowed values; :mod:`.adam`: the ``optimizer`` block;
+* :mod:`.neox_keys`: what happens to each GPT-NeoX key that is not a field (alias, ignored with the
+  reason, or refused naming the missing feature).
 
 All validation happens before any model, process group or data is touched.
 """
@@ -36,11 +38,13 @@ from megatron_stablelm.config.loading import (
     normalize_key,
     read_yaml,
 )
+from megatron_stablelm.config.neox_keys import ALIASES, REFUSED_KEYS
 from megatron_stablelm.config.schema import Config, warmup_steps
 from megatron_stablelm.config.validation import expand_attention_config, validate_config
 
 __all__ = [
     "ACTIVATIONS",
+    "ALIASES",
     "ADAM_IMPLS",
     "ADAM_TYPES",
     "ARCHITECTURE_KEYS",
@@ -55,6 +59,7 @@ __all__ = [
     "NORMS",
     "POS_EMBS",
     "PRECISIONS",
+    "REFUSED_KEYS",
     "TOKENIZER_TYPES",
     "AdamSettings",
     "BatchLayout",

@@ -8,7 +8,9 @@ run, and the error message lists exactly what is allowed.
 from __future__ import annotations
 
 NORMS = ("layernorm",)
-ACTIVATIONS = ("gelu", "silu", "swish", "relu")
+# GPT-NeoX's gated activations: the MLP is gated with this activation and sized by GPT-NeoX's rule.
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
+ACTIVATIONS = ("gelu", "silu", "swish", "relu", *GATED_ACTIVATIONS)
 POS_EMBS = ("rotary",)
 ATTENTION_HEAD_TYPES = ("multihead", "groupedquery", "multiquery")
 MLP_TYPES = ("regular", "gated", "llama")
@@ -39,9 +41,11 @@ ADAM_IMPLS = ("auto", "torch", "torch_fused", "apex")
 ZERO_STAGES = (0, 1, 2)
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
-DATA_IMPLS = ("mmap",)
+DATA_IMPLS = ("mmap", "infer")  # GPT-NeoX's "infer" finds the mmap format, the only one written here
 OUTPUT_LAYER_PARALLELISMS = ("column",)
 TOKENIZER_TYPES = ("HFTokenizer", "TiktokenTokenizer")
+# ``wandb_resume``: the modes of ``wandb.init(resume=...)``.
+WANDB_RESUME_MODES = ("allow", "must", "never", "auto")
 # The data splits, as spelled in the ``{split}_data_paths`` / ``{split}_data_weights`` keys.
 DATA_SPLITS = ("train", "valid", "test")
 

@@ -2,11 +2,14 @@
 
 A run is described by one or more YAML files merged in order (later files win, key by key at the top
 level), exactly as GPT-NeoX does, so Stability AI's published StableLM configs load unchanged. Keys may
-be spelled with ``-`` or ``_``. Three kinds of key exist:
+be spelled with ``-`` or ``_``. Every key of GPT-NeoX's argument set is known
+(:mod:`.neox_keys` says what happens to those that are not fields):
 
-* used keys: fields of :class:`Config`;
-* accepted-but-ignored keys (``IGNORED_KEYS``): features this framework does not have (s3 sync, muP,
-  ...). They are reported once, never silently dropped and never fatal;
+* used keys: fields of :class:`Config`, and GPT-NeoX's aliases of them (``gas``, ``batch_size``);
+* accepted-but-ignored keys: logging, profiling, launching, text generation, features left off. They
+  are reported once with the reason, never silently dropped and never fatal;
+* refused keys: a value that turns on a feature this framework lacks (MoE, sparse attention, ...) is
+  an error naming the feature;
 * anything else is an error naming the file and the nearest known key.
 """
 
@@ -23,45 +26,22 @@ from typing import Any
 import yaml
 
 from megatron_stablelm.config.errors import ConfigError
+from megatron_stablelm.config.neox_keys import (
+    ALIASES,
+    IGNORED_KEYS,
+    REFUSED_KEYS,
+    ignored_reason,
+    refused_feature,
+)
 from megatron_stablelm.config.schema import BOOKKEEPING_FIELDS, Config
 from megatron_stablelm.config.validation import validate_config
-
-# Keys of GPT-NeoX / Stability's configs for features this framework does not implement. They are
-# accepted (so published configs load as they are) and reported once, with the reason.
-IGNORED_KEYS: dict[str, str] = {
-    "s3_path": "S3 checkpoint sync is not implemented",
-    "s3_sync_interval": "S3 checkpoint sync is not implemented",
-    "use_mup": "muP is not implemented",
-    "coord_check": "muP is not implemented",
-    "save_base_shapes": "muP is not implemented",
-    "base_shapes_file": "muP is not implemented",
-    "mup_init_scale": "muP is not implemented",
-    "mup_attn_temp": "muP is not implemented",
-    "mup_output_temp": "muP is not implemented",
-    "mup_embedding_mult": "muP is not implemented",
-    "mup_rp_embedding_mult": "muP is not implemented",
-    "mup_width_scale": "muP is not implemented",
-    "partition_activations": "activation partitioning across TP ranks is not implemented",
-    "synchronize_each_layer": "only meaningful for DeepSpeed activation partitioning",
-    "scaled_upper_triang_masked_softmax_fusion": "attention kernels are chosen by attention_config",
-    "scaled_masked_softmax_fusion": "attention kernels are chosen by attention_config",
-    "bias_gelu_fusion": "element-wise fusions are chosen automatically (exact GeLU is used)",
-    "bias_dropout_fusion": "element-wise fusions are chosen automatically",
-    "rope_fusion": "element-wise fusions are chosen automatically",
-    "use_bnb_optimizer": "bitsandbytes optimizers are not supported",
-    "checkpoint_in_cpu": "activation checkpoints stay on the device",
-    "contiguous_checkpointing": "activation checkpoints stay on the device",
-    "profile_backward": "use the PyTorch profiler through tools/benchmark.py",
-    "memory_profiling": "use the PyTorch profiler through tools/benchmark.py",
-    "git_hash": "informational only",
-    "user_script": "train.py is the entry point",
-    "deepspeed_mpi": "the MPI launcher is not supported; use launcher: slurm or pdsh",
-}
 
 _PIPELINE_NOTE = "pipeline parallelism is not implemented (pipe_parallel_size > 1 runs as 1 stage)"
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
-KNOWN_KEYS = sorted(set(FIELDS) - set(BOOKKEEPING_FIELDS) | set(IGNORED_KEYS))
+KNOWN_KEYS = sorted(
+    set(FIELDS) - set(BOOKKEEPING_FIELDS) | set(IGNORED_KEYS) | set(REFUSED_KEYS) | set(ALIASES)
+)
 _TYPE_HINTS = typing.get_type_hints(Config)
 
 
@@ -168,16 +148,36 @@ def _merge(
     origin: dict[str, str],
     ignored: dict[str, str],
 ) -> None:
-    """Type-check one layer's keys into ``merged`` (later layers win), remembering where each came from."""
+    """Type-check one layer's keys into ``merged`` (later layers win), remembering where each came from;
+    GPT-NeoX's aliases become the key they spell, its other keys are ignored (with the reason) or
+    refused (naming the missing feature)."""
+    layer: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = normalize_key(raw_key)
-        if key in IGNORED_KEYS:
-            ignored[key] = IGNORED_KEYS[key]
-            continue
-        if key not in FIELDS or key in BOOKKEEPING_FIELDS:
+        if key in FIELDS and key not in BOOKKEEPING_FIELDS:
+            _set_once(layer, key, value, source, spelled=key)
+        elif key in ALIASES:
+            _set_once(layer, ALIASES[key], value, source, spelled=key)
+        elif (feature := refused_feature(key, value)) is not None:
+            raise ConfigError(
+                f"{source}: key '{key}': {value!r} needs {feature}, which this framework does not implement"
+            )
+        elif (reason := ignored_reason(key)) is not None:
+            ignored[key] = reason
+        else:
             raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
+    for key, value in layer.items():
         merged[key] = _coerce(key, value, source)
         origin[key] = source
+
+
+def _set_once(layer: dict[str, Any], key: str, value: Any, source: str, spelled: str) -> None:
+    """One layer may give a key under two of its names only with the same value."""
+    if key in layer and layer[key] != value:
+        raise ConfigError(
+            f"{source}: '{spelled}' ({value!r}) contradicts '{key}' ({layer[key]!r}) in the same file"
+        )
+    layer[key] = value
 
 
 def load_config(

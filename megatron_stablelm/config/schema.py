@@ -19,6 +19,7 @@ from megatron_stablelm.config.choices import (
     ARCHITECTURE_KEYS,
     BF16_NAMES,
     FP16_NAMES,
+    GATED_ACTIVATIONS,
     GATED_MLP_TYPES,
 )
 from megatron_stablelm.config.errors import ConfigError
@@ -39,6 +40,10 @@ def non_negative(default: Any, zero_means: str = "") -> Any:
     return field(default=default, metadata={"minimum": 0, "strict": False, "zero_means": zero_means})
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return multiple * math.ceil(value / multiple)
+
+
 def warmup_steps(warmup: float, train_iters: int) -> int:
     """``warmup`` < 1 is a fraction of ``train_iters``; >= 1 is a step count."""
     if warmup >= 1:
@@ -54,14 +59,16 @@ class Config:
     num_layers: int | None = positive()
     hidden_size: int | None = positive()
     num_attention_heads: int | None = positive()
-    num_kv_heads: int | None = positive()  # None: same as num_attention_heads
-    attention_head_type: str = "multihead"
+    num_kv_heads: int | None = positive()  # None: 1 for multiquery, else num_attention_heads
+    attention_head_type: str | None = None  # None: from num_kv_heads (GPT-NeoX: MHA, GQA or MQA)
     seq_length: int | None = positive()
     max_position_embeddings: int | None = positive()  # None: seq_length
-    intermediate_size: int | None = positive()  # per-branch MLP width; None: derived (4h, or 8/3h rounded)
+    intermediate_size: int | None = positive()  # MLP width; see ffn_hidden_size for each rule
+    expansion_factor: float | None = positive()  # GPT-NeoX: intermediate_size = factor × hidden_size
     mlp_type: str = "regular"
-    mlp_multiple_of: int = positive(256)
+    mlp_multiple_of: int | None = positive()  # None: 256 for mlp_type gated, 1 (GPT-NeoX's) otherwise
     activation: str = "gelu"
+    bias_gelu_fusion: bool = False  # GPT-NeoX: GeLU in its tanh approximation (act_fn_name "gelu_tanh")
     norm: str = "layernorm"
     layernorm_epsilon: float = positive(1.0e-5)
     pos_emb: str = "rotary"
@@ -150,6 +157,8 @@ class Config:
     eval_iters: int = non_negative(100, zero_means="turns evaluation off")
     eval_batch_size: int | None = positive()
     eval_tasks: list | None = None
+    eval_limit: float | None = positive()  # lm-eval: documents per task (>= 1) or a fraction (< 1)
+    eval_num_fewshot: int | None = non_negative(None)  # lm-eval: few-shot examples per prompt
 
     # ---------------------------------------------------------------- checkpoints
     save: str | None = None
@@ -159,6 +168,7 @@ class Config:
     iteration: int | None = non_negative(None)
     finetune: bool = False
     no_checkpoint_arg_validation: bool = False
+    keep_last_n_checkpoints: int | None = positive()  # None: keep every checkpoint
 
     # ---------------------------------------------------------------- logging
     log_interval: int = positive(100)
@@ -166,12 +176,15 @@ class Config:
     log_grad_norm: bool = False
     wall_clock_breakdown: bool = False
     tensorboard_dir: str | None = None
+    log_dir: str | None = None  # where the run writes its log file
     use_wandb: bool = False
     wandb_host: str | None = None
     wandb_team: str | None = None
     wandb_project: str | None = None
     wandb_group: str | None = None
     wandb_name: str | None = None
+    wandb_id: str | None = None  # the W&B run to continue (with wandb_resume)
+    wandb_resume: str | None = None  # wandb.init's resume mode: allow / must / never / auto
     peak_tflops: float | None = positive()  # per-device peak for MFU; None: detected from the device
 
     # ---------------------------------------------------------------- launch
@@ -192,7 +205,10 @@ class Config:
     # ================================================================ derived architecture
     @property
     def kv_heads(self) -> int:
-        return self.num_attention_heads if self.num_kv_heads is None else self.num_kv_heads
+        """``num_kv_heads``; without it one for ``multiquery`` (GPT-NeoX's MQA), else one per head."""
+        if self.num_kv_heads is not None:
+            return self.num_kv_heads
+        return 1 if self.attention_head_type == "multiquery" else self.num_attention_heads
 
     @property
     def head_dim(self) -> int:
@@ -209,17 +225,35 @@ class Config:
 
     @property
     def is_gated_mlp(self) -> bool:
-        return self.mlp_type in GATED_MLP_TYPES
+        return self.mlp_type in GATED_MLP_TYPES or self.activation in GATED_ACTIVATIONS
 
     @property
     def ffn_hidden_size(self) -> int:
-        """Per-branch MLP width: 4h for a plain MLP; 8/3·h rounded up to ``mlp_multiple_of`` if gated."""
-        if self.intermediate_size is not None:
-            return self.intermediate_size
-        if not self.is_gated_mlp:
-            return 4 * self.hidden_size
-        width = int(2 * self.hidden_size * 4 / 3)
-        return self.mlp_multiple_of * math.ceil(width / self.mlp_multiple_of)
+        """Per-branch MLP width (the second projection's input).
+
+        ``mlp_type: gated`` (Stability AI's fork): ``intermediate_size`` as given, else 8/3·h rounded
+        up to ``mlp_multiple_of`` (256). Otherwise GPT-NeoX's rule, :attr:`neox_mlp_widths`."""
+        if self.mlp_type in GATED_MLP_TYPES:
+            if self.intermediate_size is not None:
+                return self.intermediate_size
+            return _round_up(int(2 * self.hidden_size * 4 / 3), self.mlp_multiple_of or 256)
+        return self.neox_mlp_widths[1]
+
+    @property
+    def neox_mlp_widths(self) -> tuple[int, int]:
+        """GPT-NeoX's (first projection's output, second projection's input) widths: from
+        ``intermediate_size``, else ``expansion_factor × h``, else 4h; a gated activation takes 2/3 of
+        it for both branches together; the first width is rounded up to 2 × ``mlp_multiple_of``, the
+        second to ``mlp_multiple_of`` (a plain MLP without ``mlp_multiple_of`` is not rounded)."""
+        h = self.hidden_size
+        base = self.intermediate_size or (int(self.expansion_factor * h) if self.expansion_factor else 4 * h)
+        multiple = self.mlp_multiple_of or 1
+        if self.activation in GATED_ACTIVATIONS:
+            both = int(base * 2 / 3)
+            return _round_up(both, 2 * multiple), _round_up(both // 2, multiple)
+        if self.mlp_multiple_of is None:
+            return base, base
+        return _round_up(base, 2 * multiple), _round_up(base, multiple)
 
     @property
     def qkv_bias(self) -> bool:
@@ -236,6 +270,11 @@ class Config:
 
     @property
     def act_fn_name(self) -> str:
+        """The function the MLP computes: GPT-NeoX's ``bias_gelu_fusion`` is GeLU's tanh form."""
+        if self.activation == "gelu" and self.bias_gelu_fusion:
+            return "gelu_tanh"
+        if self.activation in GATED_ACTIVATIONS:
+            return GATED_ACTIVATIONS[self.activation]
         return "silu" if self.activation == "swish" else self.activation
 
     def architecture(self) -> dict[str, Any]:

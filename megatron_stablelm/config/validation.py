@@ -23,6 +23,8 @@ from megatron_stablelm.config.choices import (
     DATA_IMPLS,
     DATA_SPLITS,
     DISTRIBUTED_BACKENDS,
+    GATED_ACTIVATIONS,
+    GATED_MLP_TYPES,
     INIT_METHODS,
     LR_DECAY_STYLES,
     MLP_TYPES,
@@ -32,9 +34,11 @@ from megatron_stablelm.config.choices import (
     PRECISIONS,
     RECOMPUTE_GRANULARITIES,
     TOKENIZER_TYPES,
+    WANDB_RESUME_MODES,
     ZERO_STAGES,
 )
 from megatron_stablelm.config.errors import ConfigError
+from megatron_stablelm.config.neox_keys import UNSUPPORTED_ATTENTION, UNSUPPORTED_VALUES
 from megatron_stablelm.config.schema import Config
 
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
@@ -56,6 +60,7 @@ CHOICES: dict[str, Sequence[Any]] = {
     "recompute_granularity": RECOMPUTE_GRANULARITIES,
     "distributed_backend": DISTRIBUTED_BACKENDS,
     "tokenizer_type": TOKENIZER_TYPES,
+    "wandb_resume": WANDB_RESUME_MODES,
 }
 STRING_LISTS = ("train_data_paths", "valid_data_paths", "test_data_paths", "eval_tasks")
 
@@ -86,13 +91,18 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None, *, tra
     for key, allowed in CHOICES.items():
         value = getattr(cfg, key)
         if value is not None and value not in allowed:
-            check.fail(key, f"unknown value {value!r}; expected one of {', '.join(allowed)}")
+            feature = UNSUPPORTED_VALUES.get((key, value))
+            missing = f" (GPT-NeoX's {feature}: not implemented here)" if feature else ""
+            check.fail(key, f"unknown value {value!r}{missing}; expected one of {', '.join(allowed)}")
+    if cfg.wandb_resume == "must" and not cfg.wandb_id:
+        check.fail("wandb_resume", "'must' continues an existing run: give its wandb_id")
     if cfg.rotary_interleaved:
         check.fail(
             "rotary_interleaved",
             "interleaved (GPT-J style) rotary is not supported; StableLM uses false",
         )
     _check_model_shape(check)
+    _check_mlp_width(check)
     _check_parallel_shape(check)
     _check_lists(check)
     _check_precision_and_zero(check)
@@ -161,6 +171,36 @@ def _check_model_shape(check: _Checker) -> None:
         fail(
             "seq_length",
             f"{cfg.seq_length} exceeds max_position_embeddings={cfg.max_position_embeddings}",
+        )
+
+
+def _check_mlp_width(check: _Checker) -> None:
+    """The two MLP width rules (Stability's ``mlp_type: gated``, GPT-NeoX's gated activations) are
+    exclusive, and GPT-NeoX's rule must give two projections that fit together."""
+    cfg, fail = check.cfg, check.fail
+    if cfg.intermediate_size is not None and cfg.expansion_factor is not None:
+        fail("expansion_factor", "give either intermediate_size or expansion_factor, not both")
+    if cfg.mlp_type in GATED_MLP_TYPES:
+        if cfg.activation in GATED_ACTIVATIONS:
+            fail(
+                "activation",
+                f"{cfg.activation!r} is GPT-NeoX's gated MLP with its own width rule; with mlp_type "
+                f"{cfg.mlp_type!r} use activation: {GATED_ACTIVATIONS[cfg.activation]}",
+            )
+        if cfg.expansion_factor is not None:
+            fail(
+                "expansion_factor",
+                f"is GPT-NeoX's width rule; with mlp_type {cfg.mlp_type!r} give intermediate_size",
+            )
+        return
+    first, second = cfg.neox_mlp_widths
+    branches = 2 if cfg.is_gated_mlp else 1
+    if first != branches * second:
+        named = ("mlp_multiple_of", "intermediate_size", "expansion_factor", "activation")
+        fail(
+            next((key for key in named if key in check.origin), "mlp_multiple_of"),
+            f"GPT-NeoX's rounding gives a first MLP projection of {first} outputs for {branches} × {second} "
+            "inputs of the second (GPT-NeoX cannot build it either); change intermediate_size or mlp_multiple_of",
         )
 
 
@@ -252,20 +292,26 @@ def _check_schedule(check: _Checker, training: bool) -> None:
 
 
 def expand_attention_config(spec: list, num_layers: int, source: str | None = None) -> list[str]:
-    """GPT-NeoX's ``[[["flash"], 24]]`` → one attention type per layer."""
+    """GPT-NeoX's ``[[["flash"], 24]]`` → one attention type per layer (``"all"``: every layer)."""
     where = f"{source}: " if source else ""
     out: list[str] = []
     try:
         for kinds, count in spec:
             if isinstance(kinds, str):
                 kinds = [kinds]
-            for _ in range(int(count) // len(kinds)):
+            repeats = num_layers if count == "all" else int(count) // len(kinds)
+            for _ in range(repeats):
                 out.extend(kinds)
     except (TypeError, ValueError):
         raise ConfigError(
             f"{where}key 'attention_config': expected [[[type, ...], n_layers], ...], got {spec!r}"
         ) from None
     for kind in out:
+        if kind in UNSUPPORTED_ATTENTION:
+            raise ConfigError(
+                f"{where}key 'attention_config': {kind!r} needs {UNSUPPORTED_ATTENTION[kind]}, which is "
+                f"not implemented; expected one of {', '.join(ATTENTION_TYPES)}"
+            )
         if kind not in ATTENTION_TYPES:
             raise ConfigError(
                 f"{where}key 'attention_config': unknown attention type {kind!r}; "

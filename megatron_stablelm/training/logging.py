@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from megatron_stablelm import metrics
@@ -45,14 +46,17 @@ class MetricsLogger:
     train_iters: int
     rank: int = 0
     print_fn: object = print
+    sink: Callable[[dict], None] | None = None  # receives each window's figures (the run's metrics file)
     _window: list[StepRecord] = field(default_factory=list)
     _wandb: object = None
     _tb: object = None
+    _step_average: float | None = None  # moving average of step time, for a steady ETA
     consumed_tokens: int = 0
 
     def open_trackers(self) -> None:
-        """Start W&B (offline unless WANDB_MODE or an API key says otherwise) and TensorBoard on rank
-        0. Missing packages are reported before training starts, not silently skipped."""
+        """Start W&B (offline unless WANDB_MODE or an API key says otherwise; ``wandb_id`` and
+        ``wandb_resume`` continue a run, as in GPT-NeoX) and TensorBoard on rank 0. Missing packages
+        are reported before training starts, not silently skipped."""
         if self.rank != 0:
             return
         if self.cfg.use_wandb:
@@ -68,6 +72,8 @@ class MetricsLogger:
                 entity=self.cfg.wandb_team,
                 group=self.cfg.wandb_group,
                 name=self.cfg.wandb_name,
+                id=self.cfg.wandb_id,
+                resume=self.cfg.wandb_resume,
                 config=self.cfg.to_dict(),
                 mode=mode,
             )
@@ -112,6 +118,9 @@ class MetricsLogger:
         mfu = metrics.mfu(tok_s, self.flops_per_token, self.peak, self.world_size)
         mem, mem_kind = metrics.peak_memory_gib()
         skipped = sum(r.skipped for r in window)
+        # ETA from a moving average over windows: one slow window (an evaluation, a save) moves it a little
+        avg = self._step_average
+        self._step_average = seconds if avg is None else 0.8 * avg + 0.2 * seconds
         norm = rec.grad_norm
         parts = [
             f"iter {rec.iteration}/{self.train_iters}",
@@ -125,13 +134,27 @@ class MetricsLogger:
             f"TFLOP/s/GPU {tflops:.2f}",
             f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a",
             f"mem {mem:.2f}GiB {mem_kind}",
-            f"ETA {_eta(seconds * (self.train_iters - rec.iteration))}",
+            f"ETA {_eta(self._step_average * (self.train_iters - rec.iteration))}",
         ]
         if skipped:
             parts.append(f"skipped {skipped}")
         line = " | ".join(parts)
         if self.rank == 0:
             self.print_fn(line)
+            if self.sink is not None:
+                self.sink(
+                    {
+                        "iteration": rec.iteration,
+                        "loss": loss,
+                        "lr": rec.lr,
+                        "grad_norm": norm,
+                        "tokens_per_s": tok_s,
+                        "step_s": seconds,
+                        "mfu": mfu,
+                        "consumed_tokens": self.consumed_tokens,
+                        "skipped": skipped,
+                    }
+                )
         self.scalars(
             {
                 "train/loss": loss,
