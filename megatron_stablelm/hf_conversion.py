@@ -10,6 +10,7 @@ zero-filled biases HF always has, refusing what cannot be represented — is gen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -176,6 +178,30 @@ ARCHITECTURES = {a.hf_class: a for a in (STABLELM, GPT_NEOX)}
 
 
 # ---------------------------------------------------------------------------------------------- configs
+# Config keys whose value HF stores unchanged under another name (or the same one).
+SAME_VALUE_KEYS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "layernorm_epsilon": "layer_norm_eps",
+    "init_method_std": "initializer_range",
+    "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+}
+# Our ``act_fn_name`` → HF ``hidden_act``, and the HF names we read back (``gelu_new`` is the same tanh
+# approximation written out by hand).
+HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
+_ACTIVATIONS_FROM_HF = {
+    "gelu": {"activation": "gelu", "bias_gelu_fusion": False},
+    "gelu_pytorch_tanh": {"activation": "gelu", "bias_gelu_fusion": True},
+    "gelu_new": {"activation": "gelu", "bias_gelu_fusion": True},
+    "silu": {"activation": "silu"},
+    "swish": {"activation": "silu"},
+    "relu": {"activation": "relu"},
+}
+_PRECISIONS_FROM_HF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
 def architecture_for(cfg: Config) -> Architecture:
     """StableLM HF class for gated MLPs; GPT-NeoX's for the Alpha v1 GeLU MLP. Refuses what neither
     class can represent, naming the key."""
@@ -215,17 +241,11 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | No
     arch = architecture_for(cfg)
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
+        **{theirs: getattr(cfg, ours) for ours, theirs in SAME_VALUE_KEYS.items()},
         intermediate_size=cfg.ffn_hidden_size,
-        hidden_act=cfg.act_fn_name,
+        hidden_act=HF_ACTIVATIONS[cfg.act_fn_name],
         max_position_embeddings=cfg.max_position_embeddings or cfg.seq_length,
-        initializer_range=cfg.init_method_std,
-        layer_norm_eps=cfg.layernorm_epsilon,
         tie_word_embeddings=cfg.tied_embeddings,
-        hidden_dropout=cfg.hidden_dropout,
-        attention_dropout=cfg.attention_dropout,
         partial_rotary_factor=cfg.rotary_pct,
         rope_theta=cfg.rotary_emb_base,
         architectures=[arch.hf_class],
@@ -250,60 +270,91 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | No
     )
 
 
-def _rope(hf: dict) -> tuple[float, float]:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise ConversionError(f"rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
-    pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    return float(pct), float(theta)
+def _architecture_of(hf: dict) -> Architecture:
+    """The HF class ``AutoModelForCausalLM`` builds: from ``model_type``, else ``architectures``."""
+    by_type = {a.model_type: a for a in ARCHITECTURES.values()}
+    named = (hf.get("architectures") or [None])[0]
+    model_type = hf.get("model_type")
+    if model_type is None and named in ARCHITECTURES:
+        return ARCHITECTURES[named]
+    if model_type not in by_type:
+        raise ConversionError(
+            f"config.json: unsupported model_type {model_type!r} (architectures {named!r}); expected "
+            f"one of {sorted(by_type)}"
+        )
+    arch = by_type[model_type]
+    if named is not None and named != arch.hf_class:
+        raise ConversionError(f"config.json: model_type {model_type!r} but architectures names {named!r}")
+    return arch
+
+
+def hf_config_from_dict(hf: dict):
+    """``transformers``' own config object for a ``config.json`` dict, so every absent key takes the
+    value ``transformers`` gives it (rotary fraction, epsilon, old-style ``rope_scaling`` ...)."""
+    from transformers import GPTNeoXConfig, StableLmConfig
+
+    cls = GPTNeoXConfig if _architecture_of(hf) is GPT_NEOX else StableLmConfig
+    try:
+        return cls.from_dict(hf)
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        raise ConversionError(
+            f"config.json: {cls.__name__} refuses it: {' '.join(str(err).split())}"
+        ) from None
+
+
+def _common_values(c) -> dict:
+    """Our config keys for what both HF classes share, read off ``transformers``' config object."""
+    rope = dict(c.rope_parameters or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(
+            f"config.json: rope_scaling/rope_parameters type {rope['rope_type']!r} is not supported "
+            "(only default RoPE); refusing rather than converting a model that computes otherwise"
+        )
+    if c.hidden_act not in _ACTIVATIONS_FROM_HF:
+        raise ConversionError(
+            f"config.json: hidden_act {c.hidden_act!r} is not supported; expected one of "
+            f"{sorted(_ACTIVATIONS_FROM_HF)}"
+        )
+    values = dict(
+        **{ours: getattr(c, theirs) for ours, theirs in SAME_VALUE_KEYS.items()},
+        seq_length=c.max_position_embeddings,
+        max_position_embeddings=c.max_position_embeddings,
+        intermediate_size=c.intermediate_size,
+        **_ACTIVATIONS_FROM_HF[c.hidden_act],
+        rotary_pct=float(rope.get("partial_rotary_factor", 1.0)),
+        rotary_emb_base=float(rope["rope_theta"]),
+        no_weight_tying=not c.tie_word_embeddings,
+        gpt_j_residual=bool(c.use_parallel_residual),
+    )
+    dtype = str(c.dtype).removeprefix("torch.") if c.dtype is not None else None
+    if dtype in _PRECISIONS_FROM_HF:
+        values["precision"] = _PRECISIONS_FROM_HF[dtype]
+    return values
 
 
 def config_from_hf(hf: dict, norm_bias: bool, overrides: dict | None = None) -> Config:
-    """Our config for an HF ``config.json`` (as a dict). ``norm_bias``: whether the checkpoint's
-    LayerNorm biases carry information (HF StableLM always stores them, zero for Stable LM 2 12B)."""
-    arch = (hf.get("architectures") or [None])[0]
-    if arch not in ARCHITECTURES:
-        raise ConversionError(
-            f"unsupported HF architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}"
-        )
-    pct, theta = _rope(hf)
-    heads = hf["num_attention_heads"]
-    values = dict(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
-        num_attention_heads=heads,
-        seq_length=hf.get("max_position_embeddings", 4096),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        intermediate_size=hf["intermediate_size"],
-        activation=hf.get("hidden_act", "gelu"),
-        layernorm_epsilon=hf.get("layer_norm_eps", 1e-5),
-        rotary_pct=pct,
-        rotary_emb_base=theta,
-        no_weight_tying=not hf.get("tie_word_embeddings", False),
-        padded_vocab_size=hf["vocab_size"],
-        init_method_std=hf.get("initializer_range", 0.02),
-        hidden_dropout=float(hf.get("hidden_dropout", 0.0)),
-        attention_dropout=float(hf.get("attention_dropout", 0.0)),
-        use_bias_in_norms=norm_bias,
-        gpt_j_residual=bool(hf.get("use_parallel_residual", False)),
-    )
-    if arch == STABLELM.hf_class:
-        kv = hf.get("num_key_value_heads", heads)
+    """Our config for an HF ``config.json`` (as a dict); absent keys take ``transformers``' defaults.
+    ``norm_bias``: whether the checkpoint's LayerNorm biases carry information (HF StableLM always
+    stores them, zero for Stable LM 2 12B)."""
+    c = hf_config_from_dict(hf)
+    values = _common_values(c)
+    values.update(padded_vocab_size=c.vocab_size, use_bias_in_norms=norm_bias)
+    if _architecture_of(hf) is STABLELM:
+        kv, heads = c.num_key_value_heads, c.num_attention_heads
         values.update(
             mlp_type="gated",
             num_kv_heads=kv,
             attention_head_type="multihead" if kv == heads else "groupedquery",
             use_bias_in_attn_linear=False,
-            use_qkv_bias=bool(hf.get("use_qkv_bias", False)),
+            use_qkv_bias=bool(c.use_qkv_bias),
             use_bias_in_mlp=False,
-            qk_norm=bool(hf.get("qk_layernorm", False)),
-            gpt_j_tied=bool(hf.get("use_parallel_residual", False)),
+            qk_norm=bool(c.qk_layernorm),
+            gpt_j_tied=bool(c.use_parallel_residual),
         )
     else:
         values.update(
             mlp_type="regular",
-            use_bias_in_attn_linear=bool(hf.get("attention_bias", True)),
+            use_bias_in_attn_linear=bool(c.attention_bias),
             use_bias_in_mlp=True,
         )
     values.update(overrides or {})
@@ -411,6 +462,27 @@ def from_hf_state_dict(
     return out
 
 
+VOCAB_ROWS = ("embedding.weight", "output.weight")  # canonical tensors with one row per token
+
+
+def padded_import_vocab(cfg: Config, vocab: int, tp: int) -> int:
+    """Embedding rows of an imported model: the HF vocabulary when it splits over ``tp`` ranks, else
+    the trainer's padding (a multiple of ``make_vocab_size_divisible_by`` × TP)."""
+    if vocab % tp == 0:
+        return vocab
+    return dataclasses.replace(cfg, padded_vocab_size=None, model_parallel_size=tp).padded_vocab(vocab)
+
+
+def pad_vocab_rows(tensors: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """``tensors`` with zero rows appended to the embedding and LM head up to ``rows``."""
+    out = dict(tensors)
+    for name in VOCAB_ROWS:
+        if name in out and out[name].shape[0] < rows:
+            t = out[name]
+            out[name] = torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- files
 def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``config.json`` and all tensors of an HF model directory (single or sharded safetensors)."""
@@ -418,7 +490,12 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{directory}: no config.json (not a Hugging Face model directory)")
-    hf_cfg = json.loads(config_path.read_text())
+    try:
+        hf_cfg = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"{config_path}: not a readable JSON file ({err})") from None
+    if not isinstance(hf_cfg, dict):
+        raise ConversionError(f"{config_path}: expected a JSON object, got {type(hf_cfg).__name__}")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -437,9 +514,7 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def hf_norm_bias_used(hf_cfg: dict, tensors: dict[str, torch.Tensor]) -> bool:
-    arch = ARCHITECTURES.get((hf_cfg.get("architectures") or [None])[0])
-    if arch is None:
-        raise ConversionError(f"unsupported HF architecture {hf_cfg.get('architectures')}")
+    arch = _architecture_of(hf_cfg)
     return any(torch.any(t) for k, t in tensors.items() if any(re.search(p, k) for p in arch.zero_fill))
 
 

@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -279,6 +280,7 @@ class MLP(nn.Module):
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-NeoX's bias_gelu_fusion
     "silu": F.silu,
     "relu": F.relu,
 }

@@ -322,7 +322,9 @@ def load_tokenizer(cfg: Any, path: str | os.PathLike | None = None) -> Tokenizer
     or a directory holding one) when given, else the checkpoint config's ``tokenizer_type``/``vocab_file``."""
     if path is None:
         if not cfg.vocab_file:
-            raise TokenizerError("the checkpoint's config names no vocab_file; give the tokenizer with --tokenizer")
+            raise TokenizerError(
+                "the checkpoint's config names no vocab_file; give the tokenizer with --tokenizer"
+            )
         return build_tokenizer(cfg)
     path = Path(path)
     if path.is_dir():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from megatron_stablelm.tokenizers import (
     TiktokenTokenizer,
     TokenizerError,
     build_tokenizer,
+    hf_tokenizer_from_tiktoken,
     write_tiktoken_ranks,
 )
 from tests.data_helpers import tiny_tokenizer_files
@@ -101,3 +104,37 @@ def test_tokenizer_ids_fit_shard_dtype(files):
 
     assert token_dtype(HFTokenizer(files["json"]).vocab_size) is np.uint16
     assert token_dtype(65536) is np.uint16 and token_dtype(100289) is np.int32
+
+
+def _auto_tokenizer(tok: TiktokenTokenizer, out) -> object:
+    """``tok`` exported as ``tokenizer.json`` + the ``tokenizer_config.json`` of ``convert_to_hf``."""
+    from transformers import AutoTokenizer
+
+    hf_tokenizer_from_tiktoken(tok).save(str(out / "tokenizer.json"))
+    eod = tok.decode([tok.eod])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod, "bos_token": eod}
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(out)
+
+
+def test_tiktoken_exports_to_auto_tokenizer(files, tmp_path):
+    """Same ids from `transformers`' AutoTokenizer as from tiktoken, special tokens included."""
+    tok = TiktokenTokenizer(files["tiktoken"])
+    auto = _auto_tokenizer(tok, tmp_path)
+    for text in [*TEXTS, "<|im_start|>user\n12<|im_end|><|fim_prefix|>x<|reg3|>"]:
+        assert auto(text)["input_ids"] == tok.encode(text), text
+        assert auto.decode(tok.encode(text)) == text
+    assert auto.eos_token_id == tok.eod
+    assert {t: auto.convert_tokens_to_ids(t) for t in tok.special_tokens} == tok.special_tokens
+
+
+def test_tiktoken_export_keeps_the_arcade100k_id_gap(tmp_path):
+    """With the published 100,256 ranks the special tokens start at 100257; the export keeps that."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"\xff" + i.to_bytes(3, "big"): 256 + i for i in range(100256 - 256)})
+    ranks[b"ab"] = ranks.pop(b"\xff" + (100255 - 256).to_bytes(3, "big"))  # one real merge, the last rank
+    write_tiktoken_ranks(ranks, tmp_path / "arcade100k.tiktoken")
+    tok = TiktokenTokenizer(tmp_path / "arcade100k.tiktoken")
+    auto = _auto_tokenizer(tok, tmp_path)
+    text = "abc<|endoftext|>ab<|im_end|>"
+    assert auto(text)["input_ids"] == tok.encode(text) == [100255, 99, 100257, 100255, 100278]

@@ -1,20 +1,22 @@
 #!/usr/bin/env python
 """Framework checkpoint → Hugging Face model directory (``config.json`` + ``model.safetensors``).
 
-    python tools/convert_to_hf.py CHECKPOINT OUT_DIR [--dtype fp32|bf16|fp16] [--tokenizer PATH]
+    python tools/convert_to_hf.py CHECKPOINT OUT_DIR [--dtype fp32|bf16|fp16] [--tokenizer PATH] [--force]
 
 CHECKPOINT is a checkpoint directory or a run directory with a ``latest`` file. The output loads with
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`` as ``StableLmForCausalLM`` (or
-``GPTNeoXForCausalLM`` for StableLM-Base-Alpha v1). OUT_DIR must not exist yet; it is written under a
-temporary name and renamed at the end.
+``GPTNeoXForCausalLM`` for StableLM-Base-Alpha v1), in the precision the checkpoint was trained in
+unless ``--dtype`` says otherwise. OUT_DIR must not exist unless ``--force``; it is written under a
+temporary name and renamed at the end (replacing the old one only then).
 
 Tokenizer files are exported beside the weights so that ``AutoTokenizer.from_pretrained(OUT_DIR)``
 works: ``--tokenizer`` names a ``tokenizer.json`` or a directory of HF tokenizer files; without it the
 checkpoint config's ``vocab_file`` is used when it is a ``tokenizer.json`` that exists. For a bare
 ``tokenizer.json`` a ``tokenizer_config.json`` is written too (``PreTrainedTokenizerFast`` with the
 end-of-document token as BOS/EOS, the model's context length), and ``config.json`` gets the matching
-``bos_token_id``/``eos_token_id``. A ``.tiktoken`` ranks file (Arcade100k) is copied as it is:
-``transformers`` cannot load it without Stability's remote code.
+``bos_token_id``/``eos_token_id``. A ``.tiktoken`` ranks file (Arcade100k) is copied and also
+converted into the equivalent ``tokenizer.json`` (same ids, special tokens included), so no remote
+code is needed.
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ TOKENIZER_FILES = (
 
 def tokenizer_files_for(path: str | Path | None, cfg) -> list[Path]:
     """The tokenizer files to export: those named by ``path`` (a file, or the HF tokenizer files in a
-    directory), else the config's ``vocab_file`` when it is an existing ``tokenizer.json``."""
+    directory), else the config's ``vocab_file`` when it is an existing ``tokenizer.json`` or
+    ``.tiktoken`` file."""
     if path is None:
         vocab = Path(cfg.vocab_file) if cfg.vocab_file else None
-        return [vocab] if vocab is not None and vocab.is_file() and vocab.suffix == ".json" else []
+        exportable = vocab is not None and vocab.is_file() and vocab.suffix in (".json", ".tiktoken")
+        return [vocab] if exportable else []
     path = Path(path)
     if path.is_dir():
         files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
@@ -64,11 +68,27 @@ def tokenizer_files_for(path: str | Path | None, cfg) -> list[Path]:
     return [path]
 
 
-def _tokenizer_eod(files: list[Path]) -> tuple[str, int] | None:
-    """(token, id) of the end-of-document token of the exported ``tokenizer.json``, if any."""
-    from megatron_stablelm.tokenizers import HFTokenizer, TokenizerError
+def _is_tokenizer_json(f: Path) -> bool:
+    """Whether ``f`` is exported as ``tokenizer.json`` (a ``.json`` that is no other HF tokenizer file)."""
+    return f.suffix == ".json" and f.name not in TOKENIZER_FILES[1:]
 
-    json_file = next((f for f in files if f.suffix == ".json" and f.name not in TOKENIZER_FILES[1:]), None)
+
+def _tiktoken_file(files: list[Path]) -> Path | None:
+    """The ``.tiktoken`` ranks file to convert into a ``tokenizer.json`` (none when one is given)."""
+    if any(_is_tokenizer_json(f) for f in files):
+        return None
+    return next((f for f in files if f.suffix == ".tiktoken"), None)
+
+
+def _tokenizer_eod(files: list[Path]) -> tuple[str, int] | None:
+    """(token, id) of the end-of-document token of the exported tokenizer, if any."""
+    from megatron_stablelm.tokenizers import HFTokenizer, TiktokenTokenizer, TokenizerError
+
+    ranks = _tiktoken_file(files)
+    if ranks is not None:
+        tok = TiktokenTokenizer(ranks)
+        return tok.decode([tok.eod]), tok.eod
+    json_file = next((f for f in files if _is_tokenizer_json(f)), None)
     if json_file is None:
         return None
     try:
@@ -99,14 +119,19 @@ def _write_tokenizer_config(out: Path, eod: tuple[str, int], max_length: int) ->
 def convert_to_hf(
     checkpoint: str | Path,
     out: str | Path,
-    dtype: str = "fp32",
+    dtype: str | None = None,
     tokenizer_files: list[Path] | None = None,
     tokenizer: str | Path | None = None,
+    force: bool = False,
 ) -> Path:
+    """Export ``checkpoint`` to ``out`` in ``dtype`` (default: the precision the checkpoint was trained
+    in). ``force`` replaces an existing ``out``, only once the new directory is complete."""
     ckpt, meta, cfg = read_header(checkpoint)
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force to replace it)")
+    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
+        raise ValueError(f"{out} holds the checkpoint {ckpt} being converted; choose another output")
     if tokenizer_files is None:
         tokenizer_files = tokenizer_files_for(tokenizer, cfg)
     tokenizer_files = [Path(f) for f in tokenizer_files]
@@ -116,19 +141,34 @@ def convert_to_hf(
     eod = _tokenizer_eod(tokenizer_files)
     hf_conversion.architecture_for(cfg)  # refuse early, before reading tensors
     state = load_canonical_state_dict(ckpt)
-    with StagedDirectory(out) as tmp:
+    # a model imported from HF and padded to split over TP goes back at the HF model's vocabulary size
+    rows = meta.get("vocab_size", meta["padded_vocab_size"])
+    state = {k: v[:rows] if k in hf_conversion.VOCAB_ROWS else v for k, v in state.items()}
+    torch_dtype = DTYPES[dtype or cfg.params_dtype_name]
+    with StagedDirectory(out, overwrite=force) as tmp:
         eod_id = eod[1] if eod else None
-        hf_conversion.write_hf_dir(tmp, cfg, state, meta["padded_vocab_size"], DTYPES[dtype], eod_id)
-        for f in tokenizer_files:
-            name = "tokenizer.json" if f.suffix == ".json" and f.name not in TOKENIZER_FILES else f.name
-            shutil.copy(f, tmp / name)
+        hf_conversion.write_hf_dir(tmp, cfg, state, rows, torch_dtype, eod_id)
+        _copy_tokenizer(tokenizer_files, tmp)
         if eod is not None:
             _write_tokenizer_config(tmp, eod, cfg.max_position_embeddings or cfg.seq_length)
     return out
 
 
+def _copy_tokenizer(files: list[Path], out: Path) -> None:
+    """The tokenizer files into ``out``; a ``.tiktoken`` file also as the equivalent ``tokenizer.json``."""
+    from megatron_stablelm.tokenizers import TiktokenTokenizer, hf_tokenizer_from_tiktoken
+
+    for f in files:
+        name = "tokenizer.json" if _is_tokenizer_json(f) else f.name
+        shutil.copy(f, out / name)
+    ranks = _tiktoken_file(files)
+    if ranks is not None:
+        hf_tokenizer_from_tiktoken(TiktokenTokenizer(ranks)).save(str(out / "tokenizer.json"))
+
+
 def _convert(args: argparse.Namespace) -> int:
-    print(f"wrote {convert_to_hf(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer)}")
+    path = convert_to_hf(args.checkpoint, args.out, args.dtype, tokenizer=args.tokenizer, force=args.force)
+    print(f"wrote {path}")
     return 0
 
 
@@ -138,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("checkpoint")
     parser.add_argument("out")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: the precision the checkpoint was trained in"
+    )
     parser.add_argument(
         "--tokenizer", help="tokenizer.json or a directory of HF tokenizer files (default: the config's)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUT_DIR (only once the new one is complete)"
     )
     return run_command(_convert, parser.parse_args(argv))
 
