@@ -34,6 +34,14 @@ setup(
         "eval": ["lm-eval>=0.4.13"],
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.15"],
-        "dev": ["pytest>=8", "ruff>=0.6", "lm-eval>=0.4.13", "tensorboard>=2.15", "wandb>=0.17"],
+        "plot": ["matplotlib>=3.8"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "lm-eval>=0.4.13",
+            "tensorboard>=2.15",
+            "wandb>=0.17",
+            "matplotlib>=3.8",
+        ],
     },
 )

@@ -21,17 +21,10 @@ import traceback
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from megatron_stablelm.cli import add_config_arguments, parse_config_args
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("configs", nargs="+", help="YAML config files, merged in order (later wins)")
-    p.add_argument(
-        "--override",
-        "-o",
-        action="append",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides, YAML-typed values (e.g. --override train_iters=10 save=ckpt/run1)",
-    )
+    add_config_arguments(p)
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
     )
@@ -40,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train on deterministic synthetic tokens instead of the configured data (smoke tests, benchmarks)",
     )
-    return p.parse_args(argv)
+    return parse_config_args(p, argv)
 
 
 def _tokenizer_and_vocab(cfg, synthetic: bool):
@@ -131,7 +124,8 @@ def _teardown() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"[train.py] error: {message}", file=sys.stderr, flush=True)
+    """One line on stderr (whatever the message's own line breaks), the process groups torn down."""
+    print(f"[train.py] error: {' '.join(message.split())}", file=sys.stderr, flush=True)
     _teardown()
     return code
 
@@ -139,10 +133,10 @@ def _fail(message: str, code: int) -> int:
 def _check_inputs(args: argparse.Namespace, rank: int, world: int):
     """Everything that can be checked before importing torch, megatron-core or DeepSpeed: the config
     (keys, types, ranges, combinations) and the batch layout at this world size. Seconds, not minutes."""
+    from megatron_stablelm.cli import overrides_from
     from megatron_stablelm.config import load_config, validate_layout
 
-    overrides = [item for group in args.override for item in group]
-    cfg = load_config(args.configs, overrides, report_ignored=rank == 0, training=True)
+    cfg = load_config(args.configs, overrides_from(args), report_ignored=rank == 0, training=True)
     return cfg, validate_layout(cfg, world)
 
 
@@ -162,6 +156,9 @@ def _train(args: argparse.Namespace, stop) -> int:
         tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
         if not args.synthetic_data:
             _check_shards(cfg, tokenizer.vocab_size)
+        from megatron_stablelm.checkpoint.selection import checkpoint_to_resume
+
+        checkpoint_to_resume(cfg, padded)  # the checkpoint to load: complete, and this model's
     except user_errors as err:
         return _fail(str(err), 2)
 

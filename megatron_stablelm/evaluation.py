@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import difflib
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from megatron_stablelm import parallel
 from megatron_stablelm.data.indexed import check_shard
@@ -76,12 +78,15 @@ def evaluate_loss(
     seq_length: int,
     *,
     batches: int | None = None,
+    max_tokens: int | None = None,
     micro_batch_size: int = 4,
     vocab_size: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Token-averaged loss and perplexity of each indexed dataset (``PREFIX`` of ``.bin``/``.idx``)
-    and over all of them. ``batches`` caps the micro-batches read per dataset. Every shard is checked
-    before the first forward pass. Call on every TP rank."""
+    and over all of them. Per dataset, ``batches`` caps the micro-batches and ``max_tokens`` the
+    predicted tokens (whole micro-batches: the first ones reaching it); ``progress`` shows a bar per
+    dataset on stderr. Every shard is checked before the first forward pass. Call on every TP rank."""
     if seq_length < 1:
         raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     all_windows = {prefix: token_windows(prefix, seq_length, vocab_size) for prefix in prefixes}
@@ -90,23 +95,49 @@ def evaluate_loss(
     results: dict[str, Any] = {"datasets": {}}
     total_loss, total_tokens = 0.0, 0
     for prefix, windows in all_windows.items():
+        every = _micro_batches(windows, seq_length, micro_batch_size)
+        groups = _first_batches(every, batches, max_tokens)
         loss_sum, tokens = 0.0, 0
-        full = [w for w in windows if len(w) == seq_length + 1]
-        rest = [w for w in windows if len(w) != seq_length + 1]
-        groups = [full[i : i + micro_batch_size] for i in range(0, len(full), micro_batch_size)]
-        groups += [[w] for w in rest]
-        if batches is not None:
-            groups = groups[:batches]
-        for group in groups:
+        bar = tqdm(groups, desc=prefix, unit="batch", disable=not progress, file=sys.stderr)
+        for group in bar:
             batch = torch.from_numpy(np.stack(group)).to(device)
             losses = model(batch[:, :-1], labels=batch[:, 1:])
             loss_sum += losses.double().sum().item()
             tokens += losses.numel()
+            bar.set_postfix(loss=f"{loss_sum / tokens:.4f}", tokens=tokens, refresh=False)
         results["datasets"][prefix] = _summary(loss_sum, tokens)
+        results["datasets"][prefix]["complete"] = len(groups) == len(every)
         total_loss += loss_sum
         total_tokens += tokens
     results.update(_summary(total_loss, total_tokens))
     return results
+
+
+def _micro_batches(
+    windows: list[np.ndarray], seq_length: int, micro_batch_size: int
+) -> list[list[np.ndarray]]:
+    """Full windows in micro-batches, then each shorter (last) window alone."""
+    full = [w for w in windows if len(w) == seq_length + 1]
+    groups = [full[i : i + micro_batch_size] for i in range(0, len(full), micro_batch_size)]
+    return groups + [[w] for w in windows if len(w) != seq_length + 1]
+
+
+def _first_batches(
+    groups: list[list[np.ndarray]], batches: int | None, max_tokens: int | None
+) -> list[list[np.ndarray]]:
+    """At most ``batches`` micro-batches, and only the first ones that together predict at least
+    ``max_tokens`` tokens."""
+    if batches is not None:
+        groups = groups[:batches]
+    if max_tokens is None:
+        return groups
+    kept, tokens = [], 0
+    for group in groups:
+        if tokens >= max_tokens:
+            break
+        kept.append(group)
+        tokens += sum(len(w) - 1 for w in group)
+    return kept
 
 
 def _summary(loss_sum: float, tokens: int) -> dict[str, Any]:

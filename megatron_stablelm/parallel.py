@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -43,11 +44,28 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def usable_backend(backend: str | None) -> str:
+    """``backend`` (default: :func:`default_backend`), except that NCCL without CUDA falls back to gloo
+    with one line on the first rank's stderr: a published GPU config (``distributed_backend: nccl``)
+    then still runs a CPU smoke test instead of failing inside ``torch.cuda``."""
+    backend = backend or default_backend()
+    if backend == "nccl" and not torch.cuda.is_available():
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "[parallel] distributed_backend 'nccl' needs CUDA, which this machine lacks: using gloo",
+                file=sys.stderr,
+                flush=True,
+            )
+        return "gloo"
+    return backend
+
+
 def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeout_minutes: int = 30) -> None:
     """Start torch.distributed (from the launcher's environment, or a single local rank) and build the
-    TP/DP groups. Idempotent for the same TP size."""
+    TP/DP groups. Idempotent for the same TP size. ``backend`` 'nccl' on a machine without CUDA runs
+    on gloo (:func:`usable_backend`)."""
     if not dist.is_initialized():
-        backend = backend or default_backend()
+        backend = usable_backend(backend)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

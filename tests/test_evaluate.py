@@ -68,6 +68,18 @@ def test_perplexity_matches_transformers(ckpt, tmp_path, capsys):
         main([str(run), "--data", a, "--seq-length", "16", "--batches", "1", "--micro-batch-size", "2"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["perplexity"]["tokens"] == 32
+    # --max-tokens keeps whole micro-batches until the limit is reached (2 windows of 16 = 32 >= 20),
+    # marks the dataset incomplete, and shows progress on stderr
+    assert (
+        main([str(run), "--data", a, "--seq-length", "16", "--max-tokens", "20", "--micro-batch-size", "2"])
+        == 0
+    )
+    out = capsys.readouterr()
+    report = json.loads(out.out)["perplexity"]
+    assert report["tokens"] == 32 and report["datasets"][a]["complete"] is False
+    first_two = -sum(float(hf_logprobs(hf, stream[s : s + 17]).sum()) for s in (0, 16))
+    assert math.isclose(report["loss"], first_two / 32, rel_tol=1e-5)
+    assert a in out.err and "batch" in out.err
 
 
 def test_bad_data_is_reported_before_loading(ckpt, tmp_path, capsys):

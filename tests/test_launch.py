@@ -602,3 +602,35 @@ def test_slurm_task_variables_become_torch_distributed_ones() -> None:
     assert not adopt_slurm_environment(
         {"RANK": "3", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "MASTER_ADDR": "x"}
     )
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_a_torchrun_job_cleanly(tmp_path: Path) -> None:
+    """The documented way to stop a job (SIGTERM or Ctrl-C to ``python -m megatron_stablelm.launch``,
+    what ``scancel`` does): the ranks save at the next step boundary, torchrun sees them finish, and
+    everything exits 0 without a traceback."""
+    import signal
+
+    import yaml
+
+    from megatron_stablelm.checkpoint import resolve_checkpoint
+    from tests.test_train_faults import _Reader
+
+    cfg = _tiny_train_config(tmp_path / "tiny.yml")
+    values = yaml.safe_load(cfg.read_text())
+    values.update(train_iters=100000, save=str(tmp_path / "ckpt"))
+    cfg.write_text(yaml.safe_dump(values))
+    cmd = [sys.executable, "-m", "megatron_stablelm.launch", str(cfg), "--launcher", "torchrun"]
+    cmd += ["--job-dir", str(tmp_path / "job"), "--master-port", str(_free_port()), "--", "--synthetic-data"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "COMPATIBLE", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run = _Reader(proc)
+    run.wait_for("iter 3/")
+    proc.send_signal(signal.SIGTERM)
+    out = run.rest(timeout=180)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-4000:]
+    assert "SIGTERM received: saving at iteration" in out
+    assert int(resolve_checkpoint(tmp_path / "ckpt").name.split("_")[1]) >= 3

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megatron_stablelm import metrics
+from megatron_stablelm.cli import USER_ERRORS, add_config_arguments, overrides_from, parse_config_args
 
 if TYPE_CHECKING:
     from megatron_stablelm.config import Config
@@ -199,7 +201,7 @@ def build_hf_model(cfg, model, vocab: int, dtype: torch.dtype, device: torch.dev
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    overrides = list(args.override or [])
+    overrides = overrides_from(args)
     if args.seq_length:
         overrides.append(f"seq_length={args.seq_length}")
         overrides.append(f"max_position_embeddings={args.seq_length}")
@@ -408,8 +410,7 @@ def print_report(r: dict) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="+", help="YAML config file(s), merged in order")
-    p.add_argument("--override", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    add_config_arguments(p, dest="config")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seq-length", type=int)
@@ -429,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vs-hf", action="store_true", help="also run transformers' StableLmForCausalLM")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     p.add_argument("--profile", type=Path, help="write a PyTorch profiler trace of 3 framework steps here")
-    return p.parse_args(argv)
+    return parse_config_args(p, argv, dest="config")
 
 
 # --sdpa-backend name → torch.nn.attention.SDPBackend member
@@ -451,7 +452,14 @@ def sdpa_backend_context(name: str | None) -> contextlib.AbstractContextManager:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark and print its report; a bad config or override ends in one ``error:`` line and
+    exit status 2 before any model is built."""
     args = parse_args(argv)
+    try:
+        load_benchmark_config(args.config, _overrides(args))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     with sdpa_backend_context(args.sdpa_backend):
         result = run(args)
         print_report(result)

@@ -24,17 +24,29 @@ from megatron_stablelm.checkpoint.layout import (
     resolve_checkpoint,
     shard_filename,
 )
-from megatron_stablelm.checkpoint.model_files import (
-    iter_canonical_tensors,
-    load_canonical_state_dict,
-    load_into_model,
-    read_config,
-    read_header,
-    read_meta,
-    save_canonical_model,
-    save_model,
-    write_model_files,
-)
+
+# The model-file functions need torch and safetensors; they load on first use (PEP 562), so that a
+# command which only reports a bad path or a bad config does not pay for importing torch.
+_MODEL_FILES = {
+    "iter_canonical_tensors",
+    "load_canonical_state_dict",
+    "load_into_model",
+    "read_config",
+    "read_header",
+    "read_meta",
+    "save_canonical_model",
+    "save_model",
+    "write_model_files",
+}
+
+
+def __getattr__(name: str):
+    if name in _MODEL_FILES:
+        from megatron_stablelm.checkpoint import model_files
+
+        return getattr(model_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CONFIG_FILE",

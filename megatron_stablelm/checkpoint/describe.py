@@ -15,7 +15,7 @@ import torch
 
 from megatron_stablelm.checkpoint.layout import CheckpointError, iteration_of
 from megatron_stablelm.checkpoint.model_files import iter_canonical_tensors, read_header
-from megatron_stablelm.checkpoint.training_state import read_train_state
+from megatron_stablelm.checkpoint.selection import read_train_state
 from megatron_stablelm.config import ARCHITECTURE_KEYS
 from megatron_stablelm.metrics import si_prefixed
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_stablelm.checkpoint.atomic import StagedDirectory
@@ -29,6 +29,10 @@ from megatron_stablelm.checkpoint.layout import (
 )
 from megatron_stablelm.config import Config, ConfigError, config_from_dict, validate_config
 from megatron_stablelm.sharding import REPLICATED, ShardSpec
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def config_splits(cfg: Config) -> dict[str, ShardSpec]:
@@ -59,9 +63,12 @@ def write_model_files(
     tp_size: int,
     local_state: dict[str, torch.Tensor],
     padded_vocab_size: int,
+    vocab_size: int | None = None,
 ) -> list[Path]:
     """Write one TP rank's shard file; TP rank 0 also writes the config and metadata. Call on one
-    data-parallel replica only. Returns the files written (for syncing)."""
+    data-parallel replica only. Returns the files written (for syncing). ``vocab_size``: the real
+    vocabulary when the embedding was padded beyond a source model's (an import from Hugging Face
+    padded to split over TP), so an export gives the source's shape back."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in local_state.items()}
@@ -80,22 +87,33 @@ def write_model_files(
         },
         "splits": {name: _spec_to_json(_split(splits, name)) for name in tensors},
     }
+    if vocab_size is not None and vocab_size != padded_vocab_size:
+        meta["vocab_size"] = vocab_size
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return [shard, directory / META_FILE, directory / CONFIG_FILE]
 
 
 def save_model(
-    directory: str | Path, cfg: Config, shards: list[dict[str, torch.Tensor]], padded_vocab_size: int
+    directory: str | Path,
+    cfg: Config,
+    shards: list[dict[str, torch.Tensor]],
+    padded_vocab_size: int,
+    vocab_size: int | None = None,
 ) -> None:
     """Single-process save of all TP shards (conversion tools); published atomically."""
     with StagedDirectory(directory) as tmp:
         for rank, state in enumerate(shards):
-            write_model_files(tmp, cfg, rank, len(shards), state, padded_vocab_size)
+            write_model_files(tmp, cfg, rank, len(shards), state, padded_vocab_size, vocab_size)
 
 
 def save_canonical_model(
-    directory: str | Path, cfg: Config, full: dict[str, torch.Tensor], padded_vocab_size: int, tp_size: int
+    directory: str | Path,
+    cfg: Config,
+    full: dict[str, torch.Tensor],
+    padded_vocab_size: int,
+    tp_size: int,
+    vocab_size: int | None = None,
 ) -> None:
     """Split whole-model tensors for ``tp_size`` ranks and save them (conversion tools)."""
     splits = config_splits(cfg)
@@ -103,7 +121,7 @@ def save_canonical_model(
         {name: splits[name].split(t, rank, tp_size).clone() for name, t in full.items()}
         for rank in range(tp_size)
     ]
-    save_model(directory, cfg, shards, padded_vocab_size)
+    save_model(directory, cfg, shards, padded_vocab_size, vocab_size)
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -114,7 +132,28 @@ def read_meta(directory: str | Path) -> dict:
     for rank in range(meta["tp_size"]):
         if not (directory / shard_filename(rank)).is_file():
             raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta['tp_size']})")
+        check_safetensors_file(directory / shard_filename(rank))
     return meta
+
+
+def check_safetensors_file(path: Path) -> None:
+    """From its header alone (no tensor is read): ``path`` is a complete safetensors file, i.e. its
+    JSON header parses and the file is exactly as long as the header's tensor offsets say. Catches a
+    truncated or overwritten file before anything is built."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise ValueError(f"a header of {header_len} bytes in a file of {size}")
+            header = json.loads(fh.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
+    if 8 + header_len + end != size:
+        raise CheckpointError(
+            f"{path}: truncated or corrupt: the header describes {8 + header_len + end} bytes, the file has {size}"
+        )
 
 
 def read_config(directory: str | Path) -> Config:
@@ -131,8 +170,16 @@ def read_header(path: str | Path) -> tuple[Path, dict, Config]:
         return ckpt, read_meta(ckpt), read_config(ckpt)
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{ckpt}: cannot read the checkpoint ({err})") from None
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        yaml.YAMLError,
+    ) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{ckpt}: cannot read the checkpoint ({type(err).__name__}: {_one_line(err)})"
+        ) from None
 
 
 def config_at_tp_size(directory: Path, meta: dict, cfg: Config, tp_size: int, purpose: str) -> Config:
@@ -190,6 +237,22 @@ def load_into_model(directory: str | Path, model: torch.nn.Module, tp_rank: int,
             f"{directory}: checkpoint does not match the model's architecture "
             f"(missing {missing[:4]}, unexpected {extra[:4]})"
         )
+    try:
+        _copy_shards(directory, meta, cfg, params, tp_rank, tp_size)
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, RuntimeError) as err:  # truncated or corrupt shard files
+        raise CheckpointError(f"{directory}: cannot read the model shards ({_one_line(err)})") from None
+
+
+def _copy_shards(
+    directory: Path,
+    meta: dict,
+    cfg: Config,
+    params: dict[str, torch.nn.Parameter],
+    tp_rank: int,
+    tp_size: int,
+) -> None:
     splits = tensor_splits(meta, cfg)
     same_tp = meta["tp_size"] == tp_size
     handle = safe_open(str(directory / shard_filename(tp_rank)), framework="pt") if same_tp else None

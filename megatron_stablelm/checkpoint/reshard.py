@@ -41,7 +41,7 @@ from megatron_stablelm.checkpoint.model_files import (
     write_model_files,
 )
 from megatron_stablelm.checkpoint.optimizer_files import OptimizerShards, parameter_of, write_optimizer_file
-from megatron_stablelm.checkpoint.training_state import read_train_state
+from megatron_stablelm.checkpoint.selection import read_train_state
 from megatron_stablelm.config import Config
 
 
@@ -58,8 +58,9 @@ def _resplit_model(ckpt: Path, out: Path, cfg: Config, tp: int, vocab: int) -> N
     for name, full in iter_canonical_tensors(ckpt):
         for rank in range(tp):
             shards[rank][name] = splits[name].split(full, rank, tp)
+    vocab_size = read_header(ckpt)[1].get("vocab_size")
     for rank in range(tp):
-        write_model_files(out, cfg, rank, tp, shards[rank], vocab)
+        write_model_files(out, cfg, rank, tp, shards[rank], vocab, vocab_size)
 
 
 def _resplit_optimizer(ckpt: Path, out: Path, meta: dict, cfg: Config, tp: int) -> int:

@@ -31,8 +31,16 @@ class RunDirectoryLock:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._fd: int | None = None
+        self._created = False
 
     def acquire(self) -> RunDirectoryLock:
+        self._created = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointError(
+                f"{self.root}: the save directory is not writable ({err.strerror})"
+            ) from None
         if os.environ.get(_NO_LOCK_ENV):
             return self
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -52,10 +60,14 @@ class RunDirectoryLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove_if_created_empty: bool = False) -> None:
+        """Give the directory up; with ``remove_if_created_empty``, also remove it if this run created it
+        and wrote nothing there (a run that failed to start leaves no empty directory behind)."""
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+        if remove_if_created_empty and self._created and not any(self.root.iterdir()):
+            self.root.rmdir()
 
 
 def check_writable(root: str | Path, checkpoint_bytes: int) -> str:
@@ -73,7 +85,8 @@ def check_writable(root: str | Path, checkpoint_bytes: int) -> str:
     except OSError as err:
         raise CheckpointError(f"{root}: the save directory is not writable ({err.strerror})") from None
     finally:
-        probe.unlink(missing_ok=True)
+        if probe.exists():
+            probe.unlink()
     free = shutil.disk_usage(root).free
     if free < checkpoint_bytes:
         raise CheckpointError(

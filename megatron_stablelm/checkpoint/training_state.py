@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,19 +32,17 @@ from megatron_stablelm.checkpoint.layout import (
     TRAIN_STATE_FILE,
     CheckpointError,
     iteration_dirname,
-    optim_files,
-    resolve_checkpoint,
     rng_filename,
 )
 from megatron_stablelm.checkpoint.model_files import (
     load_into_model,
-    read_header,
     tensor_splits,
     write_model_files,
 )
 from megatron_stablelm.checkpoint.optimizer_files import OptimizerShards, state_key, write_optimizer_file
 from megatron_stablelm.checkpoint.rng import load_rng_state, save_rng_state
-from megatron_stablelm.config import ARCHITECTURE_KEYS, Config
+from megatron_stablelm.checkpoint.selection import CheckpointInfo
+from megatron_stablelm.config import Config
 
 
 class EngineState(Protocol):
@@ -75,85 +72,6 @@ def _world() -> int:
 def _barrier() -> None:
     if _world() > 1:
         dist.barrier()
-
-
-# ----------------------------------------------------------------------------- before building anything
-@dataclass
-class CheckpointInfo:
-    """A checkpoint found fit for a config; everything needed to decide before building anything."""
-
-    path: Path
-    meta: dict
-    config: Config
-    train_state: dict | None  # None: weights only (e.g. converted from Hugging Face)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def iteration(self) -> int:
-        return int(self.train_state["iteration"]) if self.train_state else 0
-
-
-def architecture_differences(saved: Config, current: Config) -> list[str]:
-    """``key: checkpoint X, config Y`` for every architecture key that differs."""
-    out = []
-    for key in ARCHITECTURE_KEYS:
-        a, b = getattr(saved, key), getattr(current, key)
-        if a != b:
-            out.append(f"{key}: checkpoint {a!r}, config {b!r}")
-    return out
-
-
-def read_train_state(directory: Path) -> dict | None:
-    """``train_state.json`` of a checkpoint, or None for a weights-only one."""
-    path = directory / TRAIN_STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read the training state ({err})") from None
-    if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: unsupported training-state format {found}")
-    return state
-
-
-def _select(cfg: Config, path: Path) -> Path:
-    """``path`` itself, or its ``iter_N`` when the config asks for iteration N."""
-    if cfg.iteration is None:
-        return path
-    wanted = path / iteration_dirname(cfg.iteration)
-    if wanted.is_dir():
-        return wanted
-    if not (path / "model_meta.json").is_file():
-        raise CheckpointError(f"iteration {cfg.iteration} requested but {path} has no {wanted.name}")
-    return path
-
-
-def checkpoint_for_config(cfg: Config, path: str | Path, padded_vocab: int | None = None) -> CheckpointInfo:
-    """Resolve ``path`` (a checkpoint or a run directory with ``latest``; ``cfg.iteration`` picks a
-    specific one) and check that it can be loaded into the model ``cfg`` describes."""
-    directory = resolve_checkpoint(_select(cfg, Path(path)))
-    directory, meta, saved_cfg = read_header(directory)
-    if not cfg.no_checkpoint_arg_validation:
-        diffs = architecture_differences(saved_cfg, cfg)
-        if diffs:
-            raise CheckpointError(
-                f"{directory}: the checkpoint's architecture differs from the config:\n  "
-                + "\n  ".join(diffs)
-                + "\n(set no_checkpoint_arg_validation: true only if you know the shapes still match)"
-            )
-    if padded_vocab is not None and meta["padded_vocab_size"] != padded_vocab:
-        raise CheckpointError(
-            f"{directory}: the checkpoint's padded vocabulary is {meta['padded_vocab_size']} rows but the "
-            f"config gives {padded_vocab} (set padded_vocab_size: {meta['padded_vocab_size']})"
-        )
-    state = read_train_state(directory)
-    if state is not None and state.get("has_optimizer"):
-        for tp_rank in range(meta["tp_size"]):
-            if not optim_files(directory, tp_rank):
-                raise CheckpointError(f"{directory}: optimizer files for TP rank {tp_rank} are missing")
-    return CheckpointInfo(directory, meta, saved_cfg, state)
 
 
 # ----------------------------------------------------------------------------- save
@@ -204,7 +122,12 @@ def _train_state_record(engine: EngineState, train_state: dict[str, Any]) -> dic
 
 
 def save_training_checkpoint(
-    root: str | Path, engine: EngineState, cfg: Config, padded_vocab: int, train_state: dict[str, Any]
+    root: str | Path,
+    engine: EngineState,
+    cfg: Config,
+    padded_vocab: int,
+    train_state: dict[str, Any],
+    vocab_size: int | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory."""
     root = Path(root)
@@ -217,7 +140,7 @@ def save_training_checkpoint(
         staged.begin()
     _barrier()
     try:
-        _write_share(staged.tmp, engine, cfg, padded_vocab, train_state, iteration)
+        _write_share(staged.tmp, engine, cfg, (padded_vocab, vocab_size), train_state, iteration)
         failure = None
     except OSError as err:  # disk full, quota, I/O error: this rank's share is incomplete
         failure = f"{err.filename or staged.tmp}: {err.strerror}"
@@ -242,7 +165,7 @@ def _write_share(
     tmp: Path,
     engine: EngineState,
     cfg: Config,
-    padded_vocab: int,
+    vocab: tuple[int, int | None],  # (padded rows, the real vocabulary recorded for exports)
     train_state: dict[str, Any],
     iteration: int,
 ) -> None:
@@ -251,7 +174,7 @@ def _write_share(
     written: list[Path] = []
     if parallel.dp_rank() == 0:
         local = {name: p.detach() for name, p in engine.model.named_parameters()}
-        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, padded_vocab)
+        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, *vocab)
     _test_stall(iteration)
     written.append(_write_optimizer_share(tmp, engine))
     rng_file = tmp / rng_filename(_rank())

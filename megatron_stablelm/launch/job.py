@@ -54,16 +54,31 @@ def prepare_job_dir(plan: LaunchPlan, cfg: Config) -> None:
 
 
 def run_plan(plan: LaunchPlan) -> int:
-    """Run the command, copying its output to the console and to ``launch.log`` in the job directory;
-    SIGTERM/SIGINT are forwarded so ``scancel`` stops the ranks. Returns the exit status."""
+    """Run the command, copying its output to the console and to ``launch.log`` in the job directory.
+    Returns the exit status.
+
+    Stopping: SIGTERM/SIGINT (``scancel``, ``kill``, Ctrl-C) go to the training processes themselves,
+    which save at the next step boundary and exit 0, so that torchrun's or DeepSpeed's launcher sees
+    its workers finish and exits cleanly too. Signalled directly, those launchers would print a
+    traceback and kill the workers after a grace period, possibly in the middle of a save. The command
+    runs in its own session so a terminal's Ctrl-C reaches this process only. Where no training
+    process runs on this host (ranks started over ssh or srun), the signal goes to the command."""
     if shutil.which(plan.argv[0]) is None:
         raise LaunchError(f"'{plan.argv[0]}' is not on PATH")
     env = {**os.environ, **plan.env}
+    script = next((a for a in plan.argv if a.endswith(".py")), None)
     with open(plan.job_dir / "launch.log", "ab") as log:
-        proc = subprocess.Popen(plan.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            plan.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
         def forward(signum: int, _frame: object) -> None:
-            if proc.poll() is None:
+            if proc.poll() is not None:
+                return
+            workers = [pid for pid in _descendants(proc.pid) if script and script in _command_line(pid)]
+            for pid in workers:
+                _signal_quietly(pid, signum)
+            if not workers:
                 proc.send_signal(signum)
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -79,3 +94,38 @@ def run_plan(plan: LaunchPlan) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return code if code >= 0 else 128 - code
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``; empty where it does not exist)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we looked
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:  # it ended meanwhile
+        pass

@@ -32,18 +32,18 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_stablelm import parallel
-from megatron_stablelm.checkpoint import has_checkpoint
+from megatron_stablelm import metrics, parallel
+from megatron_stablelm.checkpoint import CheckpointError
+from megatron_stablelm.checkpoint.retention import prune_checkpoints
+from megatron_stablelm.checkpoint.run_directory import RunDirectoryLock, check_writable
+from megatron_stablelm.checkpoint.selection import CheckpointInfo, checkpoint_to_resume
 from megatron_stablelm.checkpoint.training_state import (
-    CheckpointInfo,
-    checkpoint_for_config,
     load_model_weights,
     load_training_state,
     restore_rng,
@@ -51,10 +51,11 @@ from megatron_stablelm.checkpoint.training_state import (
 )
 from megatron_stablelm.config import BatchLayout, Config, ConfigError, validate_config, validate_layout
 from megatron_stablelm.metrics import flops_per_token, peak_tflops
-from megatron_stablelm.model import build_model
+from megatron_stablelm.model import build_model, canonical_shapes
 from megatron_stablelm.signals import StopRequest
 from megatron_stablelm.training.engine import TrainingEngine
 from megatron_stablelm.training.logging import MetricsLogger, StepRecord
+from megatron_stablelm.training.run_record import RunRecord
 from megatron_stablelm.training.schedules import schedule_from_config
 
 
@@ -166,12 +167,22 @@ class Trainer:
         self._log = log
         self.fault_hook = fault_hook
         self.stop = stop  # None: train() installs its own handlers for its duration
+        self.record: RunRecord | None = None  # rank 0's files beside the checkpoints
+        self._early_lines: list[str] | None = []  # logged before the record starts (None: no record)
         self.state = TrainState()
         self.checkpoint: CheckpointInfo | None = None
 
     def log(self, message: str) -> None:
         if self.rank == 0:
-            self._log(message)
+            self._emit(message)
+
+    def _emit(self, line: str) -> None:
+        """Print a line (rank 0) and keep it in the run's log file once the run directory is claimed."""
+        self._log(line)
+        if self.record is not None:
+            self.record.log(line)
+        elif self._early_lines is not None:
+            self._early_lines.append(line)
 
     @property
     def rank(self) -> int:
@@ -213,26 +224,18 @@ class Trainer:
             world,
             cfg.train_iters,
             rank=self.rank,
-            print_fn=self._log,
+            print_fn=self._emit,
         )
         self.metrics.open_trackers()
 
     def _find_checkpoint(self) -> CheckpointInfo | None:
         """The checkpoint ``load`` names, checked against the config; None to start from scratch."""
         cfg = self.cfg
-        if not cfg.load:
+        info = checkpoint_to_resume(cfg, self.padded_vocab)
+        if info is None:
+            if cfg.load:  # load == save with nothing in it yet: the first launch of an auto-resuming job
+                self.log(f"[setup] no checkpoint in {cfg.load} yet (load == save): starting from scratch")
             return None
-        load = Path(cfg.load)
-        first_launch = (
-            cfg.save is not None
-            and load.resolve() == Path(cfg.save).resolve()
-            and not has_checkpoint(load)
-            and cfg.iteration is None
-        )
-        if first_launch:  # load == save with nothing in it yet: the first launch of an auto-resuming job
-            self.log(f"[setup] no checkpoint in {load} yet (load == save): starting from scratch")
-            return None
-        info = checkpoint_for_config(cfg, load, self.padded_vocab)
         if info.train_state is None or cfg.finetune:
             what = "weights only" if info.train_state is None else "finetune: weights only"
             self.log(f"[setup] loading {info.path} ({what}); iteration, optimizer and data restart")
@@ -252,6 +255,18 @@ class Trainer:
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
+        self._claim_save_directory()
+        try:
+            self._build()
+        except BaseException:
+            if self._lock is not None:  # a run that failed to start leaves no trace
+                self._lock.release(remove_if_created_empty=True)
+                self._lock = None
+            raise
+
+    def _build(self) -> None:
+        """Model, engine, resumed state and data; every rank."""
+        cfg = self.cfg
         seed_everything(cfg.seed)
         with torch.device(self.device):
             self.model = build_model(cfg, self.padded_vocab, dtype=cfg.params_dtype, seed=cfg.seed)
@@ -285,6 +300,46 @@ class Trainer:
             f"= micro {self.layout.micro} × accumulation {self.layout.accumulation} × DP {self.layout.dp_size}; "
             f"{n_params / 1e6:.2f}M parameters on TP rank 0; {self.flops_per_token / 1e9:.3f} GFLOP/token"
         )
+        self._start_record()
+
+    def _start_record(self) -> None:
+        """Once setup has succeeded (a run that fails to start leaves the run directory as it was):
+        the run's files beside its checkpoints, with everything logged so far."""
+        if not self.cfg.save or self.rank != 0:
+            self._early_lines = None
+            return
+        self.record = RunRecord(self.cfg.save, self.cfg.log_dir)
+        self.record.start(self.cfg.to_dict())
+        for line in self._early_lines or []:
+            self.record.log(line)
+        self._early_lines = None
+        self.metrics.sink = lambda values: self.record.metrics("train", values)
+
+    def _claim_save_directory(self) -> None:
+        """Before anything is built: the save directory is this run's alone (a lock), writable, and has
+        room for one checkpoint. Rank 0 checks; every rank fails together."""
+        self._lock = None
+        if not self.cfg.save:
+            return
+        error = None
+        if self.rank == 0:
+            try:
+                self._lock = RunDirectoryLock(self.cfg.save).acquire()
+                self.log("[setup] " + check_writable(self.cfg.save, self._checkpoint_bytes()))
+            except CheckpointError as err:
+                error = str(err)
+                if self._lock is not None:
+                    self._lock.release(remove_if_created_empty=True)
+                    self._lock = None
+        if self._any_rank(error is not None):
+            raise CheckpointError(error or f"rank 0 could not claim the save directory {self.cfg.save}")
+
+    def _checkpoint_bytes(self) -> int:
+        """Size of one checkpoint: weights in the training dtype, fp32 Adam moments, and fp32 master
+        weights when training in lower precision (from shapes alone, on the meta device)."""
+        numel = sum(math.prod(shape) for shape in canonical_shapes(self.cfg, self.padded_vocab).values())
+        weight = 4 if self.prec == "fp32" else 2
+        return numel * (weight + 8 + (0 if self.prec == "fp32" else 4))
 
     def _resume(self, info: CheckpointInfo) -> None:
         saved = load_training_state(info, self.engine)
@@ -338,16 +393,11 @@ class Trainer:
     def _step_loss(self, loss_sum: torch.Tensor, step_tokens: torch.Tensor) -> tuple[float, bool]:
         """(token mean of the step's loss over all DP ranks, whether any rank saw a non-finite loss).
         TP ranks hold the same value; every rank must agree on "non-finite", hence the world MAX."""
-        bad = not math.isfinite(float(loss_sum))
-        stats = torch.tensor(
-            [0.0 if bad else float(loss_sum), 1.0 if bad else 0.0], dtype=torch.float64, device=self.device
-        )
-        dist.all_reduce(stats, group=parallel.dp_group())
-        flag = torch.tensor([float(stats[1].item() > 0)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        if self._any_rank(not math.isfinite(float(loss_sum))):
             return math.nan, True
-        return float(stats[0].item()) / max(float(step_tokens.item()), 1.0), False
+        total = loss_sum.detach().to(torch.float64).reshape(1)
+        dist.all_reduce(total, group=parallel.dp_group())
+        return float(total.item()) / max(float(step_tokens.item()), 1.0), False
 
     def _count_step(
         self, step_number: int, applied: bool, nonfinite: bool, nonfinite_loss: bool, grad_norm: float | None
@@ -393,6 +443,8 @@ class Trainer:
         result = {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(loss, 80.0))}
         self.log(f"[{name}] iteration {self.state.iteration} | loss {loss:.4f} | ppl {result['ppl']:.3f}")
         self.metrics.scalars({f"{name}/loss": loss, f"{name}/ppl": result["ppl"]}, self.state.iteration)
+        if self.record is not None:
+            self.record.metrics(name, result)
         return result
 
     # ------------------------------------------------------------------ checkpoints
@@ -406,10 +458,18 @@ class Trainer:
             )
             return None
         start = time.perf_counter()
+        vocab_size = (
+            self.checkpoint.meta.get("vocab_size") if self.checkpoint else None
+        )  # kept from an import
         path = save_training_checkpoint(
-            self.cfg.save, self.engine, self.cfg, self.padded_vocab, self.state.as_dict()
+            self.cfg.save, self.engine, self.cfg, self.padded_vocab, self.state.as_dict(), vocab_size
         )
         self.log(f"[checkpoint] saved {path} ({reason}) in {time.perf_counter() - start:.1f}s")
+        if self.cfg.keep_last_n_checkpoints and self.rank == 0:
+            for old in prune_checkpoints(self.cfg.save, self.cfg.keep_last_n_checkpoints):
+                self.log(
+                    f"[checkpoint] removed {old} (keep_last_n_checkpoints={self.cfg.keep_last_n_checkpoints})"
+                )
         return str(path)
 
     def _should_save(self, iteration: int) -> bool:
@@ -418,11 +478,15 @@ class Trainer:
             return True
         return bool(cfg.extra_save_iters) and iteration in set(cfg.extra_save_iters)
 
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank: every rank must take the same branch."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop (every rank must leave the loop at the same step)."""
-        flag = torch.tensor([1.0 if self.stop.signal_name else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return self._any_rank(self.stop.signal_name is not None)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunResult:
@@ -436,16 +500,49 @@ class Trainer:
                 raise ConfigError("no training data: set train_data_paths (or data_path)")
             self.engine.train()
             self._last_saved = self.start_iteration if self.checkpoint is not None else None
+            started = time.perf_counter()
             while self.state.iteration < self.cfg.train_iters:
                 if self._iteration(result):
                     result.exit_reason = (self.stop.signal_name or "SIGTERM").lower()
-                    return result
-            self._finish(result)
+                    break
+            else:
+                self._finish(result)
+            self._summarise(result, time.perf_counter() - started)
             return result
         finally:
             if own_handlers:
                 self.stop.uninstall()
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
             self.metrics.close()
+
+    def _summarise(self, result: RunResult, seconds: float) -> None:
+        """The end-of-run summary: printed, and kept in the run directory (``summary.json``)."""
+        steps = self.state.iteration - self.start_iteration
+        tokens = steps * self.layout.global_batch * self.cfg.seq_length
+        tok_s = tokens / seconds if seconds > 0 and steps else 0.0
+        mfu = metrics.mfu(tok_s, self.flops_per_token, self.metrics.peak, self.metrics.world_size)
+        valid = [e["loss"] for e in result.evals if math.isfinite(e["loss"])]
+        last = (
+            result.checkpoints[-1]
+            if result.checkpoints
+            else (self.checkpoint.path if self.checkpoint else None)
+        )
+        summary = {
+            "exit_reason": result.exit_reason,
+            "iteration": self.state.iteration,
+            "iterations_this_run": steps,
+            "tokens_this_run": tokens,
+            "training_seconds": round(seconds, 1),
+            "tokens_per_s": round(tok_s, 1),
+            "mfu": round(mfu, 4) if mfu is not None else None,
+            "best_valid_loss": min(valid) if valid else None,
+            "last_checkpoint": str(last) if last else None,
+        }
+        if self.record is not None:
+            self.log("[train] summary: " + self.record.finish(summary))
+        else:
+            self.log("[train] summary: " + " | ".join(f"{k} {v}" for k, v in summary.items()))
 
     def _save_into(self, result: RunResult, reason: str) -> None:
         path = self.save(reason)
