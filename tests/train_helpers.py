@@ -72,25 +72,14 @@ def _synthetic_data(cfg, mask_every: int | None):
 
 
 def _real_data(cfg):
-    """``make_data`` over the real pipeline (tokenizer, indexed shards, megatron-core datasets, the
-    DataLoader), and the padded vocabulary of the config's tokenizer."""
-    from megatron_stablelm.data import build_data_iterators, build_tokenizer
+    """``make_data`` over the real pipeline exactly as ``train.py`` builds it (tokenizer, indexed shards,
+    megatron-core datasets, the DataLoader), and the padded vocabulary of the config's tokenizer."""
+    from megatron_stablelm.data import build_tokenizer
+    from train import _data_factory
 
     tokenizer = build_tokenizer(cfg)
-
-    def make_data(req):
-        return build_data_iterators(
-            cfg,
-            tokenizer,
-            dp_rank=req.dp_rank,
-            dp_size=req.dp_size,
-            consumed_train_samples=req.consumed_train_samples,
-            consumed_valid_samples=req.consumed_valid_samples,
-            device=req.device,
-            report=False,
-        )
-
-    return make_data, cfg.padded_vocab(tokenizer.vocab_size)
+    padded = cfg.padded_vocab(tokenizer.vocab_size)
+    return _data_factory(cfg, tokenizer, padded, synthetic=False), padded
 
 
 def _fault_hook(options: dict):

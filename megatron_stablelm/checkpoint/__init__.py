@@ -24,6 +24,7 @@ from megatron_stablelm.checkpoint.layout import (
     resolve_checkpoint,
     shard_filename,
 )
+from megatron_stablelm.lazy import lazy_attributes
 
 # The model-file functions need torch and safetensors; they load on first use (PEP 562), so that a
 # command which only reports a bad path or a bad config does not pay for importing torch.
@@ -39,13 +40,7 @@ _MODEL_FILES = {
     "write_model_files",
 }
 
-
-def __getattr__(name: str):
-    if name in _MODEL_FILES:
-        from megatron_stablelm.checkpoint import model_files
-
-        return getattr(model_files, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "megatron_stablelm.checkpoint.model_files", _MODEL_FILES)
 
 
 __all__ = [

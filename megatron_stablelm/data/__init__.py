@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,6 +65,7 @@ from megatron_stablelm.config import Config
 from megatron_stablelm.data.errors import DataError
 from megatron_stablelm.data.indexed import ShardError, check_shard
 from megatron_stablelm.data.loader import Collate, document_fields, make_loader
+from megatron_stablelm.lazy import lazy_attributes
 from megatron_stablelm.tokenizers import Tokenizer, TokenizerError, build_tokenizer
 
 if TYPE_CHECKING:
@@ -72,15 +73,11 @@ if TYPE_CHECKING:
 
 # The megatron-core dataset machinery loads on first use (PEP 562), so that checking a shard or a
 # tokenizer reports bad input without the seconds of importing megatron-core.
-_LAZY = {"TrainingDatasets", "build_datasets", "plan_splits", "samples_per_eval"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from megatron_stablelm.data import datasets
-
-        return getattr(datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    "megatron_stablelm.data.datasets",
+    {"TrainingDatasets", "build_datasets", "plan_splits", "samples_per_eval"},
+)
 
 
 __all__ = [
