@@ -2,7 +2,10 @@
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
 #   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
-# docs kernels. Each step has its own time limit, so one slow or failing step leaves the others' results.
+# docs kernels, then the trainer steps (issue 18): trainer_bench train train_norecompute resume rerun export
+# verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
+# synthetic data); the Python half of their checks is benchmarks/gpu_checks.py. `resume` compares with
+# `train`'s losses, so run `train` first (the default order does). Each step has its own time limit, so one slow or failing step leaves the others' results.
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the SDPA
 # flash backend is used). MICRO_BATCH / STEPS can be set in the environment.
 # On a machine that lacks deepspeed/megatron-core (a lent GPU box with only torch, triton and
@@ -67,7 +70,8 @@ want flashce && bench 1_6b_flash_ce 150 --recompute none --override use_flash_cr
 # 4. kernel/attention agreement tests natively on the GPU
 if want tests; then
     echo "=== tests"
-    timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_attention.py -k "${TESTS_K:-}" \
+    timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_attention.py \
+        tests/test_gpu_trainer.py -k "${TESTS_K:-}" \
         2>&1 | tee "$RES/gpu_tests.txt" | tail -n 15
     pack
 fi
@@ -80,5 +84,113 @@ want docs && bench 1_6b_docs4 200 --recompute none --documents 4
 if want kernels; then
     echo "=== kernels"
     timeout 240 $PY benchmarks/kernels_bench.py 2>&1 | tee "$RES/kernels.txt"
+fi
+
+# ---------------------------------------------------------------- the trainer path (issue 18)
+# 8. the step as the trainer runs it (TrainingEngine: DeepSpeed ZeRO-1, bf16 compute with fp32 master
+#    weights and Adam state, clipping, non-finite guard) against transformers in mixed precision (bf16
+#    weights, fp32 master copy + torch AdamW, same clipping); TRAINER_MICRO_BATCH=2 if HF runs out of memory
+want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --vs-hf
+# 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
+# synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
+# $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.
+RUNS=${RUNS:-/tmp/gpu_runs}
+TRAIN_ITERS=${TRAIN_ITERS:-40}
+STOP_AT=${STOP_AT:-15}
+TRAIN_OVR=(train_iters="$TRAIN_ITERS" lr_decay_iters="$TRAIN_ITERS" log_interval=1 steps_per_print=0 eval_interval=0
+    vocab_file=null checkpoint_factor=1000000 keep_last_n_checkpoints=1)
+if command -v deepspeed > /dev/null; then DS=(deepspeed); else DS=("$PY" -m deepspeed.launcher.runner); fi
+train_cmd() {  # train_cmd RUN_DIR [KEY=VALUE ...]: CMD = the deepspeed command line of one training run
+    CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" --synthetic-data --override "${TRAIN_OVR[@]}" save="$1" "${@:2}")
+}
+train_run() {  # train_run NAME LIMIT_S [KEY=VALUE ...]: one run in $RUNS/NAME, its output in $RES/NAME.log
+    local name=$1 limit=$2 code
+    shift 2
+    rm -rf "${RUNS:?}/$name" && mkdir -p "$RUNS"
+    train_cmd "$RUNS/$name" "$@"
+    timeout "$limit" "${CMD[@]}" > "$RES/$name.log" 2>&1
+    code=$?
+    echo "exit status $code" >> "$RES/$name.log"
+    cp "$RUNS/$name/metrics.jsonl" "$RES/$name.metrics.jsonl" 2> /dev/null
+    return $code
+}
+summarize() {  # summarize NAME MICRO_BATCH: figures from the trainer's own log into $RES/NAME.json
+    $PY benchmarks/gpu_checks.py train-summary "$RUNS/$1" "$RES/$1.log" "$RES/$1.json" --micro-batch "$2"
+    rm -rf "${RUNS:?}/$1"/iter_* # keep the disk for the next checkpoint
+    pack
+}
+if want train; then  # the config as published: full recompute, micro-batch 2 x accumulation 2
+    echo "=== train (full recompute), $TRAIN_ITERS iterations"
+    train_run train_recompute 540
+    summarize train_recompute 2
+fi
+if want train_norecompute; then  # checkpoint_activations false at the largest micro-batch that fits
+    t0=$SECONDS
+    for mb in ${NORECOMPUTE_MICRO_BATCHES:-8 4 2}; do
+        left=$((550 - SECONDS + t0)) # all tries within one device command
+        [ "$left" -ge 120 ] || break
+        echo "=== train (no recompute), micro-batch $mb"
+        train_run train_no_recompute "$((left < 300 ? left : 300))" checkpoint_activations=false \
+            train_micro_batch_size_per_gpu="$mb" && break
+        grep -qE "out of memory|OutOfMemoryError" "$RES/train_no_recompute.log" || break # only OOM tries smaller
+    done
+    summarize train_no_recompute "$mb"
+fi
+descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c" && descendants "$c"; done; }
+worker_pid() {  # the train.py rank under a deepspeed launcher (its command line has --local_rank)
+    local p
+    for p in $(descendants "$1"); do
+        tr '\0' ' ' < "/proc/$p/cmdline" 2> /dev/null | grep -q "train.py --local_rank" && echo "$p"
+    done | head -n 1
+}
+resume_check() {  # SIGTERM at iteration STOP_AT, checkpoint, exit 0, resume, losses vs train_recompute's
+    local run=$RUNS/resume launcher worker code resumed ckpt
+    rm -rf "${RUNS:?}/resume" && mkdir -p "$RUNS"
+    train_cmd "$run"
+    "${CMD[@]}" > "$RES/resume_first.log" 2>&1 &
+    launcher=$!
+    timeout 240 bash -c "until grep -q 'iter $STOP_AT/' '$RES/resume_first.log'; do kill -0 $launcher || exit 1; sleep 0.5; done"
+    # SIGTERM to the trainer itself, as a scheduler's preemption does: signalled, the deepspeed launcher
+    # gives its ranks only 30 s (then SIGKILL) and exits 1 whatever they did
+    worker=$(worker_pid "$launcher")
+    echo "SIGTERM to train.py rank (pid ${worker:-none}) after iter $STOP_AT" | tee -a "$RES/resume_first.log"
+    [ -n "$worker" ] && kill -TERM "$worker"
+    timeout 150 tail --pid="$launcher" -f /dev/null
+    wait "$launcher"
+    code=$?
+    ckpt=$(cat "$run/latest" 2> /dev/null)
+    train_cmd "$run" load="$run"
+    timeout 200 "${CMD[@]}" > "$RES/resume_second.log" 2>&1
+    resumed=$?
+    cp "$run/metrics.jsonl" "$RES/resume.metrics.jsonl" 2> /dev/null
+    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.metrics.jsonl" "$run" "${ckpt#iter_}" \
+        "$RES/sigterm_resume.json" --sigterm-exit "$code" --checkpoint "${ckpt:-none}" --resume-exit "$resumed"
+}
+if want resume; then
+    echo "=== resume: SIGTERM after iteration $STOP_AT, resume, losses against the uninterrupted 'train' run"
+    resume_check
+    pack
+fi
+if want rerun; then  # the run-to-run spread of two uninterrupted runs: the yardstick of the resume tolerance
+    echo "=== rerun (uninterrupted, same as 'train')"
+    train_run train_rerun 540
+    rm -rf "${RUNS:?}/train_rerun"
+    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.metrics.jsonl" "$RES/train_rerun.metrics.jsonl" 0 \
+        "$RES/rerun.json"
+    pack
+fi
+if want export; then  # convert_to_hf --dtype bf16, transformers on the GPU, logits vs the framework's
+    echo "=== export to HF (bf16), logits against the framework's"
+    src=$RUNS/resume
+    [ -f "$src/latest" ] || { train_run export_src 200 train_iters=5 lr_decay_iters=5; src=$RUNS/export_src; }
+    rm -rf "${RUNS:?}/hf"
+    timeout 200 $PY tools/convert_to_hf.py "$src" "$RUNS/hf" --dtype bf16 > "$RES/export.log" 2>&1
+    timeout 180 $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" >> "$RES/export.log" 2>&1
+    tail -n 3 "$RES/export.log"
+    pack
+fi
+if want verdict; then
+    $PY benchmarks/gpu_checks.py verdict "$RES" | tee "$RES/verdict.txt"
+    pack
 fi
 echo "results in $RES; copy the figures into benchmarks/RESULTS.md"

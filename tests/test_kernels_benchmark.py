@@ -54,3 +54,73 @@ def test_benchmark_tiny_cpu(tmp_path, capsys):
         assert metrics["tokens_per_s"] > 0 and metrics["peak_mem_gib"] > 0
     assert result["hf"]["weights"].startswith("same weights")
     assert "speedup vs hf" in printed and "tokens/s" in printed
+
+
+def test_benchmark_trainer_mode_tiny_cpu(tmp_path, capsys):
+    """``--mode trainer``: the TrainingEngine step against transformers with an fp32 master copy. Same
+    weights and batch, so the first step's losses agree; every figure is positive."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("deepspeed")
+    from tools import benchmark as bench
+
+    out = tmp_path / "trainer.json"
+    argv = [str(ROOT / "configs/tiny/stablelm-2-1_6b.yml"), "--mode", "trainer", "--steps", "2"]
+    argv += ["--warmup", "1", "--device", "cpu", "--seq-length", "16", "--micro-batch", "2"]
+    result = bench.main(argv + ["--vs-hf", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text())["mode"] == "trainer"
+    assert result["tokens_per_step"] == 32 and result["dtype"] == "fp32"
+    for side in ("framework", "hf"):
+        m = result[side]
+        for key in ("tokens_per_s", "tflops", "mfu_vs_matmul", "peak_mem_gib", "step_s", "loss"):
+            assert m[key] > 0, (side, key)
+    assert result["framework"]["applied"] and result["framework"]["grad_norm"] > 0
+    assert abs(result["framework"]["first_loss"] - result["hf"]["first_loss"]) < 1e-5
+    assert result["speedup_vs_hf"] > 0
+    assert "step (trainer)" in printed and "first-step loss" in printed
+
+
+def test_run_gpu_script_syntax():
+    import subprocess
+
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks/run_gpu.sh")], check=True)
+
+
+def test_gpu_checks_on_a_cpu_run(tmp_path):
+    """``benchmarks/gpu_checks.py`` (the Python half of run_gpu.sh's trainer steps) on a real tiny
+    ``train.py`` run: the summary reads the trainer's log line and metrics, a run equals itself
+    bitwise, a perturbed loss fails the tolerance, and the verdict names what did not run."""
+    import os
+    import subprocess
+    import sys
+
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    overrides = ["train_iters=4", "lr_decay_iters=4", f"save={run}", "log_interval=1", "eval_interval=0"]
+    overrides.append("optimizer={type: Adam, params: {lr: 0.001}}")
+    cmd = [sys.executable, "train.py", "configs/tiny/stablelm-2-1_6b.yml", "--synthetic-data", "--override"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    with log.open("w") as fh:
+        subprocess.run(cmd + overrides, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_checks
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    summary = gpu_checks.train_summary(run, log, skip=1)
+    assert summary["iterations"] == 3 and summary["last_iteration"] == 4
+    assert (
+        summary["tokens_per_s"] > 0 and summary["peak_mem_gib"] > 0 and summary["tflops_per_gpu"] is not None
+    )
+    same = gpu_checks.compare_losses(run / "metrics.jsonl", run, 2, gpu_checks.RESUME_RTOL)
+    assert same["ok"] and same["bitwise_equal"] and same["compared"] == 2
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    bumped = [json.loads(line) for line in lines]
+    for r in bumped:
+        if r.get("kind") == "train":
+            r["loss"] *= 1.01
+    (tmp_path / "bumped.jsonl").write_text("\n".join(json.dumps(r) for r in bumped))
+    assert not gpu_checks.compare_losses(run, tmp_path / "bumped.jsonl", 2, gpu_checks.RESUME_RTOL)["ok"]
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "train_recompute.json").write_text(json.dumps({**summary, "micro_batch": 2}))
+    table = "\n".join(gpu_checks.verdict(tmp_path / "res"))
+    assert "train_recompute" in table and "did not run or failed" in table and "FAIL" in table

@@ -634,3 +634,16 @@ def test_sigterm_to_the_launcher_stops_a_torchrun_job_cleanly(tmp_path: Path) ->
     assert "Traceback" not in out and "SignalException" not in out, out[-4000:]
     assert "SIGTERM received: saving at iteration" in out
     assert int(resolve_checkpoint(tmp_path / "ckpt").name.split("_")[1]) >= 3
+
+
+def test_overrides_reach_the_launch_keys_and_train_py(tmp_path: Path) -> None:
+    """The one ``--override`` grammar: before or after the configs, applied to the config the launcher
+    plans with, and handed on to train.py so that every rank trains the same config."""
+    cfg = _tiny_train_config(tmp_path / "tiny.yml")
+    cmd = [sys.executable, "-m", "megatron_stablelm.launch", "--override", "num_gpus=3", "train_iters=7"]
+    cmd += [str(cfg), "--launcher", "torchrun", "--job-dir", str(tmp_path / "job"), "--dry-run"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    argv = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert "--nproc_per_node=3" in argv
+    assert argv[argv.index("--override") :][:3] == ["--override", "num_gpus=3", "train_iters=7"]

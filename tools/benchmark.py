@@ -4,10 +4,22 @@ same model, batch and optimizer through ``transformers``' ``StableLmForCausalLM`
 
     python tools/benchmark.py configs/stablelm-2-1_6b.yml --seq-length 4096 --micro-batch 4 --vs-hf
 
-One process, one device (TP=1), no DeepSpeed: a step is forward + per-token loss (masked mean) +
-backward + ``torch.optim.AdamW`` step, so the figure isolates the model's kernels from the engine.
-Both models use the same dtype for parameters and optimizer state (the config's precision on GPU,
-fp32 on CPU where bf16 matmuls are emulated and slow).
+Two modes, one process, one device (TP=1):
+
+* ``--mode model`` (default, the A/B of the kernels): no DeepSpeed; a step is forward + per-token
+  loss (masked mean) + backward + ``torch.optim.AdamW`` step, so the figure isolates the model's
+  kernels from the engine. Both models use the same dtype for parameters and optimizer state (the
+  config's precision on GPU, fp32 on CPU where bf16 matmuls are emulated and slow).
+* ``--mode trainer``: the step as the trainer runs it: the model built by ``build_model`` under
+  :class:`~megatron_stablelm.training.engine.TrainingEngine` (DeepSpeed, ZeRO-1 for bf16: bf16
+  compute, fp32 master weights and fp32 Adam state, gradient clipping, the non-finite guard), one
+  step = ``losses`` + ``backward(loss_sum, step_tokens)`` + ``finish_step()`` as
+  ``Trainer.train_step`` does, one micro-batch per step (gradient accumulation 1). Against it,
+  ``transformers`` trained the usual mixed-precision way: weights in the compute dtype (bf16 on GPU),
+  an fp32 master copy stepped by ``torch.optim.AdamW`` (same lr, betas, eps, weight decay on matrices
+  only, as the framework's decay groups), gradients cast to fp32 and clipped at the config's
+  ``gradient_clipping``, the update skipped when the norm is not finite, master copied back. Both
+  sides run at the config's constant peak learning rate. On CPU both run in fp32.
 
 FLOPs per token, device peaks, MFU and peak memory come from :mod:`megatron_stablelm.metrics`, the
 same functions the training log uses (its docstring states the convention). ``MFU(peak)`` is the
@@ -22,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
+import gc
 import json
 import math
 import os
@@ -29,7 +43,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,9 +122,10 @@ def time_interleaved(
     """:func:`time_steps` for several models at once, alternating one step of each: on a shared or
     noisy machine (a CPU box) they then all see the same background load, so their ratio is stable
     even when the absolute figures are not."""
+    first: dict[str, float] = {}  # the loss of each side's first step: same weights, same batch
     for _ in range(warmup):
-        for step in steps_by_name.values():
-            step()
+        for name, step in steps_by_name.items():
+            _first_losses(first, name, step())
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -123,14 +138,21 @@ def time_interleaved(
             losses[name] = step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
+            _first_losses(first, name, losses[name])
     return {
         name: {
             "step_s": sorted(t)[len(t) // 2],
             "loss": float(losses[name]),
+            "first_loss": first[name],
             "peak_mem_gib": metrics.peak_memory_gib(device)[0],
         }
         for name, t in times.items()
     }
+
+
+def _first_losses(first: dict[str, float], name: str, loss: torch.Tensor) -> None:
+    if name not in first:
+        first[name] = float(loss)
 
 
 def _training_step(
@@ -165,9 +187,9 @@ def framework_step(model, batch: dict, device: torch.device) -> Callable[[], tor
     return _training_step(model.parameters(), per_token_loss, batch["loss_mask"], device)
 
 
-def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
-    """The same loss as the framework: per-token fp32 cross-entropy, masked mean. (Document masking is
-    not given to HF: it would need a dense 4-D mask; compare with ``--documents 1``.)"""
+def _hf_per_token_loss(model, batch: dict) -> Callable[[], torch.Tensor]:
+    """The same loss as the framework: per-token fp32 cross-entropy. (Document masking is not given to
+    HF: it would need a dense 4-D mask; compare with ``--documents 1``.)"""
 
     def per_token_loss() -> torch.Tensor:
         logits = model(input_ids=batch["tokens"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -175,7 +197,75 @@ def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tens
             logits.float().flatten(0, 1), batch["labels"].flatten(), reduction="none"
         ).view_as(batch["loss_mask"])
 
-    return _training_step(model.parameters(), per_token_loss, batch["loss_mask"], device)
+    return per_token_loss
+
+
+def hf_step(model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Model mode: masked mean loss, backward, AdamW on the model's own parameters."""
+    return _training_step(model.parameters(), _hf_per_token_loss(model, batch), batch["loss_mask"], device)
+
+
+def _fp32_master_adamw(cfg, params: list[torch.nn.Parameter], device: torch.device):
+    """fp32 master copies of ``params`` and the AdamW stepping them with the config's settings (decay
+    on matrices only, as the framework's decay groups)."""
+    master = [p.detach().float().clone().requires_grad_(True) for p in params]
+    adam = cfg.adam
+    groups = [
+        {"params": [m for m in master if m.dim() > 1], "weight_decay": cfg.weight_decay},
+        {"params": [m for m in master if m.dim() <= 1], "weight_decay": 0.0},
+    ]
+    kwargs = {"lr": adam.lr, "betas": tuple(adam.betas), "eps": adam.eps}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return master, torch.optim.AdamW(groups, **kwargs)
+
+
+def hf_mixed_step(cfg, model, batch: dict, device: torch.device) -> Callable[[], torch.Tensor]:
+    """Trainer mode: transformers the way its users train in mixed precision (module docstring):
+    compute-dtype weights, fp32 master + AdamW, fp32 gradients clipped, non-finite steps skipped."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    master, opt = _fp32_master_adamw(cfg, params, device)
+    per_token_loss, mask = _hf_per_token_loss(model, batch), batch["loss_mask"]
+    clip = float(cfg.gradient_clipping or 0.0)
+
+    def step() -> torch.Tensor:
+        loss = (per_token_loss() * mask).sum() / mask.sum()
+        loss.backward()
+        for m, p in zip(master, params, strict=True):
+            m.grad = p.grad.float()
+            p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(master, clip if clip > 0 else math.inf)
+        if torch.isfinite(norm):  # the non-finite guard: skip the update
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_copy_(params, master)
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def trainer_step(setup: Setup) -> Callable[[], torch.Tensor]:
+    """Trainer mode: the framework step through ``TrainingEngine`` as ``Trainer.train_step`` runs it
+    (token-mean loss weighting, DeepSpeed backward/step, ``finish_step``), at the peak learning rate.
+    Returns the step's token-mean loss."""
+    from megatron_stablelm.config import validate_layout
+    from megatron_stablelm.training.engine import TrainingEngine
+
+    cfg, batch = setup.cfg, setup.batch
+    layout = validate_layout(cfg, 1)
+    engine = TrainingEngine(cfg, setup.model, layout)
+    engine.train()
+    batches = [batch] * layout.accumulation
+    setup.outcomes = []
+
+    def step() -> torch.Tensor:
+        engine.set_lr(cfg.peak_lr)
+        loss_sum, step_tokens, outcome = engine.step(batches)
+        setup.outcomes.append(outcome)
+        return loss_sum / step_tokens
+
+    return step
 
 
 def build_hf_model(cfg, model, vocab: int, dtype: torch.dtype, device: torch.device):
@@ -207,7 +297,26 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"max_position_embeddings={args.seq_length}")
     if args.recompute is not None:
         overrides.append(f"checkpoint_activations={'true' if args.recompute == 'full' else 'false'}")
+    if getattr(args, "mode", "model") == "trainer":  # one micro-batch per step, as in model mode
+        overrides += ["gradient_accumulation_steps=1", "train_batch_size=null"]
+        if args.micro_batch:
+            overrides.append(f"train_micro_batch_size_per_gpu={args.micro_batch}")
     return overrides
+
+
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bfloat16", "fp16": "float16"}
+DEFAULT_OPTIMIZER = {"type": "Adam", "params": {"lr": 1.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8}}
+
+
+def trainer_config(cfg, dtype_name: str) -> None:
+    """Trainer mode: the config's precision becomes the benchmark dtype (fp32 on CPU, where DeepSpeed
+    runs without ZeRO master weights) and a config without an ``optimizer`` block (the tiny test
+    configs) gets Adam at lr 1e-4."""
+    if dtype_name != cfg.params_dtype_name:
+        cfg.bf16 = cfg.fp16 = None
+        cfg.precision = PRECISION_NAMES[dtype_name]
+    if not cfg.optimizer:
+        cfg.optimizer = DEFAULT_OPTIMIZER
 
 
 def load_benchmark_config(paths: list[Path], overrides: list[str]):
@@ -241,6 +350,8 @@ class Setup:
     attention_backend: str
     model: torch.nn.Module | None
     batch: dict
+    mode: str = "model"
+    outcomes: list = field(default_factory=list)  # trainer mode: each step's StepOutcome
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,6 +374,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     dtype_name = args.dtype or (cfg.params_dtype_name if device.type == "cuda" else "fp32")
     micro_batch = args.micro_batch or cfg.train_micro_batch_size_per_gpu
     vocab = cfg.padded_vocab()
+    if args.mode == "trainer":
+        trainer_config(cfg, dtype_name)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -272,7 +385,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     model.to(device).train()
     batch = make_batch(cfg, vocab, micro_batch, cfg.seq_length, device, args.documents, cfg.seed)
     backend = attention_backend(model, device).describe
-    return Setup(cfg, device, dtype_name, vocab, micro_batch, backend, model, batch)
+    return Setup(cfg, device, dtype_name, vocab, micro_batch, backend, model, batch, args.mode)
 
 
 def throughput(
@@ -300,17 +413,21 @@ def time_models(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, dict]
     were obtained). On CPU both models fit side by side: they are timed interleaved (fair under
     background load). On a GPU each gets the device to itself, one after the other."""
     device, warmup, steps = setup.device, args.warmup, args.steps
-    ours = framework_step(setup.model, setup.batch, device)
     hf_batch = {k: v for k, v in setup.batch.items() if k != "cu_seqlens"}
+    if setup.mode == "trainer":
+        ours, make_hf_step = trainer_step(setup), functools.partial(hf_mixed_step, setup.cfg)
+    else:
+        ours, make_hf_step = framework_step(setup.model, setup.batch, device), hf_step
     if args.vs_hf and device.type != "cuda":
         hf, note = build_hf_model(setup.cfg, setup.model, setup.vocab, setup.dtype, device)
-        steps_by_name = {"framework": ours, "hf": hf_step(hf, hf_batch, device)}
+        steps_by_name = {"framework": ours, "hf": make_hf_step(hf, hf_batch, device)}
         return time_interleaved(steps_by_name, device, warmup, steps), note
     timed = {"framework": time_steps(ours, device, warmup, steps)}
     if not args.vs_hf:
         return timed, None
     del ours  # the step holds the model and its optimizer state: free the device for HF
     setup.model = None
+    gc.collect()  # a DeepSpeed engine sits in reference cycles
     if device.type == "cuda":
         torch.cuda.empty_cache()
     from megatron_stablelm.model import build_model
@@ -320,7 +437,7 @@ def time_models(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, dict]
         donor = build_model(setup.cfg, setup.vocab, dtype=setup.dtype_name)
     hf, note = build_hf_model(setup.cfg, donor, setup.vocab, setup.dtype, device)
     del donor
-    timed["hf"] = time_steps(hf_step(hf, hf_batch, device), device, warmup, steps)
+    timed["hf"] = time_steps(make_hf_step(hf, hf_batch, device), device, warmup, steps)
     return timed, note
 
 
@@ -347,7 +464,17 @@ def describe(setup: Setup, args: argparse.Namespace) -> dict:
         else "reference",
         "full_recompute": bool(setup.cfg.checkpoint_activations),
         "sdpa_backend": args.sdpa_backend or "default",
+        "mode": setup.mode,
+        "step": TRAINER_STEP if setup.mode == "trainer" else MODEL_STEP,
     }
+
+
+MODEL_STEP = "model only: forward, masked-mean loss, backward, torch AdamW on the model's parameters (both)"
+TRAINER_STEP = (
+    "framework: TrainingEngine (DeepSpeed; bf16/fp16 under ZeRO-1 with fp32 master and Adam state), "
+    "clipping, non-finite guard; transformers: compute-dtype weights, fp32 master + torch AdamW, "
+    "clipping at the same norm, non-finite steps skipped"
+)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -368,6 +495,9 @@ def run(args: argparse.Namespace) -> dict:
             result["peak_tflops"],
             result["matmul_ceiling_tflops"],
         )
+    if setup.outcomes:
+        last = setup.outcomes[-1]
+        result["framework"].update(grad_norm=last.grad_norm, applied=all(o.applied for o in setup.outcomes))
     if note is not None:
         result["hf"]["weights"] = note
         result["speedup_vs_hf"] = result["framework"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
@@ -381,6 +511,7 @@ def _fmt(value, spec: str) -> str:
 def print_report(r: dict) -> None:
     print(f"device            {r['device']}  (torch {r['torch']}, {r['dtype']})")
     print(f"config            {' '.join(r['config'])}")
+    print(f"step ({r['mode']:7})   {r['step']}")
     print(f"batch             {r['micro_batch']} x {r['seq_length']} = {r['tokens_per_step']} tokens/step")
     print(f"attention         {r['attention_backend']} (SDPA kernel: {r['sdpa_backend']})")
     print(f"kernels           {r['elementwise_kernels']}; full recompute: {r['full_recompute']}")
@@ -405,12 +536,22 @@ def print_report(r: dict) -> None:
         )
     if "hf" in r:
         print(f"hf weights        {r['hf']['weights']}")
+        print(
+            f"first-step loss   framework {r['framework']['first_loss']:.6f}  hf {r['hf']['first_loss']:.6f}"
+        )
         print(f"speedup vs hf     {r['speedup_vs_hf']:.3f}x")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_config_arguments(p, dest="config")
+    p.add_argument(
+        "--mode",
+        choices=["model", "trainer"],
+        default="model",
+        help="model: the model's kernels + torch AdamW (default); trainer: the step as the trainer runs it "
+        "(TrainingEngine: DeepSpeed, mixed precision, ZeRO-1, clipping) vs transformers in mixed precision",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seq-length", type=int)

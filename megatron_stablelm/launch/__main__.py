@@ -40,6 +40,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args
 from megatron_stablelm.config import ConfigError, load_config
 from megatron_stablelm.launch.hostfile import HostfileError
 from megatron_stablelm.launch.job import prepare_job_dir, run_plan
@@ -71,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         description="Launch train.py with deepspeed/torchrun from GPT-NeoX-style configs.",
         epilog="Arguments after -- are passed to train.py unchanged.",
     )
-    parser.add_argument("configs", nargs="+", help="YAML config files, merged in order")
+    add_config_arguments(parser)  # CONFIG... and --override KEY=VALUE ..., as every tool takes them
     parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     parser.add_argument("--job-dir", help="per-job output directory (default: OUTPUT_ROOT/<name>-<id|time>)")
     parser.add_argument("--output-root", default="runs", help="parent of default job directories")
@@ -85,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     group.add_argument("--num-nodes", type=int)
     group.add_argument("--master-addr")
     group.add_argument("--master-port", type=int)
-    return parser.parse_args(argv), extra
+    return parse_config_args(parser, argv), extra
 
 
 def _print_description(plan: LaunchPlan) -> None:
@@ -96,9 +97,11 @@ def _print_description(plan: LaunchPlan) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit status 2 with a one-line message for bad configs or resources."""
     args, extra = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in _OVERRIDABLE if getattr(args, k) is not None}
+    options = [f"{k}={getattr(args, k)}" for k in _OVERRIDABLE if getattr(args, k) is not None]
+    if overrides_from(args):  # train.py must see the same config: pass the overrides on
+        extra = ["--override", *overrides_from(args), *extra]
     try:
-        cfg = load_config(args.configs, overrides or None, report_ignored=False)
+        cfg = load_config(args.configs, [*overrides_from(args), *options], report_ignored=False)
         for key, why in sorted(cfg.ignored_keys.items()):
             print(f"# [config] ignoring '{key}': {why}", file=sys.stderr)
         plan = build_plan(

@@ -17,11 +17,13 @@ Three things matter for correctness here:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_stablelm.config import BatchLayout, Config
@@ -193,6 +195,28 @@ class TrainingEngine:
         scale = self.layout.accumulation * self.layout.dp_size
         self._ds.backward(loss_sum * scale / step_tokens.clamp(min=1.0))
         self._ds.step()  # DeepSpeed applies the update at the accumulation boundary only
+
+    def step(
+        self, batches: list[dict[str, Any]], hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, StepOutcome]:
+        """One optimizer step over this rank's micro-batches: ``(summed token loss of this rank, counted
+        tokens of the step on all DP ranks, outcome)``. The loss and gradient are the mean over every
+        counted token of the step, not a mean of per-micro-batch means, so a loss mask that counts more
+        tokens in one micro-batch weighs each token equally. ``hook(micro, loss)`` may replace a
+        micro-batch's summed loss (fault injection in tests)."""
+        device = batches[0]["tokens"].device
+        step_tokens = sum(b["loss_mask"].sum(dtype=torch.float64) for b in batches)
+        step_tokens = torch.as_tensor(step_tokens, dtype=torch.float64, device=device)
+        dist.all_reduce(step_tokens, group=ps.get_data_parallel_group())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # one host sync per step
+        for micro, batch in enumerate(batches):
+            losses = self.losses(batch)
+            loss = (losses * batch["loss_mask"].to(losses.dtype)).sum()
+            if hook is not None:
+                loss = hook(micro, loss)
+            self.backward(loss, step_tokens.to(loss.dtype))
+            loss_sum += loss.detach().double()
+        return loss_sum, step_tokens, self.finish_step()
 
     def finish_step(self) -> StepOutcome:
         """After the last micro-batch of a step: whether the update happened, and its statistics."""

@@ -354,25 +354,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, data: Iterator[dict]) -> StepRecord:
-        """One optimizer step. The loss and its gradient are the mean over every counted token of the
-        step (all micro-batches, all data-parallel ranks), not a mean of per-micro-batch means, so a
-        loss mask that counts more tokens in one micro-batch than another weighs each token equally."""
+        """One optimizer step at the schedule's learning rate (the token-mean weighting over all
+        micro-batches and data-parallel ranks is :meth:`TrainingEngine.step`'s), and its accounting."""
         start = time.perf_counter()
         step_number = self.state.iteration + 1
         lr = self.schedule(step_number)
         self.engine.set_lr(lr)
         batches = [_to_device(next(data), self.device) for _ in range(self.layout.accumulation)]
-        step_tokens = sum(b["loss_mask"].sum(dtype=torch.float64) for b in batches)
-        step_tokens = torch.as_tensor(step_tokens, dtype=torch.float64, device=self.device)
-        dist.all_reduce(step_tokens, group=parallel.dp_group())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # one host sync per step
-        for micro, batch in enumerate(batches):
-            loss, _ = _masked_sum(self.engine.losses(batch), batch)
-            if self.fault_hook is not None:
-                loss = self.fault_hook(step_number, micro, loss)
-            self.engine.backward(loss, step_tokens.to(loss.dtype))
-            loss_sum += loss.detach().double()
-        outcome = self.engine.finish_step()
+        hook = None
+        if self.fault_hook is not None:
+            hook = lambda micro, loss: self.fault_hook(step_number, micro, loss)  # noqa: E731
+        loss_sum, step_tokens, outcome = self.engine.step(batches, hook)
         mean_loss, nonfinite_loss = self._step_loss(loss_sum, step_tokens)
         # fp16 overflow skips are the loss scaler's normal business, not a non-finite step
         nonfinite = nonfinite_loss or (not outcome.applied and self.prec != "fp16")

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""The Python half of the trainer steps of ``benchmarks/run_gpu.sh`` (issue 18): read what a real
+``train.py`` run left behind, compare runs, compare the exported HF model's logits with the framework's,
+and print the verdict table. Every subcommand writes one JSON file (into the results archive) and
+prints a line or a table; none of them trains.
+
+    python benchmarks/gpu_checks.py train-summary RUN STDOUT OUT.json [--skip 5]
+    python benchmarks/gpu_checks.py compare-losses REFERENCE_RUN RESUMED_RUN FROM_ITER OUT.json [--rtol R]
+        [--sigterm-exit CODE --checkpoint NAME --resume-exit CODE]
+    python benchmarks/gpu_checks.py logits CHECKPOINT HF_DIR OUT.json [--seq 1024]
+    python benchmarks/gpu_checks.py verdict RESULTS_DIR
+
+Runs are run directories (``save``), or the trainer's ``metrics.jsonl`` itself;
+STDOUT is the captured output of ``deepspeed ... train.py`` (the trainer's log lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+# bf16 on GPU: the resumed run restores fp32 master weights, Adam moments, RNG and data position, so
+# it recomputes the same steps; what can still differ is the order of floating-point reductions in
+# kernels that are not deterministic (atomics in attention / LayerNorm backward, split-K GEMMs). Such
+# a difference is one bf16 rounding of an activation or gradient (relative 2**-8 = 0.4%) that then
+# propagates; the step loss, an fp32 mean over tens of thousands of tokens, moves far less. We hold
+# 2e-3 relative per step (bitwise equality is reported separately) and call it honest only beside
+# the run-to-run spread of two uninterrupted runs (the `rerun` step), which has the same cause.
+RESUME_RTOL = 2e-3
+
+
+def train_records(run: Path) -> list[dict]:
+    """The trainer's ``{"kind": "train", ...}`` lines of ``RUN/metrics.jsonl``."""
+    path = run if run.is_file() else run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def losses_by_iteration(run: Path) -> dict[int, float]:
+    """Iteration → logged loss; a resumed run's later lines win over the first attempt's."""
+    return {int(r["iteration"]): float(r["loss"]) for r in train_records(run)}
+
+
+LINE = re.compile(r"iter (\d+)/\d+ .*TFLOP/s/GPU ([\d.]+) .*mem ([\d.]+)GiB")
+
+
+def train_summary(run: Path, stdout: Path, skip: int) -> dict:
+    """Medians over the iterations after ``skip`` (warm-up, allocator growth): tokens/s and MFU from
+    ``metrics.jsonl``, TFLOP/s and peak memory from the trainer's own log line."""
+    records = [r for r in train_records(run) if r["iteration"] > skip]
+    parsed = [m.groups() for m in map(LINE.search, stdout.read_text().splitlines()) if m]
+    parsed = [(int(i), float(t), float(g)) for i, t, g in parsed if int(i) > skip]
+    mfus = [r["mfu"] for r in records if r.get("mfu") is not None]
+    return {
+        "iterations": len(records),
+        "last_iteration": max((r["iteration"] for r in records), default=0),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records) if records else None,
+        "mfu": statistics.median(mfus) if mfus else None,
+        "tflops_per_gpu": statistics.median(t for _, t, _ in parsed) if parsed else None,
+        "peak_mem_gib": max((g for _, _, g in parsed), default=None),
+        "final_loss": records[-1]["loss"] if records else None,
+    }
+
+
+def compare_losses(reference: Path, resumed: Path, from_iter: int, rtol: float) -> dict:
+    """The resumed run's losses after ``from_iter`` against an uninterrupted run's."""
+    ref, res = losses_by_iteration(reference), losses_by_iteration(resumed)
+    common = sorted(i for i in res if i > from_iter and i in ref)
+    rel = [abs(res[i] - ref[i]) / max(abs(ref[i]), 1e-12) for i in common]
+    return {
+        "from_iteration": from_iter,
+        "compared": len(common),
+        "bitwise_equal": bool(common) and all(res[i] == ref[i] for i in common),
+        "max_rel_diff": max(rel, default=None),
+        "rtol": rtol,
+        "ok": bool(common) and max(rel) <= rtol,
+        "pairs": {str(i): [ref[i], res[i]] for i in common},
+    }
+
+
+def logits_comparison(checkpoint: Path, hf_dir: Path, seq: int, device: str = "cuda") -> dict:
+    """Logits of the framework's model (loaded from the checkpoint, bf16) and of the exported HF model
+    (``from_pretrained``, bf16) on the same random tokens, on the GPU (``device``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_stablelm.generation import load_checkpoint_model
+
+    loaded = load_checkpoint_model(checkpoint, tp_size=1, device=device, dtype="bf16")
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16).to(device).eval()
+    vocab = min(hf.config.vocab_size, int(loaded.meta["padded_vocab_size"]))
+    tokens = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        ours = loaded.model(tokens, torch.arange(seq, device=device)[None]).float()[..., :vocab]
+        theirs = hf(input_ids=tokens).logits.float()[..., :vocab]
+    diff = (ours - theirs).abs()
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return {
+        "seq": seq,
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "logit_std": theirs.std().item(),
+        "top1_agreement": top1,
+        # bf16 both sides, different kernels: a logit carries ~3 significant digits
+        "ok": top1 >= 0.99 and diff.mean().item() <= 0.02 * theirs.std().item(),
+    }
+
+
+def _loss_check(args: argparse.Namespace) -> dict:
+    """compare-losses, and with ``--sigterm-exit`` the whole SIGTERM/resume verdict."""
+    try:
+        losses = compare_losses(args.reference, args.resumed, args.from_iter, args.rtol)
+    except (OSError, ValueError) as err:  # a run that did not get far enough to leave its metrics
+        losses = {"ok": False, "error": str(err)}
+    if args.sigterm_exit is None:
+        return losses
+    saved = bool(args.checkpoint) and args.checkpoint != "none"
+    return {
+        "sigterm_exit": args.sigterm_exit,
+        "checkpoint": args.checkpoint,
+        "resume_exit": args.resume_exit,
+        "losses": losses,
+        "ok": args.sigterm_exit == 0 and saved and args.resume_exit == 0 and losses["ok"],
+    }
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def verdict(results: Path) -> list[str]:
+    """One row per trainer step of run_gpu.sh, from the JSON files it left (missing = did not run)."""
+    rows = [f"{'step':24}{'result':8}detail"]
+    for name in ("train_recompute", "train_no_recompute"):
+        r = _load(results / f"{name}.json")
+        detail = "did not run or failed" if r is None else (
+            f"mb {r.get('micro_batch', '?')}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, "
+            f"{_fmt(r['tflops_per_gpu'], '.1f')} TFLOP/s, MFU {_fmt(r['mfu'] and 100 * r['mfu'], '.1f')}, "
+            f"peak {_fmt(r['peak_mem_gib'], '.1f')} GiB"
+        )  # fmt: skip
+        ok = r is not None and r["iterations"] > 0
+        rows.append(f"{name:24}{'ok' if ok else 'FAIL':8}{detail}")
+    checks = {
+        "sigterm_resume": lambda r: (
+            f"exit {r['sigterm_exit']}, checkpoint {r['checkpoint']}, resumed exit {r['resume_exit']}, max rel diff "
+            f"{_fmt(r['losses'].get('max_rel_diff'))} (rtol {r['losses'].get('rtol')}, "
+            f"bitwise {r['losses'].get('bitwise_equal')})"
+        ),
+        "rerun": lambda r: (
+            f"two uninterrupted runs: max rel diff {_fmt(r.get('max_rel_diff'))}, bitwise {r.get('bitwise_equal')}"
+        ),
+        "hf_logits": lambda r: (
+            f"top1 {_fmt(r['top1_agreement'])}, mean |d| {_fmt(r['mean_abs_diff'])}, "
+            f"max |d| {_fmt(r['max_abs_diff'])}, logit std {_fmt(r['logit_std'])}"
+        ),
+        "trainer_bench": lambda r: (
+            f"framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s vs transformers "
+            f"{_fmt(r.get('hf', {}).get('tokens_per_s'), '.0f')}: {_fmt(r.get('speedup_vs_hf'), '.3f')}x"
+        ),
+    }
+    for name, describe in checks.items():
+        r = _load(results / f"{name}.json")
+        ok = r is not None and r.get("ok", True)
+        rows.append(
+            f"{name:24}{'ok' if ok else 'FAIL':8}{'did not run or failed' if r is None else describe(r)}"
+        )
+    return rows
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+    print(json.dumps({k: v for k, v in value.items() if k != "pairs"}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("train-summary")
+    s.add_argument("run", type=Path), s.add_argument("stdout", type=Path), s.add_argument("out", type=Path)
+    s.add_argument("--skip", type=int, default=5)
+    s.add_argument("--micro-batch", type=int)
+    c = sub.add_parser("compare-losses")
+    c.add_argument("reference", type=Path), c.add_argument("resumed", type=Path)
+    c.add_argument("from_iter", type=int), c.add_argument("out", type=Path)
+    c.add_argument("--rtol", type=float, default=RESUME_RTOL)
+    c.add_argument(
+        "--sigterm-exit", type=int, help="with the SIGTERM check: the interrupted run's exit status"
+    )
+    c.add_argument("--checkpoint", help="the checkpoint it left (``latest``)")
+    c.add_argument("--resume-exit", type=int, help="the resumed run's exit status")
+    lg = sub.add_parser("logits")
+    (
+        lg.add_argument("checkpoint", type=Path),
+        lg.add_argument("hf_dir", type=Path),
+        lg.add_argument("out", type=Path),
+    )
+    lg.add_argument("--seq", type=int, default=1024)
+    lg.add_argument("--device", default="cuda")
+    v = sub.add_parser("verdict")
+    v.add_argument("results", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "train-summary":
+        _write(args.out, {**train_summary(args.run, args.stdout, args.skip), "micro_batch": args.micro_batch})
+    elif args.command == "compare-losses":
+        _write(args.out, _loss_check(args))
+    elif args.command == "logits":
+        _write(args.out, logits_comparison(args.checkpoint, args.hf_dir, args.seq, args.device))
+    else:
+        print("\n".join(verdict(args.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
