@@ -30,7 +30,6 @@ from pathlib import Path
 from megatron_stablelm import checkpoint, hf_conversion
 from megatron_stablelm.cli import run_command
 from megatron_stablelm.config import ARCHITECTURE_KEYS, Config, ConfigError, load_config
-from megatron_stablelm.model import canonical_shapes
 from megatron_stablelm.tokenizers import TokenizerError, build_tokenizer, tokenizer_in_directory
 
 TOKENIZER_DIR = "tokenizer"
@@ -92,6 +91,8 @@ def convert_from_hf(
     tokenizer = None if cfg.vocab_file else _kept_tokenizer(hf_dir, out, vocab)
     if tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer_type=tokenizer[0], vocab_file=str(tokenizer[2]))
+    from megatron_stablelm.model import canonical_shapes  # megatron-core: only once the input is checked
+
     shapes = canonical_shapes(cfg, padded)
     canonical = hf_conversion.from_hf_state_dict(cfg, tensors, list(shapes))
     canonical = hf_conversion.pad_vocab_rows(canonical, padded)
