@@ -8,6 +8,9 @@
 # `train`'s losses, so run `train` first (the default order does). Each step has its own time limit, so one slow or failing step leaves the others' results.
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the SDPA
 # flash backend is used). MICRO_BATCH / STEPS can be set in the environment.
+# DEADLINE_S (seconds, default none): the wall-clock budget of this whole invocation; every step's own
+# limit is cut to what is left (5 s kept for packing), and a step with under 30 s left is skipped, so a
+# device call never runs past its limit with results unpacked. TEST_FILES picks the `tests` step's files.
 # On a machine that lacks deepspeed/megatron-core (a lent GPU box with only torch, triton and
 # transformers): fetch their wheels where pip works (`../shared/gpu/fetch-wheels.sh` puts them in .whl/)
 # and bring .whl along; this script installs them into /tmp/site when megatron-core is missing.
@@ -42,11 +45,18 @@ bench() {  # bench NAME LIMIT_S [ARGS...]: one benchmark.py run, report in $RES/
     local name=$1 limit=$2
     shift 2
     echo "=== $name"
-    timeout "$limit" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" --json "$RES/$name.json" "$@" 2>&1 \
+    timeout "$(lim "$limit")" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" --json "$RES/$name.json" "$@" 2>&1 \
         | tee "$RES/$name.txt" | grep -E "^(attention|kernels|framework|transformers|speedup|matmul|Traceback|\w*Error)"
     pack
 }
-want() { [ -z "$STEPS_WANTED" ] || [[ " $STEPS_WANTED " == *" $1 "* ]]; }
+want() {
+    [ -z "$STEPS_WANTED" ] || [[ " $STEPS_WANTED " == *" $1 "* ]] || return 1
+    [ -z "${DEADLINE_S:-}" ] || [ $((DEADLINE_S - SECONDS)) -ge 30 ] || { echo "=== $1: skipped, deadline"; return 1; }
+}
+lim() {  # lim N: N seconds, or less when DEADLINE_S leaves less
+    local left=$(( ${DEADLINE_S:-1000000} - SECONDS - 5 ))
+    echo $(( $1 < left ? $1 : (left > 1 ? left : 1) ))
+}
 STEPS_WANTED="$*"
 
 if want info; then
@@ -59,7 +69,7 @@ want hf && bench 1_6b_vs_hf 240 --recompute none --vs-hf
 # 2. profile of the headline step: top ops by CUDA time + Chrome trace
 if want profile; then
     echo "=== profile"
-    timeout 150 $PY tools/benchmark.py "$CFG" "${COMMON[@]}" --recompute none --steps 2 --warmup 1 \
+    timeout "$(lim 150)" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" --recompute none --steps 2 --warmup 1 \
         --profile "$RES/profile" > "$RES/profile.txt" 2>&1
     pack
     grep -E "Self CUDA time total|Self CPU time total" "$RES/profile/top_ops.txt"
@@ -70,8 +80,9 @@ want flashce && bench 1_6b_flash_ce 150 --recompute none --override use_flash_cr
 # 4. kernel/attention agreement tests natively on the GPU
 if want tests; then
     echo "=== tests"
-    timeout 420 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py tests/test_attention.py \
-        tests/test_gpu_trainer.py -k "${TESTS_K:-}" \
+    # shellcheck disable=SC2086
+    timeout "$(lim 420)" $PY -m pytest -q -p no:cacheprovider \
+        ${TEST_FILES:-tests/test_kernels_triton.py tests/test_attention.py tests/test_gpu_trainer.py} -k "${TESTS_K:-}" \
         2>&1 | tee "$RES/gpu_tests.txt" | tail -n 15
     pack
 fi
@@ -83,7 +94,7 @@ want docs && bench 1_6b_docs4 200 --recompute none --documents 4
 # 7. per-kernel alternatives (eager / torch.compile / Triton / liger)
 if want kernels; then
     echo "=== kernels"
-    timeout 240 $PY benchmarks/kernels_bench.py 2>&1 | tee "$RES/kernels.txt"
+    timeout "$(lim 240)" $PY benchmarks/kernels_bench.py 2>&1 | tee "$RES/kernels.txt"
 fi
 
 # ---------------------------------------------------------------- the trainer path (issue 18)
@@ -95,7 +106,7 @@ want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
 # $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.
 RUNS=${RUNS:-/tmp/gpu_runs}
-TRAIN_ITERS=${TRAIN_ITERS:-40}
+TRAIN_ITERS=${TRAIN_ITERS:-30}
 STOP_AT=${STOP_AT:-15}
 TRAIN_OVR=(train_iters="$TRAIN_ITERS" lr_decay_iters="$TRAIN_ITERS" log_interval=1 steps_per_print=0 eval_interval=0
     vocab_file=null checkpoint_factor=1000000 keep_last_n_checkpoints=1)
@@ -103,12 +114,40 @@ if command -v deepspeed > /dev/null; then DS=(deepspeed); else DS=("$PY" -m deep
 train_cmd() {  # train_cmd RUN_DIR [KEY=VALUE ...]: CMD = the deepspeed command line of one training run
     CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" --synthetic-data --override "${TRAIN_OVR[@]}" save="$1" "${@:2}")
 }
+run_until_last_iter() {  # run_until_last_iter LIMIT_S LOG: CMD in its own session; once the last
+    # iteration is logged the measurement is complete: stop it there (the end-of-training save of a 1.6B
+    # model with fp32 optimizer state writes ~20 GB, minutes of device time that measure nothing).
+    local limit=$1 log=$2 pid t0=$SECONDS
+    setsid "${CMD[@]}" > "$log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2> /dev/null; do
+        if grep -q "iter $TRAIN_ITERS/" "$log" 2> /dev/null; then
+            sleep 3 # the metrics line follows the log line
+            kill -KILL -- "-$pid" 2> /dev/null
+            wait "$pid"
+            echo "stopped after iteration $TRAIN_ITERS (measurement complete; final save skipped)" >> "$log"
+            return 0
+        fi
+        if [ $((SECONDS - t0)) -ge "$limit" ]; then
+            kill -KILL -- "-$pid" 2> /dev/null
+            wait "$pid"
+            return 124
+        fi
+        sleep 1
+    done
+    wait "$pid"
+}
 train_run() {  # train_run NAME LIMIT_S [KEY=VALUE ...]: one run in $RUNS/NAME, its output in $RES/NAME.log
-    local name=$1 limit=$2 code
+    local name=$1 limit code
+    limit=$(lim "$2")
     shift 2
     rm -rf "${RUNS:?}/$name" && mkdir -p "$RUNS"
     train_cmd "$RUNS/$name" "$@"
-    timeout "$limit" "${CMD[@]}" > "$RES/$name.log" 2>&1
+    if [ "${FINAL_SAVE:-0}" = 1 ]; then
+        timeout "$limit" "${CMD[@]}" > "$RES/$name.log" 2>&1
+    else
+        run_until_last_iter "$limit" "$RES/$name.log"
+    fi
     code=$?
     echo "exit status $code" >> "$RES/$name.log"
     cp "$RUNS/$name/metrics.jsonl" "$RES/$name.metrics.jsonl" 2> /dev/null
@@ -127,7 +166,7 @@ fi
 if want train_norecompute; then  # checkpoint_activations false at the largest micro-batch that fits
     t0=$SECONDS
     for mb in ${NORECOMPUTE_MICRO_BATCHES:-8 4 2}; do
-        left=$((550 - SECONDS + t0)) # all tries within one device command
+        left=$(lim $((550 - SECONDS + t0))) # all tries within one device command
         [ "$left" -ge 120 ] || break
         echo "=== train (no recompute), micro-batch $mb"
         train_run train_no_recompute "$((left < 300 ? left : 300))" checkpoint_activations=false \
@@ -149,18 +188,18 @@ resume_check() {  # SIGTERM at iteration STOP_AT, checkpoint, exit 0, resume, lo
     train_cmd "$run"
     "${CMD[@]}" > "$RES/resume_first.log" 2>&1 &
     launcher=$!
-    timeout 240 bash -c "until grep -q 'iter $STOP_AT/' '$RES/resume_first.log'; do kill -0 $launcher || exit 1; sleep 0.5; done"
+    timeout "$(lim 240)" bash -c "until grep -q 'iter $STOP_AT/' '$RES/resume_first.log'; do kill -0 $launcher || exit 1; sleep 0.5; done"
     # SIGTERM to the trainer itself, as a scheduler's preemption does: signalled, the deepspeed launcher
     # gives its ranks only 30 s (then SIGKILL) and exits 1 whatever they did
     worker=$(worker_pid "$launcher")
     echo "SIGTERM to train.py rank (pid ${worker:-none}) after iter $STOP_AT" | tee -a "$RES/resume_first.log"
     [ -n "$worker" ] && kill -TERM "$worker"
-    timeout 150 tail --pid="$launcher" -f /dev/null
+    timeout "$(lim 150)" tail --pid="$launcher" -f /dev/null
     wait "$launcher"
     code=$?
     ckpt=$(cat "$run/latest" 2> /dev/null)
     train_cmd "$run" load="$run"
-    timeout 200 "${CMD[@]}" > "$RES/resume_second.log" 2>&1
+    run_until_last_iter "$(lim 200)" "$RES/resume_second.log" # its checkpoint stays the SIGTERM one
     resumed=$?
     cp "$run/metrics.jsonl" "$RES/resume.metrics.jsonl" 2> /dev/null
     $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.metrics.jsonl" "$run" "${ckpt#iter_}" \
@@ -182,10 +221,10 @@ fi
 if want export; then  # convert_to_hf --dtype bf16, transformers on the GPU, logits vs the framework's
     echo "=== export to HF (bf16), logits against the framework's"
     src=$RUNS/resume
-    [ -f "$src/latest" ] || { train_run export_src 200 train_iters=5 lr_decay_iters=5; src=$RUNS/export_src; }
+    [ -f "$src/latest" ] || { FINAL_SAVE=1 train_run export_src 200 train_iters=5 lr_decay_iters=5; src=$RUNS/export_src; }
     rm -rf "${RUNS:?}/hf"
-    timeout 200 $PY tools/convert_to_hf.py "$src" "$RUNS/hf" --dtype bf16 > "$RES/export.log" 2>&1
-    timeout 180 $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" >> "$RES/export.log" 2>&1
+    timeout "$(lim 200)" $PY tools/convert_to_hf.py "$src" "$RUNS/hf" --dtype bf16 > "$RES/export.log" 2>&1
+    timeout "$(lim 180)" $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" >> "$RES/export.log" 2>&1
     tail -n 3 "$RES/export.log"
     pack
 fi
