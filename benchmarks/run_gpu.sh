@@ -101,6 +101,17 @@ fi
 # 8. the step as the trainer runs it (TrainingEngine: DeepSpeed ZeRO-1, bf16 compute with fp32 master
 #    weights and Adam state, clipping, non-finite guard) against transformers in mixed precision (bf16
 #    weights, fp32 master copy + torch AdamW, same clipping); TRAINER_MICRO_BATCH=2 if HF runs out of memory
+# 8b. profile of the trainer step (phases: engine.forward/backward/optimizer/finish_step) and of
+#     transformers' mixed-precision step: where the time of each goes
+if want trainer_profile; then
+    echo "=== trainer_profile"
+    timeout "$(lim 200)" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" --mode trainer --recompute none --steps 2 \
+        --warmup 1 --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --vs-hf --profile "$RES/trainer_profile" \
+        > "$RES/trainer_profile.txt" 2>&1
+    cat "$RES/trainer_profile/phases.txt"
+    grep -E "Self CUDA time total" "$RES/trainer_profile/top_ops.txt" "$RES/trainer_profile/hf/top_ops.txt"
+    pack
+fi
 want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --vs-hf
 # 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in

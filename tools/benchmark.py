@@ -613,26 +613,61 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def profile(args: argparse.Namespace) -> None:
-    """Profile a few framework steps; prints the top CUDA (or CPU) ops and writes a Chrome trace."""
+    """Profile 3 framework steps (in trainer mode: through ``TrainingEngine``, whose ``engine.*``
+    labels split the step into forward, backward, optimizer and finish); print the top CUDA (or CPU)
+    ops and write ``top_ops.txt``, ``phases.txt`` and a Chrome trace into ``--profile``."""
+    setup = prepare(args)
+    step = (
+        trainer_step(setup)
+        if setup.mode == "trainer"
+        else framework_step(setup.model, setup.batch, setup.device)
+    )
+    profile_step(step, setup.device, args.profile)
+    if not args.vs_hf:
+        return
+    del step  # as in time_models: free the device, then transformers' step into PROFILE/hf
+    setup.model = None
+    gc.collect()
+    if setup.device.type == "cuda":
+        torch.cuda.empty_cache()
+    from megatron_stablelm.model import build_model
+
+    with torch.device("cpu"):
+        donor = build_model(setup.cfg, setup.vocab, dtype=setup.dtype_name)
+    hf, _ = build_hf_model(setup.cfg, donor, setup.vocab, setup.dtype, setup.device)
+    del donor
+    make = functools.partial(hf_mixed_step, setup.cfg) if setup.mode == "trainer" else hf_step
+    hf_batch = {k: v for k, v in setup.batch.items() if k != "cu_seqlens"}
+    profile_step(make(hf, hf_batch, setup.device), setup.device, args.profile / "hf")
+
+
+def profile_step(step: Callable[[], torch.Tensor], device: torch.device, out: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    setup = prepare(args)
-    device = setup.device
-    step = framework_step(setup.model, setup.batch, device)
     for _ in range(2):
         step()
+    _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=False) as prof:
         for _ in range(3):
             step()
         _sync(device)
-    args.profile.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(args.profile / "trace.json"))
+    out.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(out / "trace.json"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=25)
-    (args.profile / "top_ops.txt").write_text(table)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=key, row_limit=25)
+    (out / "top_ops.txt").write_text(table)
     print(table)
+    phases = [a for a in averages if a.key.startswith("engine.")]
+    if phases:  # trainer mode: wall (CPU) time of each phase per step, and the device time under it
+        lines = [f"{'phase':22}{'calls':>7}{'CPU ms/step':>13}{'device ms/step':>16}"]
+        for a in sorted(phases, key=lambda a: a.key):
+            device_us = getattr(a, "device_time_total", getattr(a, "cuda_time_total", 0.0))
+            lines.append(f"{a.key:22}{a.count:>7}{a.cpu_time_total / 3e3:>13.2f}{device_us / 3e3:>16.2f}")
+        (out / "phases.txt").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from torch.profiler import record_function
 
 from megatron_stablelm.config import BatchLayout, Config
 from megatron_stablelm.training.optimizer import adam_step, build_optimizer, materialize_state, set_adam_step
@@ -193,8 +194,11 @@ class TrainingEngine:
         DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over
         the DP group; the factor ``accumulation × DP`` undoes both."""
         scale = self.layout.accumulation * self.layout.dp_size
-        self._ds.backward(loss_sum * scale / step_tokens.clamp(min=1.0))
-        self._ds.step()  # DeepSpeed applies the update at the accumulation boundary only
+        # the profiler labels (no cost unless a profiler runs) split a trainer step's time by phase
+        with record_function("engine.backward"):
+            self._ds.backward(loss_sum * scale / step_tokens.clamp(min=1.0))
+        with record_function("engine.optimizer"):
+            self._ds.step()  # DeepSpeed applies the update at the accumulation boundary only
 
     def step(
         self, batches: list[dict[str, Any]], hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
@@ -210,13 +214,16 @@ class TrainingEngine:
         dist.all_reduce(step_tokens, group=ps.get_data_parallel_group())
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # one host sync per step
         for micro, batch in enumerate(batches):
-            losses = self.losses(batch)
-            loss = (losses * batch["loss_mask"].to(losses.dtype)).sum()
+            with record_function("engine.forward"):
+                losses = self.losses(batch)
+                loss = (losses * batch["loss_mask"].to(losses.dtype)).sum()
             if hook is not None:
                 loss = hook(micro, loss)
             self.backward(loss, step_tokens.to(loss.dtype))
             loss_sum += loss.detach().double()
-        return loss_sum, step_tokens, self.finish_step()
+        with record_function("engine.finish_step"):
+            outcome = self.finish_step()
+        return loss_sum, step_tokens, outcome
 
     def finish_step(self) -> StepOutcome:
         """After the last micro-batch of a step: whether the update happened, and its statistics."""
