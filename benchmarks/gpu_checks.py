@@ -31,7 +31,15 @@ from pathlib import Path
 # propagates; the step loss, an fp32 mean over tens of thousands of tokens, moves far less. We hold
 # 2e-3 relative per step (bitwise equality is reported separately) and call it honest only beside
 # the run-to-run spread of two uninterrupted runs (the `rerun` step), which has the same cause.
+# Measured (H200, 2026-11-26, Stable LM 2 1.6B, 30 steps): two uninterrupted runs agree bitwise at
+# step 1 (the forward is deterministic) and differ from step 2 on, by up to 3.0e-3 relative at step 30
+# (the backward is not: cuDNN attention backward, split-K GEMMs). A fixed 2e-3 is thus below the
+# noise of training itself; the verdict judges the resumed run against that spread instead
+# (RESUME_SPREAD_FACTOR times the two uninterrupted runs' largest difference over the same steps). A
+# wrong restore (lost Adam moments, a shifted data position, a wrong LR step) moves the loss by 1e-2
+# or more at this stage of training, well outside it.
 RESUME_RTOL = 2e-3
+RESUME_SPREAD_FACTOR = 2.0
 
 
 def train_records(run: Path) -> list[dict]:
@@ -177,10 +185,40 @@ def verdict(results: Path) -> list[str]:
     for name, describe in checks.items():
         r = _load(results / f"{name}.json")
         ok = r is not None and r.get("ok", True)
+        if name == "rerun":  # the yardstick, not a check
+            ok = r is not None
+        elif name == "sigterm_resume" and r is not None:  # its losses: judged in resume_vs_spread
+            ok = r["sigterm_exit"] == 0 and r["checkpoint"] not in (None, "none") and r["resume_exit"] == 0
         rows.append(
             f"{name:24}{'ok' if ok else 'FAIL':8}{'did not run or failed' if r is None else describe(r)}"
         )
+    rows.append(resume_against_spread(_load(results / "sigterm_resume.json"), _load(results / "rerun.json")))
     return rows
+
+
+def resume_against_spread(resume: dict | None, rerun: dict | None) -> str:
+    """The verdict row that judges the resumed run's losses against the run-to-run spread of two
+    uninterrupted runs over the same iterations (both compared with the same reference run)."""
+    name = "resume_vs_spread"
+    if not resume or not rerun or "pairs" not in rerun or "pairs" not in resume.get("losses", {}):
+        return f"{name:24}{'FAIL':8}needs both the resume and the rerun step"
+    common = sorted(set(resume["losses"]["pairs"]) & set(rerun["pairs"]), key=int)
+    if not common:
+        return f"{name:24}{'FAIL':8}no common iterations"
+
+    def worst(pairs: dict) -> float:
+        return max(abs(pairs[i][1] - pairs[i][0]) / max(abs(pairs[i][0]), 1e-12) for i in common)
+
+    resumed, spread = worst(resume["losses"]["pairs"]), worst(rerun["pairs"])
+    ok = (
+        resume.get("sigterm_exit") == 0
+        and resume.get("resume_exit") == 0
+        and resumed <= RESUME_SPREAD_FACTOR * spread
+    )
+    return (
+        f"{name:24}{'ok' if ok else 'FAIL':8}iterations {common[0]}-{common[-1]}: resumed max rel diff "
+        f"{_fmt(resumed)} vs two uninterrupted runs {_fmt(spread)} (limit {RESUME_SPREAD_FACTOR:g}x)"
+    )
 
 
 def _load(path: Path) -> dict | None:

@@ -44,7 +44,9 @@ def _train(tmp_path: Path, name: str, **overrides) -> dict[int, float]:
     cfg.update(overrides)
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # prepend, not replace: on a lent GPU box deepspeed/megatron-core come from a PYTHONPATH entry
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
     proc = subprocess.run(
         [sys.executable, "train.py", str(path), "--synthetic-data"],
         cwd=REPO,

@@ -176,6 +176,11 @@ def test_run_directory_tells_the_story(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iteration"] == 4 and summary["last_checkpoint"].endswith("iter_0000004")
     assert summary["best_valid_loss"] == min(r["loss"] for r in records if r["kind"] == "valid")
+    # throughput counts the steps only; saves and evaluations are reported beside it
+    assert 0 < summary["step_seconds"] <= summary["training_seconds"] and summary["other_seconds"] >= 0
+    assert summary["tokens_per_s"] == pytest.approx(
+        summary["tokens_this_run"] / summary["step_seconds"], rel=0.01
+    )
     assert "iter 4/4" in (run / "train.log").read_text() and (run / "run_config.yml").is_file()
     png = tmp_path / "curves.png"
     plot = subprocess.run(

@@ -660,12 +660,18 @@ def profile_step(step: Callable[[], torch.Tensor], device: torch.device, out: Pa
     table = averages.table(sort_by=key, row_limit=25)
     (out / "top_ops.txt").write_text(table)
     print(table)
-    phases = [a for a in averages if a.key.startswith("engine.")]
-    if phases:  # trainer mode: wall (CPU) time of each phase per step, and the device time under it
-        lines = [f"{'phase':22}{'calls':>7}{'CPU ms/step':>13}{'device ms/step':>16}"]
-        for a in sorted(phases, key=lambda a: a.key):
+    # trainer mode: per phase and step, the host time of its range and the device time of the kernels
+    # it launched (on CUDA the profiler lists each label twice, host range and device range: merged)
+    phases: dict[str, list[float]] = {}
+    for a in averages:
+        if a.key.startswith("engine."):
             device_us = getattr(a, "device_time_total", getattr(a, "cuda_time_total", 0.0))
-            lines.append(f"{a.key:22}{a.count:>7}{a.cpu_time_total / 3e3:>13.2f}{device_us / 3e3:>16.2f}")
+            cpu, dev = phases.setdefault(a.key, [0.0, 0.0])
+            phases[a.key] = [max(cpu, a.cpu_time_total), max(dev, device_us)]
+    if phases:
+        lines = [f"{'phase':22}{'host ms/step':>14}{'device ms/step':>16}"]
+        for key, (cpu, dev) in sorted(phases.items()):
+            lines.append(f"{key:22}{cpu / 3e3:>14.2f}{dev / 3e3:>16.2f}")
         (out / "phases.txt").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
 
