@@ -10,11 +10,16 @@ Memory model (per GPU, bytes):
 * gradients: the same size as the weights (DeepSpeed keeps them in the compute dtype);
 * optimizer: fp32 master weights (only with bf16/fp16) + Adam's two fp32 moments, divided by DP under
   ZeRO stage >= 1;
-* activations: what backward keeps per micro-batch. Without recomputation each layer keeps about
-  ``s·b·h·(10 + 24/TP) + 5·a·s²·b/TP`` bytes in 16-bit (the estimate of Korthikanti et al., 2022; the
-  ``s²`` attention-score term disappears with flash attention); with full activation checkpointing each
-  layer keeps its 16-bit input ``2·s·b·h`` plus one layer's worth during its recomputation. Logits and
-  the loss add ``4·s·b·V/TP`` (fp32).
+* activations: what autograd keeps for backward per micro-batch (:func:`activation_bytes`), counted
+  tensor by tensor as this model saves them, in two parts per layer. Between the tensor-parallel
+  regions (LayerNorm inputs, the linears' inputs, the residual stream: ``h`` wide) every rank holds the
+  whole sequence, unless sequence parallelism splits it over TP. Inside them (QKV output, rotated Q/K,
+  attention output, MLP hidden: split by heads or width) each rank holds ``1/TP``. The same split as
+  Korthikanti et al. (2022), ``s·b·h·(10 + 24/TP)`` without and ``s·b·h·34/TP`` with sequence
+  parallelism for GPT-3's layer, with this model's widths (GQA, SwiGLU, one or two LayerNorms).
+  Full activation checkpointing keeps each checkpointed layer's input plus one chunk's activations
+  during its recomputation. The LM head adds its input and the logits (or with
+  ``use_flash_cross_entropy`` the gathered hidden states).
 """
 
 from __future__ import annotations
@@ -50,10 +55,15 @@ def resolve_vocab(cfg: Config, override: int | None = None) -> int:
 
 @dataclass
 class MemoryEstimate:
+    """Bytes per GPU. ``activations`` at the layout's own sequence-parallel setting; the other two
+    fields say what it would be without and with sequence parallelism (equal at TP 1)."""
+
     weights: float
     gradients: float
     optimizer: float
     activations: float
+    activations_without_sp: float = 0.0
+    activations_with_sp: float = 0.0
 
     @property
     def total(self) -> float:
@@ -80,15 +90,75 @@ def estimate_memory(
         optimizer_bytes /= dp
     if cfg.zero_stage >= 2:
         gradients /= dp
-    s, b, h, a = cfg.seq_length, cfg.train_micro_batch_size_per_gpu, cfg.hidden_size, cfg.num_attention_heads
-    per_layer = s * b * h * (10 + 24 / tp) + (0 if flash else 5 * a * s * s * b / tp)
-    if cfg.checkpoint_activations:
-        layers_kept = math.ceil(cfg.num_layers / max(1, cfg.checkpoint_num_layers))
-        activations = layers_kept * 2 * s * b * h + per_layer * max(1, cfg.checkpoint_num_layers)
+    without = activation_bytes(cfg, vocab, tp=tp, sequence_parallel=False, flash=flash)
+    with_sp = activation_bytes(cfg, vocab, tp=tp, sequence_parallel=tp > 1, flash=flash)
+    activations = with_sp if cfg.uses_sequence_parallel else without
+    return MemoryEstimate(weights, gradients, optimizer_bytes, activations, without, with_sp)
+
+
+def activation_bytes(
+    cfg: Config,
+    vocab: int,
+    *,
+    tp: int,
+    sequence_parallel: bool,
+    micro_batch: int | None = None,
+    flash: bool = True,
+    fused_kernels: bool = True,
+) -> float:
+    """Bytes autograd keeps for backward per micro-batch on one GPU of a TP group of ``tp``.
+
+    Counted as this model saves them (each storage once; ``w`` bytes per element of the compute dtype,
+    ``t = tp``, ``t_sp = tp`` with sequence parallelism else 1, ``sb`` tokens):
+
+    * between the TP regions, ``n·sb·h·w / t_sp`` per layer: the input of each LayerNorm and of each
+      column-parallel linear (megatron-core's sequence-parallel linear keeps its local shard and
+      all-gathers again in backward). ``n`` = 4 with a sequential residual (input norm, QKV input, the
+      post-attention norm's input, MLP input), 3 with a parallel residual and two norms, 2 with one
+      shared norm; plus LayerNorm statistics (fp32 mean and rstd) and 1-byte dropout masks;
+    * inside them, ``sb·w / t`` per layer times: the fused QKV output ``(a + 2·kv)·d``, the rotated
+      Q and K ``(a + kv)·d``, the attention output and the output projection's input ``2·a·d``, the
+      MLP's up-projection and activation (``3·F`` gated, ``2·F`` otherwise); plus the attention
+      log-sum-exp (fp32) or, without flash attention, the ``a·s²·b`` probabilities. With
+      ``fused_kernels`` off (the PyTorch reference kernels of CPU runs) the per-head QK-norm also
+      keeps its normalised Q and K, and SwiGLU its SiLU output: ``(a + kv)·d + F`` more;
+    * full recomputation keeps each checkpointed chunk's input (split by ``t_sp``) and one chunk's
+      activations while it is recomputed;
+    * the LM head: its input and the final norm's, ``2·sb·h·w / t_sp``, the logits ``sb·V·w / t`` and
+      the fp32 log-sum-exp; with ``use_flash_cross_entropy`` the (gathered) hidden states ``sb·h·w``
+      instead of the logits.
+    """
+    s, b = cfg.seq_length, micro_batch or cfg.train_micro_batch_size_per_gpu
+    h, d, a, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.kv_heads
+    ffn = cfg.ffn_hidden_size
+    w = 4 if cfg.params_dtype_name == "fp32" else 2
+    sb, t = s * b, tp
+    t_sp = tp if sequence_parallel else 1
+    if cfg.gpt_j_residual:
+        norms, wide = (1, 2) if cfg.gpt_j_tied else (2, 3)
     else:
-        activations = per_layer * cfg.num_layers
-    activations += 4 * s * b * vocab / tp
-    return MemoryEstimate(weights, gradients, optimizer_bytes, activations)
+        norms, wide = 2, 4
+    between = wide * sb * h * w + norms * 2 * sb * 4
+    if cfg.hidden_dropout:
+        between += 2 * sb * h
+    width = (a + 2 * kv) * d + (a + kv) * d + 2 * a * d + (3 if cfg.is_gated_mlp else 2) * ffn
+    stats = 0  # fp32 per token
+    if not fused_kernels:
+        width += ((a + kv) * d if cfg.qk_norm else 0) + (ffn if cfg.is_gated_mlp else 0)
+    if cfg.qk_norm:
+        stats += 2 * (a + kv)  # the per-head norms' mean and rstd
+    inside = sb * (width * w + stats * 4) / t
+    inside += sb * a * 4 / t if flash else a * s * s * b * (w + 1) / t
+    per_layer = between / t_sp + inside
+    layers = cfg.num_layers
+    if cfg.checkpoint_activations:
+        chunk = max(1, cfg.checkpoint_num_layers)
+        total = math.ceil(layers / chunk) * sb * h * w / t_sp + per_layer * chunk
+    else:
+        total = per_layer * layers
+    head = 2 * sb * h * w / t_sp + sb * 4 * 2
+    head += sb * h * w if cfg.use_flash_cross_entropy else sb * vocab * w / t
+    return total + head
 
 
 def _mlp_kind(cfg: Config) -> str:
@@ -137,10 +207,24 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
         f"  weights            {mem.weights / GIB:8.2f} GiB",
         f"  gradients          {mem.gradients / GIB:8.2f} GiB",
         f"  optimizer states   {mem.optimizer / GIB:8.2f} GiB",
-        f"  activations        {mem.activations / GIB:8.2f} GiB (flash attention)",
+        f"  activations        {mem.activations / GIB:8.2f} GiB (flash attention, {_sp_state(cfg)})",
         f"  total              {mem.total / GIB:8.2f} GiB",
+        f"activations per GPU at TP={cfg.model_parallel_size} (micro-batch {cfg.train_micro_batch_size_per_gpu}):",
+        f"  sequence parallel off {mem.activations_without_sp / GIB:8.2f} GiB",
     ]
+    if cfg.model_parallel_size > 1:
+        lines.append(f"  sequence parallel on  {mem.activations_with_sp / GIB:8.2f} GiB")
+    else:
+        lines.append("  sequence parallel on  (acts only at TP > 1: the same)")
     return "\n".join(lines)
+
+
+def _sp_state(cfg: Config) -> str:
+    if cfg.uses_sequence_parallel:
+        return "sequence parallelism on"
+    if cfg.sequence_parallel_requested:
+        return "sequence parallelism asked for, acts only at TP > 1"
+    return "sequence parallelism off"
 
 
 def _positive_int(text: str) -> int:

@@ -11,8 +11,19 @@ Stable LM 2 12B             GQA, per-head QK LayerNorm, parallel residual with o
 ==========================  ======================================================================
 
 Activations are sequence-first ``[s, b, h]`` inside (megatron-core's convention); the public
-interface is batch-first. Parameter names are the canonical names of :mod:`megatron_stablelm.sharding`,
-which reads how each one splits over tensor parallelism off the layer that owns it. The model computes
+interface is batch-first. With sequence parallelism (``sequence_parallel`` or GPT-NeoX's
+``partition_activations``, at TP > 1) the activations *between* the tensor-parallel regions — embedding
+output, LayerNorms, residual stream, hidden dropout, final norm — hold ``s / TP`` positions on each
+rank, split along dim 0 by megatron-core's own mechanism: the vocab-parallel embedding reduce-scatters,
+each column-parallel linear all-gathers its input (keeping only the local shard for backward) and each
+row-parallel linear reduce-scatters its output. Inside the regions (attention over the whole sequence
+with this rank's heads, the MLP's split width, the vocab-parallel logits and loss) nothing changes, so
+``cu_seqlens``, rotary positions, QK-norm and the KV cache see the whole sequence. Replicated
+parameters (LayerNorms, row-parallel biases) then see only their rank's positions: their gradients
+are all-reduced over the TP group as they are produced (:func:`_sum_gradient_over_tp`).
+
+Parameter names are the canonical names of :mod:`megatron_stablelm.sharding`, which reads how each
+one splits over tensor parallelism off the layer that owns it. The model computes
 only: the attention backend and activation recomputation are applied from outside by
 :func:`megatron_stablelm.parallelize.parallelize` (:func:`build_model` does), and the TP group is
 passed in, never read from globals inside ``forward``.
@@ -24,7 +35,7 @@ import math
 import types
 import zlib
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -61,7 +72,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         self.fused_parts = fused_parts
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
-        if self.tp_group.size() > 1:
+        if self.tp_group.size() > 1:  # with sequence parallelism megatron-core all-gathers x along dim 0
             return super().forward(x, weight=weight)
         weight = self.weight if weight is None else weight
         if self.skip_bias_add:
@@ -74,7 +85,7 @@ class RowParallelLinear(tensor_parallel.RowParallelLinear):
     :class:`ColumnParallelLinear` (at TP=1 there is nothing to all-reduce)."""
 
     def forward(self, x: torch.Tensor):
-        if self.tp_group.size() > 1:
+        if self.tp_group.size() > 1:  # all-reduce, or with sequence parallelism reduce-scatter (dim 0)
             return super().forward(x)
         if self.skip_bias_add:
             return F.linear(x, self.weight), self.bias
@@ -229,8 +240,8 @@ class Attention(nn.Module):
         max_seqlen: int | None,
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
-        s, b, _ = x.shape
-        qkv, _ = self.qkv(x)
+        qkv, _ = self.qkv(x)  # with sequence parallelism x holds s / TP positions, qkv all of them
+        s, b = qkv.shape[:2]
         q, k, v = split_qkv(qkv.view(s, b, self.kv_heads, self.group + 2, self.head_dim))
         if cache is not None:
             if self.q_norm is not None:
@@ -300,7 +311,13 @@ class TransformerLayer(nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
+        if not (self.hidden_dropout and self.training):
+            return x
+        # Under sequence parallelism each TP rank holds different positions, so on GPU their masks come
+        # from megatron-core's per-rank tracker stream (as Megatron-LM does), not the shared stream.
+        split = self.mlp.fc2.sequence_parallel and x.is_cuda
+        with tensor_parallel.get_cuda_rng_tracker().fork() if split else nullcontext():
+            return F.dropout(x, self.hidden_dropout, True)
 
     def forward(
         self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache: LayerCache | None = None
@@ -360,16 +377,35 @@ class InferenceCache:
         self.length += steps
 
 
-def model_parallel_config(dtype: torch.dtype, tp_size: int) -> ModelParallelConfig:
-    """megatron-core's layer config: CPU allocation, no initialisation (see :func:`init_weights`)."""
+def model_parallel_config(
+    dtype: torch.dtype, tp_size: int, sequence_parallel: bool = False
+) -> ModelParallelConfig:
+    """megatron-core's layer config: CPU allocation, no initialisation (see :func:`init_weights`),
+    sequence parallelism as asked (megatron-core accepts it at ``tp_size`` > 1 only)."""
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size,
         params_dtype=dtype,
         use_cpu_initialization=True,
         perform_initialization=False,
         gradient_accumulation_fusion=False,
-        sequence_parallel=False,
+        sequence_parallel=sequence_parallel,
     )
+
+
+def _sum_gradient_over_tp(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A gradient hook for a TP-replicated parameter under sequence parallelism: each rank's gradient
+    covers only its own positions, the true gradient is their sum over the TP group. A tensor hook runs
+    on each backward's gradient before it is accumulated into ``.grad`` (and before DeepSpeed's
+    accumulation hooks move it into its fp32 buffers or partitions), so gradient accumulation, ZeRO
+    stages and precisions all see the summed gradient, as at TP=1. Summed in fp32 (vectors of the
+    hidden size: negligible traffic)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        total = grad.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        dist.all_reduce(total, group=group)
+        return total.to(grad.dtype)
+
+    return hook
 
 
 class StableLMModel(nn.Module):
@@ -392,10 +428,15 @@ class StableLMModel(nn.Module):
         tp = self.tp_group.size()
         if vocab_size % tp:
             raise ValueError(f"padded vocab {vocab_size} is not divisible by the tensor-parallel size {tp}")
-        build = LayerFactory(model_parallel_config(dtype, tp), self.tp_group)
+        # sequence parallelism: megatron-core's, for the whole model (see the module doc)
+        self.sequence_parallel = cfg.sequence_parallel_requested and tp > 1
+        if self.sequence_parallel:
+            parallel.allow_megatron_collectives_on_cpu()
+        build = LayerFactory(model_parallel_config(dtype, tp, self.sequence_parallel), self.tp_group)
         self.embedding = tensor_parallel.VocabParallelEmbedding(
-            vocab_size, cfg.hidden_size, init_method=_no_init, config=build.mp, tp_group=self.tp_group
-        )
+            vocab_size, cfg.hidden_size, init_method=_no_init, config=build.mp, tp_group=self.tp_group,
+            reduce_scatter_embeddings=self.sequence_parallel,
+        )  # fmt: skip
         self.layers = nn.ModuleList(TransformerLayer(cfg, build) for _ in range(cfg.num_layers))
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, cfg.use_bias_in_norms, dtype)
         self.output = build.column(
@@ -408,6 +449,14 @@ class StableLMModel(nn.Module):
             spec = self.splits[name]
             if spec.dim is not None:  # (megatron's setter asserts they are unset; some already are)
                 param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, spec.dim, 1
+            elif self.sequence_parallel:
+                # Every replicated parameter lives between the TP regions (LayerNorms, row-parallel
+                # biases): megatron-core's mark, which it sets on its own row-parallel biases.
+                param.sequence_parallel = True
+                param.register_hook(_sum_gradient_over_tp(self.tp_group))
+        self._sp_layers = [
+            m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+        ]
 
     def forward(
         self,
@@ -422,11 +471,53 @@ class StableLMModel(nn.Module):
 
         With ``cache`` (generation), ``tokens`` continue the cached sequence: positions start at
         ``cache.length`` and keys/values are appended to the cache."""
+        split = self._split_sequence(tokens.shape[1])
+        if split == self.sequence_parallel:
+            return self._forward(tokens, position_ids, cu_seqlens, max_seqlen, labels, cache, split)
+        with self._sequence_parallel_layers(split):
+            return self._forward(tokens, position_ids, cu_seqlens, max_seqlen, labels, cache, split)
+
+    def _split_sequence(self, s: int) -> bool:
+        """Whether this call splits its ``s`` positions over TP: always under sequence parallelism,
+        except for a length TP does not divide (a one-token decoding step, an odd prompt or scoring
+        length), which runs with all-reduces instead: the same result, and without autograd there are
+        no saved activations to split. Training needs every call split (a recomputed layer must run as
+        its forward did), which ``seq_length % TP == 0`` guarantees (config validation)."""
+        tp = self.tp_group.size()
+        if not self.sequence_parallel or s % tp == 0:
+            return self.sequence_parallel
+        if self.training and torch.is_grad_enabled():
+            raise ValueError(
+                f"sequence parallelism splits the sequence over TP={tp}, but this batch has {s} positions; "
+                "seq_length must be a multiple of model_parallel_size"
+            )
+        return False
+
+    @contextmanager
+    def _sequence_parallel_layers(self, enabled: bool):
+        """megatron-core's layers read their ``sequence_parallel`` flag (the embedding its
+        ``reduce_scatter_embeddings``) at each forward; set them for one call, then restore. Backward
+        does not read them (the autograd functions keep what their forward did)."""
+        layers = self._sp_layers
+        try:
+            for layer in layers:
+                layer.sequence_parallel = enabled
+            self.embedding.reduce_scatter_embeddings = enabled
+            yield
+        finally:
+            for layer in layers:
+                layer.sequence_parallel = self.sequence_parallel
+            self.embedding.reduce_scatter_embeddings = self.sequence_parallel
+
+    def _forward(self, tokens, position_ids, cu_seqlens, max_seqlen, labels, cache, split: bool):
         b, s = tokens.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
             position_ids = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-        x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
+        if split:  # megatron-core's embedding transposes and reduce-scatters: [s / TP, b, h]
+            x = self.embedding(tokens)
+        else:
+            x = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
         cos, sin = kernels.rotary_cos_sin(
             position_ids.transpose(0, 1), self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype
         )
@@ -440,10 +531,18 @@ class StableLMModel(nn.Module):
             # LM head and loss fused, chunk by chunk: the [tokens, V/tp] logits never exist (one
             # extra head matmul in backward); the hidden gradient is all-reduced over TP inside.
             head = self.embedding.weight if self.cfg.tied_embeddings else self.output.weight
-            losses = kernels.fused_linear_cross_entropy(x, head, labels.transpose(0, 1), self.tp_group)
+            if split:
+                # every rank scores the whole sequence with its vocab slice; its hidden gradient is a
+                # partial sum, which the gather's backward reduce-scatters (so the loss must not reduce)
+                x = tensor_parallel.gather_from_sequence_parallel_region(
+                    x, tensor_parallel_output_grad=True, group=self.tp_group
+                )
+            losses = kernels.fused_linear_cross_entropy(
+                x, head, labels.transpose(0, 1), self.tp_group, reduce_input_grad=not split
+            )
             return losses.transpose(0, 1)
         weight = self.embedding.weight if self.cfg.tied_embeddings else None
-        logits, _ = self.output(x, weight=weight)  # [s, b, V/tp]
+        logits, _ = self.output(x, weight=weight)  # [s, b, V/tp] (all positions: the head all-gathers)
         if labels is None:
             return logits.transpose(0, 1)
         # Chunked vocab-parallel cross-entropy: fp32 math on one block of logits at a time, so neither

@@ -91,6 +91,24 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
 
 
+def allow_megatron_collectives_on_cpu() -> None:
+    """Let megatron-core's sequence-parallel collectives run on a machine without CUDA (gloo, CPU
+    tensors: the CPU smoke runs and tests of a TP layout).
+
+    Why: its all-gather and reduce-scatter mappings, and the sequence-parallel linear's backward,
+    allocate their output buffers on ``torch.cuda.current_device()``, which raises where CUDA is absent.
+    There the function is made to name the CPU. Nothing changes on a machine with CUDA (the call is a
+    no-op there), and where CUDA is absent the replaced function could only have raised. Idempotent."""
+    if torch.cuda.is_available() or getattr(torch.cuda.current_device, "_megatron_stablelm_cpu", False):
+        return
+
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    current_device._megatron_stablelm_cpu = True  # type: ignore[attr-defined]
+    torch.cuda.current_device = current_device
+
+
 def destroy() -> None:
     """Tear down the groups (tests build several layouts in one process)."""
     if parallel_state.model_parallel_is_initialized():

@@ -29,8 +29,9 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """``dim`` None: replicated on every TP rank. ``parts``: independent blocks along ``dim``, each
-    chunked across ranks (2 for the fused gate/up projection)."""
+    """``dim`` None: replicated on every TP rank (under sequence parallelism those are the parameters
+    whose gradients the model sums over TP: they all act between the TP regions). ``parts``:
+    independent blocks along ``dim``, each chunked across ranks (2 for the fused gate/up projection)."""
 
     dim: int | None
     parts: int = 1

@@ -80,7 +80,10 @@ def test_published_style_config_loads_unchanged(tmp_path, capsys):
         "s3_sync_interval",
     ):
         assert out.count(f"'{key}'") == 1, key  # reported once, not dropped silently
-    assert set(cfg.ignored_keys) >= {"s3_path", "use_mup", "partition_activations"}
+    assert set(cfg.ignored_keys) >= {"s3_path", "use_mup", "synchronize_each_layer"}
+    # partition-activations at TP=2 is read: megatron-core sequence parallelism, said at start-up
+    assert cfg.uses_sequence_parallel and "partition_activations" not in cfg.ignored_keys
+    assert "'partition_activations: true' → megatron-core sequence parallelism over TP=2" in out
 
 
 def test_later_files_win_and_overrides(tmp_path):

@@ -49,12 +49,16 @@ def test_data_parallel_2_zero1_with_accumulation_equals_single(reference, tmp_pa
     assert "ZeRO 1" in "\n".join(recs[0]["log"]) and "DP 2" in "\n".join(recs[0]["log"])
 
 
-def test_tp2_dp2_with_activation_checkpointing_equals_single(reference, tmp_path):
+def test_tp2_dp2_sequence_parallel_with_activation_checkpointing_equals_single(reference, tmp_path):
+    """Sequence parallelism (turned on by GPT-NeoX's partition_activations, as in Stable LM 2 12B's
+    published config) under DeepSpeed ZeRO-1: the LayerNorm and bias gradients each TP rank computes
+    from its half of the sequence are summed over TP before DeepSpeed reduces over DP."""
     cfg = tiny_dict(
         train_iters=STEPS,
         train_micro_batch_size_per_gpu=2,
         model_parallel_size=2,
         checkpoint_activations=True,
+        partition_activations=True,
     )
     recs = run_ranks(4, cfg, tmp_path)
     _check(reference, recs)

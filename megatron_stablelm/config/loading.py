@@ -36,7 +36,7 @@ from megatron_stablelm.config.neox_keys import (
 from megatron_stablelm.config.schema import BOOKKEEPING_FIELDS, Config
 from megatron_stablelm.config.validation import validate_config
 
-_PIPELINE_NOTE = "pipeline parallelism is not implemented (pipe_parallel_size > 1 runs as 1 stage)"
+_SP_AT_TP1 = "sequence parallelism (what it turns on here) only acts at model_parallel_size > 1"
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Config)}
 KNOWN_KEYS = sorted(
@@ -208,19 +208,35 @@ def load_config(
         _merge("--override", dict(items), merged, origin, ignored)
     cfg = Config(**merged)
     cfg.config_files = [str(p) for p in paths]
-    if cfg.pipe_parallel_size > 1:
-        ignored["pipe_parallel_size"] = _PIPELINE_NOTE
+    sp_keys = [key for key in ("sequence_parallel", "partition_activations") if merged.get(key)]
+    if sp_keys and cfg.model_parallel_size == 1:
+        ignored.update(dict.fromkeys(sp_keys, _SP_AT_TP1))
     cfg.ignored_keys = ignored
     if validate:
         validate_config(cfg, origin, training=training)
     if report_ignored and ignored:
         for key, why in sorted(ignored.items()):
             print(f"[config] ignoring '{key}': {why}")
+    if report_ignored and cfg.uses_sequence_parallel:
+        print(f"[config] {sequence_parallel_note(cfg)}")
     if report_ignored and "pos_emb" not in merged:
         # GPT-NeoX's default is learned absolute positions, which no StableLM uses and this framework
         # does not build; say so rather than silently running a different model.
         print("[config] 'pos_emb' not given: using rotary (GPT-NeoX would default to learned embeddings)")
     return cfg
+
+
+def sequence_parallel_note(cfg: Config) -> str:
+    """The start-up line of a run with sequence parallelism: which key turned it on and what it does."""
+    keys = " and ".join(
+        f"'{k}: true'" for k in ("sequence_parallel", "partition_activations") if getattr(cfg, k)
+    )
+    tp = cfg.model_parallel_size
+    return (
+        f"{keys} → megatron-core sequence parallelism over TP={tp}: norms, residuals and dropout hold "
+        f"1/{tp} of the sequence (all-gather before column-parallel linears, reduce-scatter after "
+        "row-parallel ones)"
+    )
 
 
 def config_from_dict(values: Mapping[str, Any], *, validate: bool = True, training: bool = False) -> Config:

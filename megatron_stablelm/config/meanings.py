@@ -53,7 +53,9 @@ MEANINGS: dict[str, str] = {
     "make_vocab_size_divisible_by": "the vocabulary is padded to a multiple of this times the TP size",
     # parallelism
     "model_parallel_size": "tensor-parallel size (ranks sharing each layer)",
-    "pipe_parallel_size": "pipeline stages; values above 1 run as one stage (reported)",
+    "pipe_parallel_size": "pipeline stages: 0 or 1 (one stage, GPT-NeoX's meanings); pipeline parallelism is not implemented, so more is an error",
+    "sequence_parallel": "megatron-core sequence parallelism at model_parallel_size > 1: norms, residuals and dropout hold 1/TP of the sequence (all-gather before the column-parallel linears, reduce-scatter after the row-parallel ones); no effect at TP 1",
+    "partition_activations": "GPT-NeoX's activation partitioning over the TP ranks; turns on sequence_parallel here (no effect at TP 1)",
     "distributed_backend": "torch.distributed backend; unset: nccl with CUDA, gloo without (nccl without CUDA falls back to gloo)",
     # precision
     "precision": "fp32, fp16 or bf16 (the bf16/fp16 blocks take precedence)",
@@ -98,6 +100,14 @@ MEANINGS: dict[str, str] = {
     "eod_mask_loss": "the end-of-document target does not count in the loss",
     "num_workers": "data loader worker processes",
     "mixture_epochs_warning": "warn when a source would be repeated more than this many epochs",
+    "fim_rate": "share of documents given fill-in-the-middle (FIM), in every source without a per-source rate; 0: off",
+    "fim_spm_rate": "share of FIM documents in SPM order (suffix before prefix); the others are PSM",
+    "train_data_fim_rates": "FIM rate of each train_data_paths entry (e.g. [0.5, 0] for a code and a text source); unset: fim_rate",
+    "valid_data_fim_rates": "FIM rate of each valid_data_paths entry; unset: fim_rate",
+    "test_data_fim_rates": "FIM rate of each test_data_paths entry; unset: fim_rate",
+    "fim_prefix_token": "FIM prefix sentinel: one token of the tokenizer (StarCoder's name by default)",
+    "fim_middle_token": "FIM middle sentinel: one token of the tokenizer",
+    "fim_suffix_token": "FIM suffix sentinel: one token of the tokenizer",
     # evaluation
     "eval_interval": "steps between validation runs",
     "eval_iters": "validation batches per run",

@@ -44,9 +44,9 @@ IGNORED_KEYS: dict[str, str] = {
     "mup_embedding_mult": _MUP,
     "mup_rp_embedding_mult": _MUP,
     "mup_width_scale": _MUP,
-    "partition_activations": "activation partitioning across TP ranks is not implemented",
-    "synchronize_each_layer": "only meaningful for DeepSpeed activation partitioning",
-    "sequence_parallel": "Megatron sequence parallelism is not implemented (the result is the same)",
+    # partition_activations and sequence_parallel are fields (megatron-core sequence parallelism)
+    "synchronize_each_layer": "DeepSpeed's per-layer synchronisation for its activation partitioning; "
+    "sequence parallelism (what partition_activations turns on here) needs none",
     "pipe_partition_method": "pipeline parallelism is not implemented",
     # ---- kernels and numerics chosen automatically (the function computed is the same)
     "scaled_upper_triang_masked_softmax_fusion": "attention kernels are chosen by attention_config",
@@ -235,7 +235,8 @@ for _split in ("train", "valid", "test"):
 # Prefixes of switches refused when on: prefix -> (feature, whether a non-zero number also turns it on).
 REFUSED_PREFIXES: dict[str, tuple[str, bool]] = {
     "te_": ("Transformer Engine layers", False),  # te_ numbers (amax history, margin) are settings
-    "fim_": ("fill-in-the-middle (FIM) data", True),
+    # fim_rate, fim_spm_rate and the sentinel names are fields; the other FIM switches are not built
+    "fim_": ("fill-in-the-middle options beyond fim_rate and fim_spm_rate (e.g. fragment-level FIM)", True),
 }
 
 # GPT-NeoX's second spellings of keys read here.

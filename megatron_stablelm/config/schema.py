@@ -102,7 +102,9 @@ class Config:
 
     # ---------------------------------------------------------------- parallelism
     model_parallel_size: int = positive(1)
-    pipe_parallel_size: int = non_negative(0)
+    pipe_parallel_size: int = non_negative(0)  # 0 and 1: one stage (GPT-NeoX's meanings); more is refused
+    sequence_parallel: bool = False  # megatron-core sequence parallelism at model_parallel_size > 1
+    partition_activations: bool = False  # GPT-NeoX's activation partitioning: sequence parallelism here
     distributed_backend: str | None = None  # None: nccl on GPU, gloo on CPU
 
     # ---------------------------------------------------------------- precision
@@ -151,6 +153,15 @@ class Config:
     eod_mask_loss: bool = False
     num_workers: int = non_negative(2, zero_means="loads in the main process")
     mixture_epochs_warning: float = positive(4.0)
+    # fill-in-the-middle (megatron_stablelm/data/fim.py): the GPT-NeoX fork's keys, plus a per-source rate
+    fim_rate: float = 0.0  # every source of every split; 0: off
+    fim_spm_rate: float = 0.5  # share of FIM documents in SPM order (else PSM)
+    train_data_fim_rates: list | None = None  # one per train_data_paths entry; None: fim_rate for each
+    valid_data_fim_rates: list | None = None
+    test_data_fim_rates: list | None = None
+    fim_prefix_token: str = "<fim_prefix>"
+    fim_middle_token: str = "<fim_middle>"
+    fim_suffix_token: str = "<fim_suffix>"
 
     # ---------------------------------------------------------------- evaluation
     eval_interval: int = non_negative(1000, zero_means="turns periodic evaluation off")
@@ -315,6 +326,19 @@ class Config:
         import torch
 
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype_name]
+
+    @property
+    def sequence_parallel_requested(self) -> bool:
+        """Whether the config asks for sequence parallelism: our ``sequence_parallel`` key, or GPT-NeoX's
+        ``partition_activations`` (its way of splitting activations over the TP ranks, which
+        megatron-core's sequence parallelism replaces). It only acts at a TP size above 1."""
+        return bool(self.sequence_parallel or self.partition_activations)
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        """Sequence parallelism at the config's own ``model_parallel_size`` (a model built over another
+        TP group decides from :attr:`sequence_parallel_requested` and that group's size)."""
+        return self.sequence_parallel_requested and self.model_parallel_size > 1
 
     @property
     def zero_stage(self) -> int:

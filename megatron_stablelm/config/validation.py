@@ -105,6 +105,7 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None, *, tra
     _check_mlp_width(check)
     _check_parallel_shape(check)
     _check_lists(check)
+    _check_fim(check)
     _check_precision_and_zero(check)
     _check_schedule(check, training)
     if cfg.attention_config is not None:
@@ -225,6 +226,18 @@ def _check_parallel_shape(check: _Checker) -> None:
         )
     if cfg.padded_vocab_size is not None and cfg.padded_vocab_size % tp:
         fail("padded_vocab_size", f"{cfg.padded_vocab_size} is not divisible by TP={tp}")
+    if cfg.pipe_parallel_size > 1:
+        # Running it as one stage would silently change the data-parallel size (world / TP instead of
+        # world / (TP × PP)) and with it the global batch.
+        fail(
+            "pipe_parallel_size",
+            f"{cfg.pipe_parallel_size} asks for pipeline parallelism, which is not implemented; use 0 or 1 "
+            "(one stage) and split the model with model_parallel_size (tensor parallelism, with "
+            "sequence_parallel: true to split the activations too)",
+        )
+    if cfg.uses_sequence_parallel and cfg.seq_length is not None and cfg.seq_length % tp:
+        key = "sequence_parallel" if cfg.sequence_parallel else "partition_activations"
+        fail(key, f"splits the sequence over TP={tp}, but seq_length={cfg.seq_length} is not divisible by it")
 
 
 def _check_lists(check: _Checker) -> None:
@@ -258,6 +271,33 @@ def _check_lists(check: _Checker) -> None:
             "split",
             f"expected up to three comma-separated non-negative numbers, got {cfg.split!r}",
         )
+
+
+def _check_fim(check: _Checker) -> None:
+    """Fill-in-the-middle: rates are probabilities, per-source rates line up with their paths, and the
+    three sentinels are distinct names (whether the tokenizer has them is checked with the data)."""
+    cfg, fail = check.cfg, check.fail
+    for key in ("fim_rate", "fim_spm_rate"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            fail(key, f"is a probability in [0, 1], got {getattr(cfg, key)}")
+    for prefix in DATA_SPLITS:
+        key, rates = f"{prefix}_data_fim_rates", getattr(cfg, f"{prefix}_data_fim_rates")
+        if rates is None:
+            continue
+        paths = getattr(cfg, f"{prefix}_data_paths")
+        if not paths:
+            fail(key, f"gives a rate per {prefix}_data_paths entry, but {prefix}_data_paths is not set")
+        if len(rates) != len(paths):
+            fail(key, f"{len(rates)} rates for {len(paths)} paths")
+        for rate in rates:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+                fail(key, f"rates must be probabilities in [0, 1], got {rate!r} in {rates!r}")
+    names = {key: getattr(cfg, key) for key in ("fim_prefix_token", "fim_middle_token", "fim_suffix_token")}
+    for key, name in names.items():
+        if not name:
+            fail(key, "must name a token, got an empty string")
+    if len(set(names.values())) != len(names):
+        fail("fim_suffix_token", f"the three FIM sentinels must differ, got {list(names.values())}")
 
 
 def _check_precision_and_zero(check: _Checker) -> None:

@@ -165,7 +165,7 @@ def vocab_parallel_target_log_prob(
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, chunk_elements):
+    def forward(ctx, hidden, weight, target, group, chunk_elements, reduce_input_grad):
         rows = hidden.shape[0]
         width = weight.shape[0]
         rank, _ = _group_info(group)
@@ -184,7 +184,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             target_logit[sl] = block.gather(1, local[sl, None]).squeeze(1) * owned[sl]
         lse, loss = _finish_lse(local_max, sumexp, target_logit, group)
         ctx.save_for_backward(hidden, weight, local, owned, lse)
-        ctx.group, ctx.chunk_elements = group, chunk_elements
+        ctx.group, ctx.chunk_elements, ctx.reduce_input_grad = group, chunk_elements, reduce_input_grad
         return loss
 
     @staticmethod
@@ -207,9 +207,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden[sl] = dlogits @ weight
             grad_weight.addmm_(dlogits.t().to(acc), hidden[sl].to(acc))
         # each rank holds a vocab slice, so its input gradient is a partial sum (as in megatron's
-        # ColumnParallelLinear backward)
-        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        # ColumnParallelLinear backward); under sequence parallelism the caller's gather reduce-scatters it
+        if ctx.reduce_input_grad:
+            _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -219,18 +220,27 @@ def fused_linear_cross_entropy(
     group: dist.ProcessGroup | None = None,
     *,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    reduce_input_grad: bool = True,
 ) -> torch.Tensor:
     """Per-token fp32 loss of ``hidden @ weight.T`` without materialising the logits.
 
-    ``hidden`` ``[..., h]`` must be the same on every TP rank (no sequence parallelism); ``weight`` is
-    this rank's vocab slice ``[V/tp, h]`` of the (possibly tied) output embedding. Its input gradient is
-    all-reduced over ``group`` here, so do *not* also route ``hidden`` through megatron's
-    ``copy_to_tensor_model_parallel_region``. Costs one extra LM-head matmul (recomputed in backward)
-    in exchange for never storing ``[tokens, V/tp]``.
+    ``hidden`` ``[..., h]`` must be the same on every TP rank; ``weight`` is this rank's vocab slice
+    ``[V/tp, h]`` of the (possibly tied) output embedding. Each rank's input gradient is a partial sum
+    over its vocab slice: with ``reduce_input_grad`` it is all-reduced over ``group`` here, so do *not*
+    also route ``hidden`` through megatron's ``copy_to_tensor_model_parallel_region``. Under sequence
+    parallelism pass ``reduce_input_grad=False`` and gather ``hidden`` with megatron-core's
+    ``gather_from_sequence_parallel_region``, whose backward reduce-scatters the partial sums (half
+    the traffic of an all-reduce, and each rank keeps only its positions). Costs one extra LM-head
+    matmul (recomputed in backward) in exchange for never storing ``[tokens, V/tp]``.
     """
     h = hidden.shape[-1]
     loss = _FusedLinearCrossEntropy.apply(
-        hidden.reshape(-1, h).contiguous(), weight, target.reshape(-1), group, chunk_elements
+        hidden.reshape(-1, h).contiguous(),
+        weight,
+        target.reshape(-1),
+        group,
+        chunk_elements,
+        reduce_input_grad,
     )
     return loss.view(target.shape)
 

@@ -10,6 +10,12 @@ Three things matter for correctness here:
   ``tensor_model_parallel`` attribute megatron-core sets on sharded parameters, counting the others
   on model-parallel rank 0 only. Pipeline parallelism is not used, so the model-parallel group is the
   tensor-parallel group.
+* Under sequence parallelism each TP rank's gradient of a replicated parameter (LayerNorms, row-
+  parallel biases: megatron-core's ``sequence_parallel`` mark) covers only its share of the sequence.
+  The model sums it over the TP group in a gradient hook as backward produces it
+  (:func:`megatron_stablelm.model._sum_gradient_over_tp`), i.e. before DeepSpeed accumulates it into
+  its fp32 buffers or ZeRO partitions and reduces over DP, so nothing here changes with it and every
+  precision, ZeRO stage and accumulation count sees the TP=1 gradient.
 * The DeepSpeed config is generated from ours (one source of truth: batch sizes, clipping, precision,
   ZeRO), never written by hand.
 """

@@ -297,7 +297,9 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(
             f"[setup] world {dist.get_world_size()} = TP {parallel.tp_size()} × DP {parallel.dp_size()}; "
-            f"{self.prec}, ZeRO {self.engine.zero_stage}; global batch {self.layout.global_batch} "
+            f"{self.prec}, ZeRO {self.engine.zero_stage}"
+            f"{', sequence parallel' if getattr(self.model, 'sequence_parallel', False) else ''}; "
+            f"global batch {self.layout.global_batch} "
             f"= micro {self.layout.micro} × accumulation {self.layout.accumulation} × DP {self.layout.dp_size}; "
             f"{n_params / 1e6:.2f}M parameters on TP rank 0; {self.flops_per_token / 1e9:.3f} GFLOP/token"
         )
