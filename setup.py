@@ -12,6 +12,8 @@ setup(
     version="0.1.0",
     description="GPT-NeoX-style distributed pretraining for the StableLM family on megatron-core + DeepSpeed",
     packages=find_packages(include=["megatron_stablelm", "megatron_stablelm.*"]),
+    # the corpus recipes are data files read at run time (megatron_stablelm/data/recipes.py)
+    package_data={"megatron_stablelm.data": ["recipes/*.yml"]},
     python_requires=">=3.11",
     install_requires=[
         "torch>=2.4",

@@ -71,3 +71,71 @@ def data_config(**kw) -> Config:
     )
     base.update(kw)
     return Config(**base)
+
+
+def source_read_order(blend, source: int) -> np.ndarray:
+    """The sample indexes of ``blend.datasets[source]`` in the order the run reads them (the blend's
+    order, whole run)."""
+    n = len(blend)
+    ids = np.asarray(blend.dataset_index[:n])
+    return np.asarray(blend.dataset_sample_index[:n])[ids == source]
+
+
+def index_tokens(arrays, lengths, order) -> np.ndarray:
+    """``[n, 2]`` (document, token offset) pairs that the samples ``order`` of a GPTDataset read as
+    inputs, in that order, from its ``(document_index, sample_index, shuffle_index)`` and sequence
+    lengths: brute force, one sample and one document piece at a time. A sample's last token (the
+    extra label token, which the next sample starts with) is not counted."""
+    doc_index, sample_index, shuffle_index = arrays
+    out = []
+    for j in order:
+        k = int(shuffle_index[int(j)])
+        (p0, o0), (p1, o1) = sample_index[k], sample_index[k + 1]
+        for p in range(int(p0), int(p1) + 1):
+            doc = int(doc_index[p])
+            start = int(o0) if p == p0 else 0
+            end = int(o1) if p == p1 else int(lengths[doc])
+            out.extend((doc, t) for t in range(start, end))
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def read_order_tokens(blend, source: int) -> np.ndarray:
+    """(document, token offset) pairs the run reads from ``blend.datasets[source]``, in read order."""
+    ds = blend.datasets[source]
+    arrays = (ds.document_index, ds.sample_index, ds.shuffle_index)
+    return index_tokens(arrays, ds.dataset.sequence_lengths, source_read_order(blend, source))
+
+
+def write_records(path: Path, records: list[dict]) -> Path:
+    """``records`` in the file's real format, by its name: .parquet (pyarrow), .jsonl.zst (zstandard),
+    .jsonl.gz or .jsonl; parent folders are created (corpus layouts are folder trees)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=max(1, len(records) // 2))
+        return path
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdCompressor().compress(raw)
+    elif path.name.endswith(".gz"):
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+def shard_documents(prefix: str) -> list[list[int]]:
+    """Every document of a shard, as megatron-core's ``IndexedDataset`` reads it (empty ones included)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    bounds = ds.document_indices
+    return [
+        [t for seq in range(bounds[i], bounds[i + 1]) for t in ds[seq].tolist()]
+        for i in range(len(bounds) - 1)
+    ]

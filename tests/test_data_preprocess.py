@@ -171,3 +171,26 @@ def test_cli(tmp_path, tok_file, capsys):
         ]
     )
     assert rc == 2 and "nope.json" in capsys.readouterr().err  # bad input: exit 2, as every tool
+
+
+def test_chunks_in_flight_are_bounded(tok_file):
+    """The pool reads at most ``2 × workers`` chunks ahead of the writer (``Pool.imap`` would read the
+    whole input ahead when tokenizing is the slower side, and memory would grow with the corpus)."""
+    from megatron_stablelm.data.preprocess import _Pool
+
+    pulled = []
+
+    def chunks():
+        for i in range(40):
+            pulled.append(i)
+            yield (("src", 1, "texts", [[f"document {i}"]]),)
+
+    pool = _Pool(2, ("HFTokenizer", tok_file, ("text",), True, False, None))
+    try:
+        ahead = []
+        for (result,) in pool.ordered(chunks()):
+            ahead.append(len(pulled) - len(ahead))
+            assert result[4] is None and len(result[0][0][1]) == 1
+    finally:
+        pool.close()
+    assert len(ahead) == 40 and max(ahead) <= 2 * 2 + 1
