@@ -98,13 +98,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _check_shards(cfg, vocab_size: int) -> None:
-    """Every shard the config names exists and has a readable header (``.idx`` only; fast)."""
+    """The start-up check of every shard the config names (constant time each: both files, the
+    ``.idx`` header and size, the ``.bin`` size it implies), before the heavy imports. The results
+    are remembered in this process (keyed by each file's size and mtime), so the data building
+    (``plan_splits``) reuses them instead of checking again; the full check (pointers, token ids) runs
+    there, once per shard version and on one rank (``megatron_stablelm/data/indexed.py``)."""
     from megatron_stablelm.data import check_shard
 
     prefixes = [cfg.data_path] if cfg.data_path else []
     for split in ("train", "valid", "test"):
         prefixes += getattr(cfg, f"{split}_data_paths") or []
-    for prefix in prefixes:
+    for prefix in dict.fromkeys(prefixes):
         check_shard(prefix, vocab_size, scan_tokens=False)
 
 

@@ -1,9 +1,13 @@
-"""Print the training data mixture of a config: per source its tokens, weight, planned tokens, epochs.
+"""Print the training data mixture of a config: per source its tokens, share of the data, weight
+(share of training), planned tokens and epochs.
 
-    python tools/mixture_report.py configs/stablelm-2-1_6b.yml [--dp-size 64] [--override k=v ...]
+    python tools/mixture_report.py configs/stablelm-2-1_6b.yml configs/data/stablelm-2-1_6b.yml \
+        [--dp-size 512] [--data-root DIR] [--override k=v ...]
 
 Only the shards' ``.idx`` files are read (no index is built). ``--dp-size`` defaults to what
 ``train_batch_size`` implies (else 1); a source above ``mixture_epochs_warning`` epochs is flagged.
+``--data-root DIR`` resolves the config's relative shard prefixes (``data/<source>/<subset>`` in
+``configs/data/``) against DIR instead of the working directory.
 Bad input (config, missing or malformed shard) prints one ``error: ...`` line and exits 2.
 """
 
@@ -21,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
     p.add_argument("--dp-size", type=int, default=None)
+    p.add_argument("--data-root", default=None, help="resolve relative shard prefixes against this directory")
     args = parse_config_args(p, argv)
     try:
         cfg = load_config(args.configs, overrides_from(args), report_ignored=False)
+        if args.data_root is not None:
+            from megatron_stablelm.data.mixture import with_data_root
+
+            cfg = with_data_root(cfg, args.data_root)
         dp = args.dp_size
         if dp is None:
             per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps

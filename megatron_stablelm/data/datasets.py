@@ -10,17 +10,27 @@ What we replace, and why:
 * ``BlendedMegatronDatasetBuilder.build()`` orchestration. With a cache directory its
   ``BlendedDataset`` calls ``torch.distributed.get_rank()`` unconditionally, which fails in any
   single-process use (tests, tools, a run without a process group). We therefore build each source's
-  ``GPTDataset`` with the builder's own ``build_generic_dataset`` (rank 0 builds and caches, the
-  others wait at a barrier and then load; a plain call without a process group) and give
-  ``BlendedDataset`` no cache directory: its blending index is a few milliseconds of C++ for millions
-  of samples, so every rank recomputes it deterministically instead of caching it.
-* Input checking. megatron-core asserts (or reads garbage) on bad shards; :func:`check_shard` runs
-  first on every rank and raises an error that names the file.
+  ``GPTDataset`` (:func:`build_source_dataset`) and the blend
+  (:class:`~megatron_stablelm.data.index_cache.CheckedBlendedDataset`) with the builder's own
+  ``build_generic_dataset``: rank 0 builds and caches, the others wait at a barrier and then load (a
+  plain call without a process group). The blend is cached like the per-source indexes: at ~10^9
+  samples recomputing it is minutes and ~10 GB on every rank at every start.
+* Input checking. megatron-core asserts (or reads garbage) on bad shards. :func:`plan_splits` runs
+  the constant-time start-up check of every shard (:func:`~megatron_stablelm.data.indexed.check_shard`,
+  remembered per process, so ``train.py``'s own earlier check is not repeated) and, when building,
+  the full check (pointers, document index, token ids < vocabulary) once per shard version: its
+  result is recorded in ``<index cache>/shard-checks/``. With a process group rank 0 does the full
+  checks and sends the records (or the error) to every rank, so a bad shard stops every rank with
+  the same one-line error before any index is built, and only one rank reads the ``.bin`` files.
 * The index cache. megatron-core reads its cached indexes with pickle enabled and writes them in
   place; :class:`~megatron_stablelm.data.index_cache.CheckedGPTDataset` checks every cache file from
   its header before reading it without pickle, and publishes new ones atomically.
 * Weights default to the sources' token counts (the natural mixture) rather than megatron's
   "exhaustive" blend, so the mixture report and the sampler agree.
+* Fill-in-the-middle. A split with a source whose FIM rate (``fim_rate`` or
+  ``{split}_data_fim_rates``) is above 0 has each of its sources wrapped in
+  :class:`~megatron_stablelm.data.fim.FIMDataset`, which transforms that source's samples per document
+  as they are read (the indexes and their cache are unchanged).
 
 Masks: megatron-core's per-sample mask/position code loops over EOD tokens in Python and can build a
 dense ``[s, s]`` mask. We switch all of that off in its config (``reset_*``/``eod_mask_loss`` False,
@@ -31,6 +41,7 @@ in :mod:`megatron_stablelm.data.loader`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -38,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.core.datasets.blended_dataset import BlendedDataset
+import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
     convert_split_vector_to_split_matrix,
@@ -51,18 +62,23 @@ from megatron.core.datasets.utils import Split
 from megatron_stablelm.config import BatchLayout, Config, validate_layout
 from megatron_stablelm.config.choices import DATA_SPLITS
 from megatron_stablelm.data.errors import DataError
-from megatron_stablelm.data.index_cache import CheckedGPTDataset
-from megatron_stablelm.data.indexed import ShardInfo, check_shard
+from megatron_stablelm.data.fim import FIMDataset, FIMSettings, fim_sentinels
+from megatron_stablelm.data.index_cache import CheckedBlendedDataset, CheckedGPTDataset, DocumentRange
+from megatron_stablelm.data.indexed import ShardError, ShardInfo, check_shard, verify_shard
 
 __all__ = [
     "DEFAULT_SPLIT",
+    "FIM_SENTINEL_KEYS",
     "DataError",
     "Source",
     "SplitPlan",
     "TrainingDatasets",
     "build_datasets",
+    "build_source_dataset",
     "data_layout",
+    "index_cache_dir",
     "plan_splits",
+    "verify_shards",
     "samples_per_eval",
 ]
 
@@ -73,6 +89,9 @@ DEFAULT_SPLIT = "969,30,1"
 # Extra samples built per source beyond its share (megatron-core's default): the blending helper
 # may draw a handful more than weight x size from a source.
 SURPLUS = 0.005
+
+# The config keys naming the FIM sentinels, in FIMSentinels order (prefix, middle, suffix).
+FIM_SENTINEL_KEYS = ("fim_prefix_token", "fim_middle_token", "fim_suffix_token")
 
 # megatron-core's per-sample mask and position code, switched off (see the module docstring).
 MEGATRON_MASKS_OFF = {
@@ -94,6 +113,7 @@ class Source:
     seq_end: int
     tokens: int  # tokens in [seq_begin, seq_end)
     shard: ShardInfo
+    fim_rate: float = 0.0  # share of its documents given fill-in-the-middle (megatron_stablelm.data.fim)
 
 
 @dataclass(frozen=True)
@@ -136,20 +156,32 @@ def _normalise(weights: Sequence[float], key: str) -> list[float]:
     return [float(w) / total for w in weights]
 
 
+def _fim_rates(cfg: Config, name: str, paths: Sequence[str]) -> list[float]:
+    """Each path's FIM rate in split ``name``: ``{name}_data_fim_rates`` when given, else ``fim_rate``."""
+    rates = getattr(cfg, f"{name}_data_fim_rates")
+    if rates is None:
+        return [float(cfg.fim_rate)] * len(paths)
+    if len(rates) != len(paths):
+        raise DataError(f"key '{name}_data_fim_rates': {len(rates)} rates for {len(paths)} paths")
+    return [float(r) for r in rates]
+
+
 def plan_splits(
     cfg: Config, vocab_size: int | None, dp_size: int = 1, *, scan_tokens: bool = True
 ) -> list[SplitPlan | None]:
     """Check every shard and decide, per split, its sources, weights and number of samples.
 
-    Needs only the ``.idx`` files (plus one scan of each ``.bin`` for ids >= ``vocab_size``): this is
-    what the mixture report prints and what :func:`build_datasets` builds.
+    Needs only the ``.idx`` files: the start-up check of each shard (constant time, remembered per
+    process) and, with ``scan_tokens``, the full check of :func:`verify_shards` (once per shard
+    version, recorded in :func:`index_cache_dir`; with a process group, on rank 0 only, so every rank
+    must call it). This is what the mixture report prints and what :func:`build_datasets` builds.
     """
     samples = _split_samples(cfg, data_layout(cfg, dp_size))
     shards: dict[str, ShardInfo] = {}
 
     def shard(prefix: str) -> ShardInfo:
         if prefix not in shards:
-            shards[prefix] = check_shard(prefix, vocab_size, scan_tokens=scan_tokens)
+            shards[prefix] = check_shard(prefix, vocab_size, scan_tokens=False)
         return shards[prefix]
 
     plans: list[SplitPlan | None] = []
@@ -168,9 +200,10 @@ def plan_splits(
             if len(weights) != len(paths):
                 raise DataError(f"key '{name}_data_weights': {len(weights)} weights for {len(paths)} paths")
             norm = _normalise(weights, f"{name}_data_weights")
+            fim = _fim_rates(cfg, name, paths)
             sources = [
-                Source(p, w, 0, info.num_sequences, info.num_tokens, info)
-                for p, w, info in zip(paths, norm, infos)
+                Source(p, w, 0, info.num_sequences, info.num_tokens, info, f)
+                for p, w, info, f in zip(paths, norm, infos, fim)
                 if w > 0
             ]
             plans.append(SplitPlan(name, sources, samples[i]))
@@ -187,9 +220,12 @@ def plan_splits(
                 plans.append(None)
                 continue
             tokens = int(info.sequence_lengths[beg:end].sum(dtype=np.int64))
-            plans.append(SplitPlan(name, [Source(cfg.data_path, 1.0, beg, end, tokens, info)], samples[i]))
+            source = Source(cfg.data_path, 1.0, beg, end, tokens, info, float(cfg.fim_rate))
+            plans.append(SplitPlan(name, [source], samples[i]))
     else:
         raise DataError("no training data: set 'train_data_paths' (and weights) or 'data_path'")
+    if scan_tokens:  # before anything is built: a bad shard stops every rank here, naming its file
+        verify_shards(list(shards.values()), vocab_size, index_cache_dir(cfg, plans))
     for plan in plans:
         if plan is None:
             continue
@@ -213,9 +249,71 @@ class TrainingDatasets:
         return getattr(self, name)
 
 
+def verify_shards(infos: Sequence[ShardInfo], vocab_size: int | None, record_dir: str | None) -> None:
+    """The full check of every shard (:func:`~megatron_stablelm.data.indexed.verify_shard`), done
+    once: a shard whose record in ``record_dir`` matches is not read again.
+
+    With a process group of more than one rank, rank 0 checks (reading the ``.bin`` files only for
+    shards without a record) and broadcasts the records, or its error, to the others (over a gloo
+    group with :data:`CHECK_TIMEOUT`, so a long first scan does not time them out): every rank
+    then raises the same :class:`ShardError` or trusts what rank 0 found, after comparing the
+    record with its own view of the files (a rank that sees other files, e.g. node-local copies,
+    checks them itself). Call on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        for info in infos:
+            verify_shard(info, vocab_size, record_dir)
+        return
+    outcome: object = None
+    failure: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = {info.prefix: verify_shard(info, vocab_size, record_dir) for info in infos}
+        except Exception as err:  # sent on, so that no rank waits for rank 0 forever
+            failure = err
+            outcome = (
+                str(err)
+                if isinstance(err, ShardError | DataError)
+                else f"rank 0: {type(err).__name__}: {err}"
+            )
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0, group=_check_group())
+    if failure is not None:
+        raise failure
+    if isinstance(box[0], str):
+        raise ShardError(box[0])
+    if dist.get_rank() != 0:
+        for info in infos:
+            verify_shard(info, vocab_size, record_dir, trusted=box[0].get(info.prefix))
+
+
+# (the default group it was made for, a gloo group with a long timeout) -- see _check_group
+_CHECK_GROUP: tuple[object, object] | None = None
+# How long the other ranks wait for rank 0's full shard checks: a first start of int32 shards reads
+# every .bin once (hours at 2T tokens unless tools/prepare_data_cache.py ran first).
+CHECK_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def _check_group():
+    """A gloo group over all ranks, with :data:`CHECK_TIMEOUT`, for sending rank 0's shard checks:
+    the default group's timeout (30 minutes) is shorter than a first full scan, and gloo needs no
+    device. Made once per default group (every rank calls :func:`verify_shards`, so every rank
+    makes it at the same point)."""
+    global _CHECK_GROUP
+    if _CHECK_GROUP is None or _CHECK_GROUP[0] is not dist.group.WORLD:
+        _CHECK_GROUP = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=CHECK_TIMEOUT))
+    return _CHECK_GROUP[1]
+
+
+def index_cache_dir(cfg: Config, plans: Sequence[SplitPlan | None]) -> str:
+    """Where the index caches and the shard-check records live: ``data_cache_dir``, else
+    :func:`default_cache_dir`."""
+    return cfg.data_cache_dir or default_cache_dir(plans)
+
+
 def megatron_config(cfg: Config, tokenizer, plans: Sequence[SplitPlan | None]) -> GPTDatasetConfig:
     """Our config as megatron-core's ``GPTDatasetConfig`` (masks off; see the module docstring)."""
-    cache = cfg.data_cache_dir or default_cache_dir(plans)
+    cache = index_cache_dir(cfg, plans)
     blend_per_split = [
         None if p is None else ([s.prefix for s in p.sources], [s.weight for s in p.sources]) for p in plans
     ]
@@ -238,49 +336,102 @@ def default_cache_dir(plans: Sequence[SplitPlan | None]) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
 
 
+def _source_samples(plan: SplitPlan, src: Source) -> int:
+    """Samples built for one source: the split's share by weight plus megatron-core's surplus (all
+    of them for a split of one source)."""
+    if len(plan.sources) == 1:
+        return plan.num_samples
+    return math.ceil(math.ceil(plan.num_samples * src.weight) * (1 + SURPLUS))
+
+
+def _source_dataset(
+    config: GPTDatasetConfig, plan: SplitPlan, src: Source, split: Split
+) -> CheckedGPTDataset:
+    """One source's ``GPTDataset`` through its index cache (rank 0 builds a missing one, the others
+    wait at a barrier and then load it)."""
+    indexed = IndexedDataset(src.prefix, multimodal=False, mmap=True)
+    docs = DocumentRange(src.seq_begin, src.seq_end)  # not an array: see DocumentRange
+    return BlendedMegatronDatasetBuilder.build_generic_dataset(
+        CheckedGPTDataset,
+        lambda: True,
+        True,
+        indexed,
+        src.prefix,
+        docs,
+        _source_samples(plan, src),
+        split,
+        config,
+    )
+
+
+def _split_index(split: str | Split) -> int:
+    if isinstance(split, Split):
+        return split.value
+    if split not in DATA_SPLITS:
+        raise DataError(f"unknown split '{split}' (one of {', '.join(DATA_SPLITS)})")
+    return DATA_SPLITS.index(split)
+
+
+def build_source_dataset(
+    cfg: Config, tokenizer, split: str | Split, index: int, *, dp_size: int = 1
+) -> CheckedGPTDataset | None:
+    """Source ``index`` of ``split`` ('train', 'valid', 'test'), exactly as :func:`build_datasets`
+    builds it (same plan, same cache files), after the full check of that source's shard only.
+
+    Why: the cold start's cost is one index build per source; this lets a pre-job tool
+    (``tools/prepare_data_cache.py``) build every source's cache and shard record in parallel
+    processes, so the job itself starts warm. ``None`` for a split without samples. Indexes count
+    the split's sources after dropping those of weight 0 (``SplitPlan.sources``).
+    """
+    plans = plan_splits(cfg, tokenizer.vocab_size, dp_size, scan_tokens=False)
+    i = _split_index(split)
+    plan = plans[i]
+    if plan is None or plan.num_samples == 0:
+        return None
+    if not 0 <= index < len(plan.sources):
+        raise DataError(f"the {plan.name} split has {len(plan.sources)} sources, not an index {index}")
+    src = plan.sources[index]
+    verify_shards([src.shard], tokenizer.vocab_size, index_cache_dir(cfg, plans))
+    return _source_dataset(megatron_config(cfg, tokenizer, plans), plan, src, list(Split)[i])
+
+
 def build_datasets(cfg: Config, tokenizer, *, dp_size: int = 1) -> TrainingDatasets:
     """Check the shards, then build each split's dataset sized for the whole planned run.
 
-    Call on every rank: rank 0 builds missing index caches while the others wait (only when
+    Call on every rank: rank 0 does the full shard checks a shard has no record of and builds
+    missing index caches (per source, then the blend) while the others wait (only when
     ``torch.distributed`` is initialised), then everyone loads them.
     """
     plans = plan_splits(cfg, tokenizer.vocab_size, dp_size)
+    sentinels = None
+    if any(src.fim_rate > 0 for plan in plans if plan is not None for src in plan.sources):
+        # before any index is built: a tokenizer without the sentinels fails at once, naming them
+        names = [getattr(cfg, key) for key in FIM_SENTINEL_KEYS]
+        sentinels = fim_sentinels(tokenizer, names, FIM_SENTINEL_KEYS)
     config = megatron_config(cfg, tokenizer, plans)
-    uncached = GPTDatasetConfig(**{**_config_kwargs(config), "path_to_cache": None})
     out: list[object | None] = []
     for split, plan in zip(Split, plans):
         if plan is None or plan.num_samples == 0:
             out.append(None)
             continue
-        parts = []
-        for src in plan.sources:
-            wanted = (
-                plan.num_samples
-                if len(plan.sources) == 1
-                else math.ceil(math.ceil(plan.num_samples * src.weight) * (1 + SURPLUS))
-            )
-            indexed = IndexedDataset(src.prefix, multimodal=False, mmap=True)
-            docs = np.arange(src.seq_begin, src.seq_end, dtype=np.int32)
-            ds = BlendedMegatronDatasetBuilder.build_generic_dataset(
-                CheckedGPTDataset, lambda: True, True, indexed, src.prefix, docs, wanted, split, config
-            )
-            parts.append(ds)
+        parts = [_source_dataset(config, plan, src, split) for src in plan.sources]
+        if any(src.fim_rate > 0 for src in plan.sources):
+            parts = [
+                FIMDataset(
+                    ds,
+                    FIMSettings(
+                        src.fim_rate, cfg.fim_spm_rate, sentinels, tokenizer.eod, (cfg.seed, split.value, k)
+                    ),
+                )
+                for k, (ds, src) in enumerate(zip(parts, plan.sources))
+            ]
         if len(parts) == 1:
             out.append(parts[0])
         else:
-            # Its "cannot save the indexes" warning is expected: we do not cache the blend on purpose.
-            blend_logger = logging.getLogger("megatron.core.datasets.blended_dataset")
-            level = blend_logger.level
-            blend_logger.setLevel(logging.ERROR)
-            try:
-                weights = [s.weight for s in plan.sources]
-                out.append(BlendedDataset(parts, weights, plan.num_samples, uncached))
-            finally:
-                blend_logger.setLevel(level)
+            weights = [s.weight for s in plan.sources]
+            out.append(
+                BlendedMegatronDatasetBuilder.build_generic_dataset(
+                    CheckedBlendedDataset, lambda: True, True, parts, weights, plan.num_samples, config
+                )
+            )
     return TrainingDatasets(out[0], out[1], out[2], plans, data_layout(cfg, dp_size))
-
-
-def _config_kwargs(config: GPTDatasetConfig) -> dict:
-    import dataclasses
-
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}

@@ -18,17 +18,34 @@ leaves a truncated file that breaks every later run with an anonymous mmap error
   rebuilt (a warning names it). Anywhere else it may be someone else's: the run stops with a
   :class:`~megatron_stablelm.data.errors.DataError` naming the file and what is wrong, and nothing
   is removed. Point ``data_cache_dir`` at a private directory to get the first behaviour.
-* **Writing.** megatron-core builds the files in a fresh staging directory inside the cache directory,
-  then each is renamed into place (the description last): a reader sees whole files or none, and
-  concurrent builders of the same cache (several jobs on one data set) cannot corrupt it.
+* **Writing.** The files are built (see *Epoch order*) and saved without pickle in a fresh staging
+  directory inside the cache directory, then each is renamed into place (the description last): a
+  reader sees whole files or none, and concurrent builders of the same cache (several jobs on one
+  data set) cannot corrupt it.
 
-megatron-core's blended-dataset cache is never used (``build_datasets`` gives ``BlendedDataset`` no
-cache directory), so these three arrays and the description are all it would load.
+:class:`CheckedBlendedDataset` does the same for megatron-core's ``BlendedDataset`` (its two blend
+indexes), whose own cache needs a process group on every rank; a blend of ~10^9 samples costs minutes
+and ~10 GB per rank to recompute at every start (``tools/simulate_startup.py``). ``build_datasets``
+builds it like the per-source datasets: rank 0 computes and publishes, the others load after a barrier.
+
+**Epoch order.** megatron-core shuffles the document index over *all* epochs at once and the sample
+order over all samples, so a source repeated six times can serve one document twice before another
+once (about a third of a 6-epoch source's first epoch-length of reads are repeats: 1 - (1 - 1/6)^6 of
+its tokens are read in that window, the rest are repeats). We build the same three arrays with the
+same C++ sample-index helper, but shuffle the documents within each epoch (every epoch is a fresh
+permutation of the source's documents, as megatron-core already does for a short final epoch) and
+the samples within each epoch's block of samples: the run reads its source one epoch after another,
+no document repeats within an epoch (only the sample that straddles two epochs mixes them), and each
+epoch has its own order. A source read for one epoch gets exactly megatron-core's arrays (same
+generator, same draws). ``tests/test_mixture_epochs.py`` checks it by brute force over the sample
+order. The cache description carries ``sample_order``, so caches of megatron-core's order (or of
+earlier versions of this code) are never mistaken for these.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 import logging
 import math
 import os
@@ -38,19 +55,32 @@ import tempfile
 
 import numpy as np
 import torch.distributed as dist
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from numpy.lib import format as npy_format
 
 from megatron_stablelm.data.errors import DataError
 
-__all__ = ["CheckedGPTDataset", "CacheFileError", "npy_header"]
+__all__ = [
+    "SAMPLE_ORDER",
+    "CheckedBlendedDataset",
+    "CheckedGPTDataset",
+    "CacheFileError",
+    "DocumentRange",
+    "epoch_ordered_indices",
+    "npy_header",
+]
 
 logger = logging.getLogger(__name__)
 
 # megatron-core's file suffixes, in the order GPTDataset returns the arrays; the description last.
 INDEX_SUFFIXES = ("document_index.npy", "sample_index.npy", "shuffle_index.npy")
 DESCRIPTION_SUFFIX = "description.txt"
+# megatron-core's BlendedDataset cache files, in the order its _build_indices returns them.
+BLEND_SUFFIXES = ("dataset_index.npy", "dataset_sample_index.npy")
 _MAX_DESCRIPTION_BYTES = 1 << 20
+# Recorded in each cache description: the order the arrays encode (see the module docstring).
+SAMPLE_ORDER = "epoch-blocked-v1"
 
 
 class CacheFileError(Exception):
@@ -109,6 +139,13 @@ def _check_shapes(shapes: dict[str, tuple[np.dtype, tuple[int, ...]]], documents
         raise CacheFileError(shuffle_path, f"has shape {shuffle}, expected ({sample[0] - 1},)")
 
 
+def _check_description(path: str, description: str) -> None:
+    with open(path, "rb") as f:
+        text = f.read(_MAX_DESCRIPTION_BYTES)
+    if text != description.encode("utf-8"):
+        raise CacheFileError(path, "does not describe this dataset")
+
+
 def _private(directory: str, path: str) -> bool:
     """Whether only this user can have written ``path``: it and ``directory`` are this user's and the
     directory is not writable by group or others."""
@@ -117,11 +154,44 @@ def _private(directory: str, path: str) -> bool:
     return dir_st.st_uid == uid and not dir_st.st_mode & 0o022 and file_st.st_uid == uid
 
 
+class DocumentRange:
+    """The sequences ``[begin, end)`` of a shard, as a ``GPTDataset``'s ``indices``, never
+    materialised unless an index is built.
+
+    Why: megatron-core takes the sequences of a source as an array; at Stable LM 2 scale that is
+    ~2.5 x 10^9 int32 (10 GB and seconds per rank) made at every start only to be measured when the
+    caches are warm. ``len``, ``size`` and ``numpy.asarray`` (the array, made on demand) are what
+    :class:`CheckedGPTDataset` and the tests read.
+    """
+
+    def __init__(self, begin: int, end: int) -> None:
+        self.begin, self.end = int(begin), int(end)
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.arange(self.begin, self.end, dtype=dtype or np.int32)
+
+
 class CheckedGPTDataset(GPTDataset):
     """megatron-core's ``GPTDataset`` whose index cache is checked before it is read and written
-    through a staging directory (see the module docstring)."""
+    through a staging directory (see the module docstring). ``indices`` may be a
+    :class:`DocumentRange`."""
+
+    def _get_num_tokens_per_epoch(self) -> int:
+        """megatron-core's count (the tokens of ``indices``), as a slice sum for a range."""
+        if isinstance(self.indices, DocumentRange):
+            lengths = self.dataset.sequence_lengths[self.indices.begin : self.indices.end]
+            return int(lengths.sum(dtype=np.int64))
+        return super()._get_num_tokens_per_epoch()
 
     def _build_document_sample_shuffle_indices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._describe_sample_order()
         cache_dir = self.config.path_to_cache
         base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
         paths = [os.path.join(cache_dir, f"{base}-{s}") for s in (*INDEX_SUFFIXES, DESCRIPTION_SUFFIX)]
@@ -137,11 +207,43 @@ class CheckedGPTDataset(GPTDataset):
             self._handle_bad_cache(cache_dir, present, err)
         return self._build_staged(cache_dir, paths)
 
+    def _describe_sample_order(self) -> None:
+        """Add :data:`SAMPLE_ORDER` to megatron-core's identifiers (set by its constructor just
+        before it asks for the indexes), so the cache file names and description differ from those of
+        megatron-core's global-shuffle order."""
+        if self.unique_identifiers.get("sample_order") == SAMPLE_ORDER:
+            return
+        self.unique_identifiers["sample_order"] = SAMPLE_ORDER
+        self.unique_description = json.dumps(
+            self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
+        )
+        self.unique_description_hash = hashlib.md5(
+            self.unique_description.encode("utf-8"), usedforsecurity=False
+        ).hexdigest()
+
+    def _build_indices_epoch_ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three arrays in epoch order (see the module docstring), sized as megatron-core sizes
+        them: as many epochs as ``num_samples`` needs, its sample-index helper, its drop rule."""
+        from megatron.core.datasets.utils import Split
+
+        tokens_per_epoch = self._get_num_tokens_per_epoch()
+        num_epochs = self._get_num_epochs(tokens_per_epoch)
+        drop_last = (
+            self.config.drop_last_partial_validation_sequence if self.index_split == Split.valid else True
+        )
+        return epoch_ordered_indices(
+            np.asarray(self.indices, dtype=np.int32),
+            self.dataset.sequence_lengths,
+            self.config.sequence_length,
+            num_epochs,
+            tokens_per_epoch,
+            self.config.random_seed,
+            drop_last_partial_sequence=drop_last,
+            add_extra_token=self.config.add_extra_token_to_sequence,
+        )
+
     def _check_description(self, path: str) -> None:
-        with open(path, "rb") as f:
-            text = f.read(_MAX_DESCRIPTION_BYTES)
-        if text != self.unique_description.encode("utf-8"):
-            raise CacheFileError(path, "does not describe this dataset")
+        _check_description(path, self.unique_description)
 
     @staticmethod
     def _handle_bad_cache(cache_dir: str, present: list[str], err: CacheFileError) -> None:
@@ -170,14 +272,152 @@ class CheckedGPTDataset(GPTDataset):
                 f"cannot write the index cache in '{cache_dir}': {err.strerror or err} "
                 f"(set data_cache_dir to a writable directory)"
             ) from None
-        original = self.config
-        self.config = copy.copy(original)
-        self.config.path_to_cache = staging
         try:
-            arrays = super()._build_document_sample_shuffle_indices()
+            arrays = self._build_indices_epoch_ordered()
+            for path, array in zip(paths, arrays):
+                np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
+            with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
+                f.write(self.unique_description)
             for path in paths:  # the description last: it marks a complete cache
                 os.replace(os.path.join(staging, os.path.basename(path)), path)
         finally:
-            self.config = original
             shutil.rmtree(staging, ignore_errors=True)
         return arrays
+
+
+def epoch_ordered_indices(
+    documents: np.ndarray,
+    sequence_lengths: np.ndarray,
+    seq_length: int,
+    num_epochs: int,
+    tokens_per_epoch: int,
+    seed: int,
+    *,
+    drop_last_partial_sequence: bool = True,
+    add_extra_token: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """megatron-core's document, sample and shuffle indexes with the shuffles kept inside epochs.
+
+    Why: its global shuffles repeat documents within an epoch of a many-times repeated source. Here
+    the document index is ``num_epochs`` independent permutations of ``documents`` back to back; the
+    sample index comes from megatron-core's C++ helper over it (unchanged packing); the shuffle index
+    permutes the samples that *start* in each epoch among themselves, epoch after epoch. One
+    ``RandomState(seed)`` draws everything in megatron-core's order of draws, so the arrays are a pure
+    function of the arguments and, for a single epoch, identical to megatron-core's.
+    """
+    from megatron.core.datasets import helpers
+
+    # megatron-core's generator and draw order: a source read for one epoch gets exactly its arrays.
+    rng = np.random.RandomState(seed)
+    n_docs = int(documents.size)
+    document_index = np.empty(num_epochs * n_docs, dtype=np.int32)
+    for epoch in range(num_epochs):
+        block = document_index[epoch * n_docs : (epoch + 1) * n_docs]
+        block[:] = documents
+        rng.shuffle(block)
+    lengths = sequence_lengths
+    if lengths.dtype != np.int32:
+        lengths = lengths.astype(np.int32)
+    elif len(document_index) * 2 > len(lengths):  # dense access: one sequential read (megatron's rule)
+        lengths = np.array(lengths)
+    sample_index = helpers.build_sample_idx(
+        lengths,
+        document_index,
+        seq_length,
+        num_epochs,
+        tokens_per_epoch,
+        drop_last_partial_sequence,
+        add_extra_token,
+    )
+    num_samples = sample_index.shape[0] - 1
+    dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
+    shuffle_index = np.arange(num_samples, dtype=dtype)
+    # The epoch each sample starts in; sample starts only move forward, so epochs are contiguous.
+    starts = sample_index[:num_samples, 0] // max(n_docs, 1)
+    bounds = np.searchsorted(starts, np.arange(num_epochs + 1), side="left")
+    for epoch in range(num_epochs):
+        rng.shuffle(shuffle_index[bounds[epoch] : bounds[epoch + 1]])
+    return document_index, sample_index, shuffle_index
+
+
+class CheckedBlendedDataset(BlendedDataset):
+    """megatron-core's ``BlendedDataset`` with its two indexes cached the way
+    :class:`CheckedGPTDataset` caches its three: checked from the ``.npy`` headers, read without
+    pickle and memory-mapped, published through a staging directory.
+
+    Why: without a cache every rank recomputes the blend at every start. That is milliseconds for a
+    million samples but linear in them: about 10^9 samples for Stable LM 2's ~4T tokens at seq 4096,
+    minutes of C++ plus a sort (megatron-core's oversampling check uses ``numpy.unique``) and
+    ~10 GB of memory on every rank of every node (``tools/simulate_startup.py`` measures it).
+    With ``config.path_to_cache`` set, rank 0 (or a single process) computes and publishes it;
+    ``build_datasets`` makes the other ranks wait at a barrier and then load it (page cache shared
+    on a node, instead of ~10 GB computed per rank). A rank that still finds no usable cache (rank 0
+    could not publish, or a directory not shared between nodes) computes the same deterministic
+    arrays in memory rather than failing. Concurrent publishers (several jobs on one cache) are
+    safe: each file is renamed into place whole, and every publication of one description holds the
+    same arrays. Without a cache directory it behaves as megatron-core's with none. Only sized
+    blends (``size`` given) are cached.
+    """
+
+    def _build_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        cache_dir = self.config.path_to_cache
+        if not cache_dir or self.size is None:
+            return self._compute_blend() if self.size is not None else super()._build_indices()
+        base = f"{self.unique_description_hash}-{type(self).__name__}-{self.split.name}"
+        paths = [os.path.join(cache_dir, f"{base}-{s}") for s in (*BLEND_SUFFIXES, DESCRIPTION_SUFFIX)]
+        present = [p for p in paths if os.path.lexists(p)]
+        try:
+            shapes = {p: npy_header(p) for p in paths[:-1] if p in present}
+            if paths[-1] in present:
+                _check_description(paths[-1], self.unique_description)
+            if len(present) == len(paths):
+                for (path, (dtype, shape)), want in zip(shapes.items(), (np.int16, np.int64)):
+                    if dtype != want or shape != (self.size,):
+                        raise CacheFileError(
+                            path, f"holds {dtype} of shape {shape}, not ({self.size},) {np.dtype(want)}"
+                        )
+                return tuple(np.load(p, allow_pickle=False, mmap_mode="r") for p in paths[:-1])
+        except CacheFileError as err:
+            CheckedGPTDataset._handle_bad_cache(cache_dir, present, err)
+        arrays = self._compute_blend()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            self._publish(cache_dir, paths, arrays)
+        return arrays
+
+    def _compute_blend(self) -> tuple[np.ndarray, np.ndarray]:
+        """megatron-core's blending helper, and its check that no source is asked for more samples
+        than it holds (with ``bincount``: linear, where megatron-core sorts)."""
+        from megatron.core.datasets import helpers
+
+        dataset_index = np.zeros(self.size, dtype=np.int16)
+        dataset_sample_index = np.zeros(self.size, dtype=np.int64)
+        helpers.build_blending_indices(
+            dataset_index, dataset_sample_index, self.weights, len(self.datasets), self.size, False
+        )
+        drawn = np.bincount(dataset_index, minlength=len(self.datasets))
+        for i, (ds, n) in enumerate(zip(self.datasets, drawn)):
+            if len(ds) < n:
+                raise DataError(
+                    f"the {self.split.name} blend draws {n} samples from source {i} "
+                    f"('{ds.dataset_path}'), which holds {len(ds)}"
+                )
+        return dataset_index, dataset_sample_index
+
+    def _publish(self, cache_dir: str, paths: list[str], arrays: tuple[np.ndarray, np.ndarray]) -> None:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
+        except OSError as err:
+            raise DataError(
+                f"cannot write the index cache in '{cache_dir}': {err.strerror or err} "
+                f"(set data_cache_dir to a writable directory)"
+            ) from None
+        try:
+            for path, array in zip(paths, arrays):
+                np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
+            with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
+                f.write(self.unique_description)
+            for path in paths:  # the description last: it marks a complete cache
+                os.replace(os.path.join(staging, os.path.basename(path)), path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

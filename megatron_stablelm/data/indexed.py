@@ -4,19 +4,58 @@ The format is megatron-core's mmap indexed dataset, read and written by its own
 ``IndexedDataset`` / ``IndexedDatasetBuilder``. What this module adds is what megatron-core lacks for
 us: its reader fails on a bad file with a bare ``assert`` (or not at all, for an ``.idx`` describing
 more tokens than the ``.bin`` holds, which only surfaces as garbage or a crash mid-run), and its writer
-writes straight to the final names. :func:`check_shard` reads only the header and the small index
-arrays, so it is cheap enough to run on every rank before any index is built.
+writes straight to the final names.
+
+Checking costs two levels, because a 2T-token mixture is ~10^9 documents and ~8 TB of ``.bin``:
+
+* **The start-up check** (:func:`check_shard` with ``scan_tokens=False``; every rank, every start):
+  constant time per shard. Both files exist; the ``.idx`` header (magic, version, dtype) and size;
+  the ``.bin`` size equals what the *last* sequence pointer and length say
+  (``pointers[-1] + lengths[-1] x itemsize``); the document index starts at 0 and ends at the number
+  of sequences. An interrupted copy or write, a truncated file or an ``.idx`` of another ``.bin`` is
+  caught here. The lengths stay a view of the memory-mapped ``.idx`` (no copy).
+* **The full check** (:func:`verify_shard`, or ``check_shard`` with ``scan_tokens=True``): every
+  sequence pointer against the lengths, the document index non-decreasing, and the largest token id
+  (one read of the whole ``.bin``) against the vocabulary. It runs once per *version* of a shard:
+  with a record directory its result is written to ``DIR/shard-checks/<hash of the path>.json``,
+  keyed by the real path and the size, mtime, ctime and inode of both files, and a later check of an
+  unchanged shard reads that record instead (a missing, unreadable or stale record means a full
+  check). The files are stat-ed before and after each check: a shard that changes while it is being
+  checked is refused, never recorded. A failed check is never recorded (the next start checks again).
+
+Records are written atomically (a temporary file renamed into place) and hold only facts about the
+shard, never code: an unreadable record is ignored. A record can make a check be skipped, so the
+directory must be as trusted as the data (it is the index cache directory, which already is).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import struct
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ShardError", "ShardInfo", "ShardWriter", "check_shard", "token_dtype"]
+__all__ = [
+    "RECORD_SUBDIR",
+    "ShardError",
+    "ShardInfo",
+    "ShardWriter",
+    "check_shard",
+    "shard_key",
+    "token_dtype",
+    "verify_shard",
+]
+
+logger = logging.getLogger(__name__)
+
+# Where the full-check records live inside a record (index cache) directory, and their format.
+RECORD_SUBDIR = "shard-checks"
+RECORD_VERSION = 1
 
 
 def _megatron_indexed():
@@ -41,7 +80,9 @@ class ShardInfo:
     """What a checked shard holds. megatron-core's ``GPTDataset`` samples *sequences* (its
     ``numel_low_level_dataset``), so splits and token counts are over sequences; ``num_documents``
     counts the document index's entries, which may be empty (Megatron-LM records an empty text as a
-    document without a sequence) or hold several sentences (``--split-sentences``)."""
+    document without a sequence) or hold several sentences (``--split-sentences``).
+    ``sequence_lengths`` is a read-only view of the memory-mapped ``.idx``; ``key`` the
+    :func:`shard_key` the start-up check saw."""
 
     prefix: str
     dtype: type[np.number]
@@ -49,24 +90,73 @@ class ShardInfo:
     num_documents: int
     num_tokens: int
     sequence_lengths: np.ndarray  # one entry per sequence
+    key: dict | None = None
 
 
-def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool = True) -> ShardInfo:
-    """Validate ``prefix.idx`` against ``prefix.bin``; optionally check every id is < ``vocab_size``.
+def _file_key(path: str) -> dict[str, int]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino}
+
+
+def shard_key(prefix: str) -> dict:
+    """What identifies one version of a shard: its real path and, for both files, size, mtime, ctime
+    (which also moves when a copy restores an old mtime) and inode (a renamed-in replacement).
+    Raises :class:`ShardError` if a file is missing."""
+    try:
+        return {
+            "path": os.path.realpath(prefix),
+            "idx": _file_key(prefix + ".idx"),
+            "bin": _file_key(prefix + ".bin"),
+        }
+    except FileNotFoundError as err:
+        raise ShardError(
+            f"data shard file '{err.filename}' does not exist (data path prefix '{prefix}')"
+        ) from None
+
+
+# Per process: start-up checks and full checks already done, by shard key (a changed shard misses).
+_QUICK: dict[str, ShardInfo] = {}
+_VERIFIED: dict[str, dict] = {}
+
+
+def _key_text(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def check_shard(
+    prefix: str, vocab_size: int | None = None, *, scan_tokens: bool = True, record_dir: str | None = None
+) -> ShardInfo:
+    """Check ``prefix.idx`` / ``prefix.bin``: the constant-time start-up check, then with
+    ``scan_tokens`` the full check (:func:`verify_shard`: pointers, document index, every id <
+    ``vocab_size``), once per shard version when ``record_dir`` is given.
 
     Raises :class:`ShardError` naming the file for: a missing file, a wrong magic header or version,
-    an unknown dtype code, an index whose arrays run past the end of the ``.idx``, an ``.idx`` that
-    does not describe the ``.bin`` byte for byte, a document index that is not a non-decreasing run
-    from 0 to the number of sequences, and (``scan_tokens``) a token id >= ``vocab_size``. Every other
-    shard megatron-core's ``IndexedDataset`` reads is accepted, empty documents included.
-    The id scan reads the whole ``.bin`` once (about a second per GB from the page cache); the result
-    is remembered per process, keyed by the file's path, size and mtime.
+    an unknown dtype code, an index whose arrays run past the end of the ``.idx``, a ``.bin`` whose
+    size is not what the ``.idx`` describes, a document index that does not run from 0 to the number
+    of sequences, a shard that changed while being checked, and (full check) inconsistent pointers, a
+    decreasing document index or a token id >= ``vocab_size``. Every other shard megatron-core's
+    ``IndexedDataset`` reads is accepted, empty documents included. The start-up check is remembered
+    per process by :func:`shard_key`, so checking the same shard again costs two ``stat`` calls.
     """
+    key = shard_key(prefix)
+    text = _key_text(key)
+    info = _QUICK.get(text)
+    if info is None or info.prefix != prefix:
+        info = _quick_check(prefix, key)
+        if _key_text(shard_key(prefix)) != text:
+            raise ShardError(
+                f"data shard '{prefix}' changed while it was being checked: is it still being written?"
+            )
+        _QUICK[text] = info
+    if scan_tokens:
+        verify_shard(info, vocab_size, record_dir)
+    return info
+
+
+def _quick_check(prefix: str, key: dict) -> ShardInfo:
+    """The constant-time start-up check (see the module docstring)."""
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
-    for path in (idx_path, bin_path):
-        if not os.path.isfile(path):
-            raise ShardError(f"data shard file '{path}' does not exist (data path prefix '{prefix}')")
-    idx_size = os.path.getsize(idx_path)
+    idx_size, bin_size = key["idx"]["size"], key["bin"]["size"]
     with open(idx_path, "rb") as f:
         header = f.read(34)
     if len(header) < 34 or header[:9] != _megatron_indexed()._INDEX_HEADER:
@@ -89,46 +179,168 @@ def check_shard(prefix: str, vocab_size: int | None = None, *, scan_tokens: bool
             f"'{idx_path}' is truncated: its header announces {n_seq} sequences and {n_doc - 1} "
             f"documents ({expected_idx} bytes) but the file has {idx_size} bytes"
         )
+    lengths, pointers, doc_idx = _index_arrays(idx_path, n_seq, n_doc)
+    itemsize = np.dtype(dtype).itemsize
+    described = int(pointers[-1]) + int(lengths[-1]) * itemsize if n_seq else 0
+    if described != bin_size:
+        raise ShardError(
+            f"'{idx_path}' does not match '{bin_path}': the index describes {described // itemsize} tokens "
+            f"of {np.dtype(dtype).name} ({described} bytes) but the .bin has {bin_size} bytes "
+            f"(rewrite both with tools/preprocess_data.py)"
+        )
+    if n_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != n_seq:
+        raise ShardError(f"'{idx_path}': the document index is inconsistent with {n_seq} sequences")
+    return ShardInfo(prefix, dtype, n_seq, n_doc - 1, bin_size // itemsize, lengths, key)
+
+
+def _index_arrays(idx_path: str, n_seq: int, n_doc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths, pointers and document index as views of the memory-mapped ``.idx`` (nothing read)."""
     mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
     lengths = np.frombuffer(mm, dtype=np.int32, count=n_seq, offset=34)
     pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=34 + 4 * n_seq)
     doc_idx = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=34 + 12 * n_seq)
-    itemsize = np.dtype(dtype).itemsize
-    n_tokens = int(lengths.sum(dtype=np.int64))
-    bin_size = os.path.getsize(bin_path)
-    if n_tokens * itemsize != bin_size:
-        raise ShardError(
-            f"'{idx_path}' does not match '{bin_path}': the index describes {n_tokens} tokens of "
-            f"{np.dtype(dtype).name} ({n_tokens * itemsize} bytes) but the .bin has {bin_size} bytes "
-            f"(rewrite both with tools/preprocess_data.py)"
+    return lengths, pointers, doc_idx
+
+
+def _needs_scan(info: ShardInfo, vocab_size: int | None) -> bool:
+    """Whether ids must be read: a vocabulary is given and the token dtype does not bound them."""
+    if vocab_size is None or info.num_tokens == 0:
+        return False
+    return not (np.issubdtype(info.dtype, np.integer) and np.iinfo(info.dtype).max < vocab_size)
+
+
+def record_path(record_dir: str, prefix: str) -> str:
+    """The full-check record of the shard at ``prefix`` inside ``record_dir``."""
+    digest = hashlib.sha256(os.path.realpath(prefix).encode("utf-8")).hexdigest()[:32]
+    return os.path.join(record_dir, RECORD_SUBDIR, f"{digest}.json")
+
+
+def _facts(info: ShardInfo) -> dict:
+    return {
+        "dtype": np.dtype(info.dtype).name,
+        "num_sequences": info.num_sequences,
+        "num_documents": info.num_documents,
+        "num_tokens": info.num_tokens,
+    }
+
+
+def _usable(record: object, info: ShardInfo) -> bool:
+    """Whether ``record`` is a full-check record of exactly this shard version."""
+    return (
+        isinstance(record, dict)
+        and record.get("version") == RECORD_VERSION
+        and record.get("key") == info.key
+        and record.get("facts") == _facts(info)
+        and (record.get("max_token") is None or isinstance(record.get("max_token"), int))
+    )
+
+
+def _read_record(record_dir: str, info: ShardInfo) -> dict | None:
+    try:
+        with open(record_path(record_dir, info.prefix), encoding="utf-8") as f:
+            record = json.loads(f.read(1 << 16))
+    except (OSError, ValueError):
+        return None
+    return record if _usable(record, info) else None
+
+
+def _write_record(record_dir: str, record: dict) -> None:
+    """Publish ``record`` atomically; a directory that cannot be written only costs the next start a
+    full check (a warning says so)."""
+    path = record_path(record_dir, record["key"]["path"])
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as err:
+        logger.warning(
+            "cannot record the shard check in '%s' (%s): the next start checks it again", path, err
         )
-    if n_seq and (pointers[0] != 0 or np.any(np.diff(pointers) != lengths[:-1].astype(np.int64) * itemsize)):
-        raise ShardError(f"'{idx_path}': sequence pointers are inconsistent with the sequence lengths")
-    if n_doc == 0 or doc_idx[0] != 0 or doc_idx[-1] != n_seq or np.any(np.diff(doc_idx) < 0):
-        raise ShardError(f"'{idx_path}': the document index is inconsistent with {n_seq} sequences")
-    fits = np.issubdtype(dtype, np.integer) and vocab_size is not None and np.iinfo(dtype).max < vocab_size
-    if scan_tokens and vocab_size is not None and n_tokens and not fits:
-        max_id = _max_token(bin_path, dtype, bin_size)
-        if max_id >= vocab_size:
+
+
+def verify_shard(
+    info: ShardInfo, vocab_size: int | None, record_dir: str | None = None, *, trusted: dict | None = None
+) -> dict:
+    """The full check of a shard that passed the start-up check, once per shard version; returns its
+    record (what another rank can be handed as ``trusted``).
+
+    Order of trust: ``trusted`` (a record another rank made and sent), the record in ``record_dir``,
+    this process's earlier check; each only if it is of this exact shard version (:func:`shard_key`
+    at the start-up check) and covers the id scan when one is needed. Otherwise: the pointers against
+    the lengths, the document index, and with ``vocab_size`` the largest token id; the result is
+    recorded only if the files did not change meanwhile. Raises :class:`ShardError` naming the file.
+    """
+    if info.key is None:
+        raise ValueError("verify_shard needs the ShardInfo of check_shard (it carries the shard key)")
+    scan = _needs_scan(info, vocab_size)
+    record = None
+    for candidate in (
+        trusted,
+        _VERIFIED.get(_key_text(info.key)),
+        _read_record(record_dir, info) if record_dir else None,
+    ):
+        if _usable(candidate, info) and not (scan and candidate["max_token"] is None):
+            record = candidate
+            break
+    if record is None:
+        old = _VERIFIED.get(_key_text(info.key)) or (_read_record(record_dir, info) if record_dir else None)
+        if old is None:
+            _full_structure_check(info)
+        max_token = old["max_token"] if old is not None else None
+        if scan:
+            max_token = _max_token(info)
+        if _key_text(shard_key(info.prefix)) != _key_text(info.key):
             raise ShardError(
-                f"'{bin_path}' contains token id {max_id} >= the tokenizer's vocab size {vocab_size}: "
-                f"the shard was made with another tokenizer"
+                f"data shard '{info.prefix}' changed while it was being checked: is it still being written?"
             )
-    return ShardInfo(prefix, dtype, n_seq, n_doc - 1, n_tokens, np.array(lengths))
+        record = {"version": RECORD_VERSION, "key": info.key, "facts": _facts(info), "max_token": max_token}
+        if record_dir:
+            _write_record(record_dir, record)
+    _VERIFIED[_key_text(info.key)] = record
+    max_token = record["max_token"]
+    if scan and max_token >= vocab_size:
+        raise ShardError(
+            f"'{info.prefix}.bin' contains token id {max_token} >= the tokenizer's vocab size {vocab_size}: "
+            f"the shard was made with another tokenizer"
+        )
+    return record
 
 
-_MAX_CACHE: dict[tuple[str, int, int], int] = {}
+def _full_structure_check(info: ShardInfo) -> None:
+    """Every sequence pointer against the lengths and the document index non-decreasing: linear in
+    the number of documents, done in blocks so no whole-array temporaries are made."""
+    idx_path = info.prefix + ".idx"
+    n_seq = info.num_sequences
+    lengths, pointers, doc_idx = _index_arrays(idx_path, n_seq, info.num_documents + 1)
+    itemsize = np.dtype(info.dtype).itemsize
+    step = 1 << 24
+    if n_seq and pointers[0] != 0:
+        raise ShardError(f"'{idx_path}': sequence pointers are inconsistent with the sequence lengths")
+    for i in range(0, n_seq, step):
+        block = lengths[i : i + step + 1]
+        if np.any(block < 0) or np.any(
+            np.diff(pointers[i : i + step + 1]) != block[:-1].astype(np.int64) * itemsize
+        ):
+            raise ShardError(f"'{idx_path}': sequence pointers are inconsistent with the sequence lengths")
+    for i in range(0, len(doc_idx), step):
+        if np.any(np.diff(doc_idx[i : i + step + 1]) < 0):
+            raise ShardError(f"'{idx_path}': the document index is inconsistent with {n_seq} sequences")
 
 
-def _max_token(bin_path: str, dtype: type[np.number], size: int) -> int:
-    st = os.stat(bin_path)
-    key = (os.path.realpath(bin_path), size, st.st_mtime_ns)
-    if key not in _MAX_CACHE:
-        data = np.memmap(bin_path, mode="r", dtype=dtype)
-        step = 1 << 26
-        _MAX_CACHE[key] = max(int(data[i : i + step].max()) for i in range(0, len(data), step))
+def _max_token(info: ShardInfo) -> int:
+    """The largest id in the ``.bin``: one sequential read (about a second per GB from the page cache)."""
+    data = np.memmap(info.prefix + ".bin", mode="r", dtype=info.dtype)
+    step = 1 << 26
+    try:
+        return max(int(data[i : i + step].max()) for i in range(0, len(data), step))
+    finally:
         del data
-    return _MAX_CACHE[key]
 
 
 class ShardWriter:
