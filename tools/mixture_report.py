@@ -29,14 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_config_args(p, argv)
     try:
         cfg = load_config(args.configs, overrides_from(args), report_ignored=False)
-        if args.data_root is not None:
-            from megatron_stablelm.data.mixture import with_data_root
+        from megatron_stablelm.data.mixture import planned_dp_size, with_data_root
 
+        if args.data_root is not None:
             cfg = with_data_root(cfg, args.data_root)
-        dp = args.dp_size
-        if dp is None:
-            per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
-            dp = cfg.train_batch_size // per_dp if cfg.train_batch_size else 1
+        dp = planned_dp_size(cfg, args.dp_size)
         print(mixture_report(cfg, dp_size=dp))
     except (ConfigError, DataError, ShardError) as err:
         print(f"error: {err}", file=sys.stderr)

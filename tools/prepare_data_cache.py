@@ -145,14 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers must be at least 1")
     try:
         cfg = load_config(args.configs, overrides_from(args), report_ignored=False, training=True)
-        if args.data_root is not None:
-            from megatron_stablelm.data.mixture import with_data_root
+        from megatron_stablelm.data.mixture import planned_dp_size, with_data_root
 
+        if args.data_root is not None:
             cfg = with_data_root(cfg, args.data_root)
-        dp = args.dp_size
-        if dp is None:
-            per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
-            dp = cfg.train_batch_size // per_dp if cfg.train_batch_size else 1
+        dp = planned_dp_size(cfg, args.dp_size)
         tokenizer = build_tokenizer(cfg)
         prepare(cfg, tokenizer, dp, args.workers)
     except (ConfigError, DataError, ShardError, TokenizerError) as err:

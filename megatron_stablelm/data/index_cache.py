@@ -52,6 +52,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import torch.distributed as dist
@@ -264,25 +265,34 @@ class CheckedGPTDataset(GPTDataset):
                 f"index cache file '{paths[0]}' is missing or unusable on rank {dist.get_rank()} after "
                 f"rank 0 built it: data_cache_dir ('{cache_dir}') must be one directory every rank sees"
             )
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
-        except OSError as err:
-            raise DataError(
-                f"cannot write the index cache in '{cache_dir}': {err.strerror or err} "
-                f"(set data_cache_dir to a writable directory)"
-            ) from None
-        try:
-            arrays = self._build_indices_epoch_ordered()
-            for path, array in zip(paths, arrays):
-                np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
-            with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
-                f.write(self.unique_description)
-            for path in paths:  # the description last: it marks a complete cache
-                os.replace(os.path.join(staging, os.path.basename(path)), path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return arrays
+        return publish_cache(cache_dir, paths, self._build_indices_epoch_ordered, self.unique_description)
+
+
+def publish_cache(cache_dir: str, paths: list[str], build: Callable[[], tuple], description: str) -> tuple:
+    """Build index arrays (``build()``; after the staging directory exists, so an unwritable cache
+    fails before the expensive work), write them (``paths[:-1]``, ``.npy``) and their description
+    (``paths[-1]``) into a staging directory inside ``cache_dir``, then rename each into place, the
+    description last: it marks a cache complete, so a reader never sees it beside partial arrays.
+    Returns the arrays."""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
+    except OSError as err:
+        raise DataError(
+            f"cannot write the index cache in '{cache_dir}': {err.strerror or err} "
+            f"(set data_cache_dir to a writable directory)"
+        ) from None
+    try:
+        arrays = build()
+        for path, array in zip(paths, arrays):
+            np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
+        with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
+            f.write(description)
+        for path in paths:
+            os.replace(os.path.join(staging, os.path.basename(path)), path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return arrays
 
 
 def epoch_ordered_indices(
@@ -404,20 +414,4 @@ class CheckedBlendedDataset(BlendedDataset):
         return dataset_index, dataset_sample_index
 
     def _publish(self, cache_dir: str, paths: list[str], arrays: tuple[np.ndarray, np.ndarray]) -> None:
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
-        except OSError as err:
-            raise DataError(
-                f"cannot write the index cache in '{cache_dir}': {err.strerror or err} "
-                f"(set data_cache_dir to a writable directory)"
-            ) from None
-        try:
-            for path, array in zip(paths, arrays):
-                np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
-            with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
-                f.write(self.unique_description)
-            for path in paths:  # the description last: it marks a complete cache
-                os.replace(os.path.join(staging, os.path.basename(path)), path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        publish_cache(cache_dir, paths, lambda: arrays, self.unique_description)

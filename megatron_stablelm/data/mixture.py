@@ -84,6 +84,15 @@ def format_mixture_report(plan: SplitPlan, seq_length: int, warn_epochs: float) 
     return "\n".join(lines)
 
 
+def planned_dp_size(cfg: Config, dp_size: int | None) -> int:
+    """The data-parallel size the tools plan a run's samples for: ``dp_size`` when given, else what the
+    config's ``train_batch_size`` implies (global ÷ micro × accumulation), else 1."""
+    if dp_size is not None:
+        return dp_size
+    per_dp = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
+    return cfg.train_batch_size // per_dp if cfg.train_batch_size else 1
+
+
 def with_data_root(cfg: Config, root: str) -> Config:
     """``cfg`` with every relative shard prefix (``data_path``, ``*_data_paths``) resolved against
     ``root`` instead of the working directory; absolute prefixes are kept. The tools' ``--data-root``:
