@@ -61,6 +61,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset
 from numpy.lib import format as npy_format
 
 from megatron_stablelm.data.errors import DataError
+from megatron_stablelm.data.indexed import private_directory
 
 __all__ = [
     "SAMPLE_ORDER",
@@ -148,11 +149,8 @@ def _check_description(path: str, description: str) -> None:
 
 
 def _private(directory: str, path: str) -> bool:
-    """Whether only this user can have written ``path``: it and ``directory`` are this user's and the
-    directory is not writable by group or others."""
-    uid = os.geteuid()
-    dir_st, file_st = os.stat(directory), os.lstat(path)
-    return dir_st.st_uid == uid and not dir_st.st_mode & 0o022 and file_st.st_uid == uid
+    """Whether only this user can have written ``path`` (see :func:`indexed.private_directory`)."""
+    return private_directory(directory, path)
 
 
 class DocumentRange:

@@ -42,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "RECORD_SUBDIR",
+    "private_directory",
     "ShardError",
     "ShardInfo",
     "ShardWriter",
@@ -235,7 +236,24 @@ def _usable(record: object, info: ShardInfo) -> bool:
     )
 
 
+def private_directory(directory: str, path: str | None = None) -> bool:
+    """Whether only this user can have written ``directory`` (and ``path`` in it): both are this user's
+    and the directory is not writable by group or others. A record or cache found elsewhere could
+    have been planted, so it is not trusted."""
+    uid = os.geteuid()
+    try:
+        dir_st = os.stat(directory)
+        file_ok = path is None or os.lstat(path).st_uid == uid
+    except OSError:
+        return False
+    return dir_st.st_uid == uid and not dir_st.st_mode & 0o022 and file_ok
+
+
 def _read_record(record_dir: str, info: ShardInfo) -> dict | None:
+    """The record of this shard version, if one exists in a private ``record_dir`` (a shared directory
+    could hold a planted record that skips the check: there the check runs at every start)."""
+    if not private_directory(record_dir, record_path(record_dir, info.prefix)):
+        return None
     try:
         with open(record_path(record_dir, info.prefix), encoding="utf-8") as f:
             record = json.loads(f.read(1 << 16))
@@ -248,6 +266,13 @@ def _write_record(record_dir: str, record: dict) -> None:
     """Publish ``record`` atomically; a directory that cannot be written only costs the next start a
     full check (a warning says so)."""
     path = record_path(record_dir, record["key"]["path"])
+    if os.path.isdir(record_dir) and not private_directory(record_dir):
+        logger.warning(
+            "not recording the shard check in '%s': the directory is not private to this user (set "
+            "data_cache_dir to a private directory to check each shard version once)",
+            record_dir,
+        )
+        return
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
