@@ -157,7 +157,7 @@ def test_recipe_end_to_end(tmp_path, raw, tok_file, source, extra, outputs):
     for subset in outputs:
         assert shard_documents(str(out / source / subset)) == _ids(tok, exp[source][subset]), subset
     assert sorted(p.name for p in (out / source).iterdir()) == sorted(
-        f"{s}{e}" for s in outputs for e in (".bin", ".idx", ".done")
+        f"{s}{e}" for s in outputs for e in (".bin", ".idx", ".done", ".tokens.json")
     )
 
 

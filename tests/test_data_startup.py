@@ -220,3 +220,36 @@ def test_two_ranks_check_once_and_share_the_blend(shards, tok, tmp_path):
     out = str(tmp_path / "order")
     run_distributed(_two_rank_start, 2, list(shards[:2]), str(tmp_path / "bad"), str(tmp_path / "cache"), out)
     assert open(out + ".0").read() == open(out + ".1").read()
+
+
+def test_writer_records_the_largest_id_and_the_check_trusts_only_that_shard(tmp_path):
+    """The streaming writer notes the largest id beside the shard (``PREFIX.tokens.json``); the full
+    check takes it instead of reading the ``.bin`` (here: a doctored value is believed, which shows
+    the ``.bin`` was not read), and ignores it once the files are not the ones it describes."""
+    from megatron_stablelm.data.indexed import TOKENS_SUFFIX
+    from megatron_stablelm.data.pieces import StreamingShardWriter
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 50, 64)
+    flat = rng.integers(0, 700, int(lengths.sum())).astype(np.int32)
+    prefix = str(tmp_path / "s")
+    writer = StreamingShardWriter(prefix, np.int32)  # int32: ids are not bounded by the dtype, a scan is due
+    writer.add_documents(flat[: int(lengths[:30].sum())], lengths[:30])
+    writer.add_documents(flat[int(lengths[:30].sum()) :], lengths[30:])
+    writer.finalize()
+    stats_path = prefix + TOKENS_SUFFIX
+    stats = json.loads(open(stats_path).read())
+    assert stats["max_token"] == int(flat.max())  # brute force
+
+    _new_process()
+    assert check_shard(prefix, vocab_size=701).num_tokens == flat.size
+    stats["max_token"] = 5000  # doctored: believed while the files are the ones described
+    open(stats_path, "w").write(json.dumps(stats))
+    _new_process()
+    with pytest.raises(ShardError, match="token id 5000"):
+        check_shard(prefix, vocab_size=701)
+    os.utime(prefix + ".bin", ns=(1, 1))  # another version of the files: the ids are read again
+    _new_process()
+    assert check_shard(prefix, vocab_size=701).num_tokens == flat.size
+    with pytest.raises(ShardError, match=f"token id {int(flat.max())}"):
+        check_shard(prefix, vocab_size=int(flat.max()))

@@ -42,12 +42,14 @@ import numpy as np
 
 __all__ = [
     "RECORD_SUBDIR",
+    "TOKENS_SUFFIX",
     "private_directory",
     "ShardError",
     "ShardInfo",
     "ShardWriter",
     "check_shard",
     "shard_key",
+    "write_token_stats",
     "token_dtype",
     "verify_shard",
 ]
@@ -358,8 +360,58 @@ def _full_structure_check(info: ShardInfo) -> None:
             raise ShardError(f"'{idx_path}': the document index is inconsistent with {n_seq} sequences")
 
 
+TOKENS_SUFFIX = ".tokens.json"
+
+
+def _content_key(prefix: str) -> dict:
+    """Size and mtime of both files: what a copy that keeps times (``rsync -a``, ``cp -p``) preserves,
+    unlike the inode and ctime of :func:`shard_key`."""
+    return {
+        k: {f: v for f, v in _file_key(f"{prefix}.{k}").items() if f in ("size", "mtime_ns")}
+        for k in ("idx", "bin")
+    }
+
+
+def write_token_stats(prefix: str, max_token: int | None) -> None:
+    """Beside a shard just written: its largest token id (``PREFIX.tokens.json``), so that the first
+    full check of the shard (:func:`verify_shard`) need not read the whole ``.bin`` to learn it; at
+    Stable LM 2 scale that read is terabytes. Written last, atomically; a write failure only costs
+    that read."""
+    path = prefix + TOKENS_SUFFIX
+    record = {"version": 1, "key": _content_key(prefix), "max_token": max_token}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record, f, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as err:
+        logger.warning("cannot write '%s' (%s): the first check of the shard reads its ids", path, err)
+
+
+def _recorded_max_token(info: ShardInfo) -> int | None:
+    """The largest id the shard's writer recorded (:func:`write_token_stats`), when the record is of
+    these exact files (sizes and mtimes) and was written by the owner of the ``.bin``: anyone else
+    could have planted it beside a shard they cannot change. None: read the ids."""
+    path = info.prefix + TOKENS_SUFFIX
+    try:
+        if os.lstat(path).st_uid != os.stat(info.prefix + ".bin").st_uid:
+            return None
+        with open(path, encoding="utf-8") as f:
+            record = json.loads(f.read(1 << 12))
+        if record.get("version") != 1 or record.get("key") != _content_key(info.prefix):
+            return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = record.get("max_token")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _max_token(info: ShardInfo) -> int:
-    """The largest id in the ``.bin``: one sequential read (about a second per GB from the page cache)."""
+    """The largest id in the ``.bin``: what its writer recorded beside it, else one sequential read
+    (about a second per GB from the page cache)."""
+    recorded = _recorded_max_token(info)
+    if recorded is not None:
+        return recorded
     data = np.memmap(info.prefix + ".bin", mode="r", dtype=info.dtype)
     step = 1 << 26
     try:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_stablelm.data.indexed import ShardError, check_shard
+from megatron_stablelm.data.indexed import ShardError, check_shard, write_token_stats
 
 __all__ = [
     "StreamingShardWriter",
@@ -87,6 +87,7 @@ class StreamingShardWriter:
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token = -1  # recorded beside the shard (indexed.write_token_stats)
         self._files: dict[str, Any] = {}
         try:
             os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
@@ -104,7 +105,10 @@ class StreamingShardWriter:
         if lengths.size == 0:
             return
         present = lengths > 0
-        self._files["bin"].write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
+        flat = np.ascontiguousarray(flat, dtype=self.dtype)
+        if flat.size:
+            self.max_token = max(self.max_token, int(flat.max()))
+        self._files["bin"].write(flat.tobytes())
         self._files["lengths"].write(lengths[present].astype(np.int32).tobytes())
         self._files["docs"].write((self.num_sequences + np.cumsum(present, dtype=np.int64)).tobytes())
         self.num_sequences += int(present.sum())
@@ -132,8 +136,12 @@ class StreamingShardWriter:
             block = np.frombuffer(mm, np.int64, count=stop - start, offset=docs_at + 8 * start)
             self._files["docs"].write((block + self.num_sequences).tobytes())
         del mm
-        with open(prefix + ".bin", "rb") as f:
-            shutil.copyfileobj(f, self._files["bin"], _COPY)
+        with open(prefix + ".bin", "rb") as f:  # copied in blocks, their largest id noted on the way
+            while block := f.read(_COPY):
+                ids = np.frombuffer(block, self.dtype)
+                if ids.size:
+                    self.max_token = max(self.max_token, int(ids.max()))
+                self._files["bin"].write(block)
         self.num_sequences += n_seq
         self.num_documents += n_doc - 1
         self.num_tokens += info.num_tokens
@@ -167,6 +175,7 @@ class StreamingShardWriter:
             self.abort()
             raise ShardError(f"cannot write shard '{self.prefix}': {err.strerror or err}") from None
         self._remove(("lengths", "docs"))
+        write_token_stats(self.prefix, self.max_token if self.num_tokens else None)
 
     def abort(self) -> None:
         """Close and remove every temporary file (on error or interrupt); published files stay."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_stablelm.data.indexed import token_dtype
+from megatron_stablelm.data.indexed import TOKENS_SUFFIX, token_dtype
 from megatron_stablelm.data.pieces import (
     StreamingShardWriter,
     merge_pieces,
@@ -785,7 +785,7 @@ def merge_targets(
 
 def _remove_parts(directory: str, pieces: Sequence[str]) -> None:
     for piece in pieces:
-        for ext in (".done", ".idx", ".bin"):
+        for ext in (".done", TOKENS_SUFFIX, ".idx", ".bin"):
             if os.path.exists(piece + ext):
                 os.remove(piece + ext)
     if os.path.isdir(directory) and not os.listdir(directory):
