@@ -23,6 +23,7 @@ from megatron_stablelm.inspect import activation_bytes
 from megatron_stablelm.model import StableLMModel, build_model
 from tests.dist_helpers import run_distributed
 from tests.model_helpers import TINY_DIR, randomize, tiny_config
+from tests.test_generate import hf_greedy
 
 VOCAB = 256
 STEPS = 5
@@ -176,22 +177,6 @@ def _worker(rank: int, world: int, out: str) -> None:
         (Path(out) / "report.json").write_text(json.dumps(report))
 
 
-def _hf_greedy(hf_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    out = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            seq = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0,
-            )  # fmt: skip
-        out.append(seq[0, len(prompt) :].tolist())
-    return out
-
-
 @pytest.mark.slow
 def test_tp2_sequence_parallel_equals_tp1_and_transformers(tmp_path):
     parallel.initialize(1)
@@ -218,7 +203,7 @@ def test_tp2_sequence_parallel_equals_tp1_and_transformers(tmp_path):
             os.environ["CUDA_VISIBLE_DEVICES"] = hidden
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["cases"]) == len(CASES)
-    expected = _hf_greedy(tmp_path / "hf", PROMPTS)
+    expected = hf_greedy(tmp_path / "hf", PROMPTS, new_tokens=NEW_TOKENS)
     assert report["generated"] == expected
     assert len({t for seq in expected for t in seq}) > 2, "degenerate output would make the check weak"
     # inspect's estimate (with the reference kernels' extra tensors, as CPU runs them) against the

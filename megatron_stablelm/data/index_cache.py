@@ -193,18 +193,14 @@ class CheckedGPTDataset(GPTDataset):
         self._describe_sample_order()
         cache_dir = self.config.path_to_cache
         base = f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}"
-        paths = [os.path.join(cache_dir, f"{base}-{s}") for s in (*INDEX_SUFFIXES, DESCRIPTION_SUFFIX)]
-        present = [p for p in paths if os.path.lexists(p)]
-        try:
-            shapes = {p: npy_header(p) for p in paths[:-1] if p in present}
-            if paths[-1] in present:
-                self._check_description(paths[-1])
-            if len(present) == len(paths):
-                _check_shapes(shapes, len(self.indices), self.num_samples or 0)
-                return tuple(np.load(p, allow_pickle=False, mmap_mode="r") for p in paths[:-1])
-        except CacheFileError as err:
-            self._handle_bad_cache(cache_dir, present, err)
-        return self._build_staged(cache_dir, paths)
+        paths, arrays = read_cache(
+            cache_dir,
+            base,
+            INDEX_SUFFIXES,
+            self.unique_description,
+            lambda shapes: _check_shapes(shapes, len(self.indices), self.num_samples or 0),
+        )
+        return arrays if arrays is not None else self._build_staged(cache_dir, paths)
 
     def _describe_sample_order(self) -> None:
         """Add :data:`SAMPLE_ORDER` to megatron-core's identifiers (set by its constructor just
@@ -241,20 +237,6 @@ class CheckedGPTDataset(GPTDataset):
             add_extra_token=self.config.add_extra_token_to_sequence,
         )
 
-    def _check_description(self, path: str) -> None:
-        _check_description(path, self.unique_description)
-
-    @staticmethod
-    def _handle_bad_cache(cache_dir: str, present: list[str], err: CacheFileError) -> None:
-        """Rebuild in a private directory (return), else refuse (a ``DataError`` naming the file)."""
-        if all(_private(cache_dir, p) for p in present):
-            logger.warning("index cache file %s; rebuilding it", err)
-            return
-        raise DataError(
-            f"index cache file {err}; it is left in place because '{cache_dir}' is not a private "
-            f"directory of this user: delete it, or set data_cache_dir to a private directory"
-        )
-
     def _build_staged(self, cache_dir: str, paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """megatron-core's build into a staging directory, then each file renamed into place."""
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -264,6 +246,43 @@ class CheckedGPTDataset(GPTDataset):
                 f"rank 0 built it: data_cache_dir ('{cache_dir}') must be one directory every rank sees"
             )
         return publish_cache(cache_dir, paths, self._build_indices_epoch_ordered, self.unique_description)
+
+
+def _handle_bad_cache(cache_dir: str, present: list[str], err: CacheFileError) -> None:
+    """Rebuild in a private directory (return), else refuse (a ``DataError`` naming the file)."""
+    if all(_private(cache_dir, p) for p in present):
+        logger.warning("index cache file %s; rebuilding it", err)
+        return
+    raise DataError(
+        f"index cache file {err}; it is left in place because '{cache_dir}' is not a private "
+        f"directory of this user: delete it, or set data_cache_dir to a private directory"
+    )
+
+
+def read_cache(
+    cache_dir: str,
+    base: str,
+    suffixes: tuple[str, ...],
+    description: str,
+    check_shapes: Callable[[dict[str, tuple[np.dtype, tuple[int, ...]]]], None],
+) -> tuple[list[str], tuple[np.ndarray, ...] | None]:
+    """The cache ``cache_dir/base-SUFFIX`` (arrays, then the description that marks it complete):
+    ``(paths, arrays)``, the arrays memory-mapped when every file is there, its description is
+    ``description`` and ``check_shapes`` accepts the ``.npy`` headers; ``(paths, None)`` when it must
+    be built. A bad file is rebuilt in a private directory and refused (``DataError``) in a shared
+    one. No file is unpickled."""
+    paths = [os.path.join(cache_dir, f"{base}-{s}") for s in (*suffixes, DESCRIPTION_SUFFIX)]
+    present = [p for p in paths if os.path.lexists(p)]
+    try:
+        shapes = {p: npy_header(p) for p in paths[:-1] if p in present}
+        if paths[-1] in present:
+            _check_description(paths[-1], description)
+        if len(present) == len(paths):
+            check_shapes(shapes)
+            return paths, tuple(np.load(p, allow_pickle=False, mmap_mode="r") for p in paths[:-1])
+    except CacheFileError as err:
+        _handle_bad_cache(cache_dir, present, err)
+    return paths, None
 
 
 def publish_cache(cache_dir: str, paths: list[str], build: Callable[[], tuple], description: str) -> tuple:
@@ -372,25 +391,23 @@ class CheckedBlendedDataset(BlendedDataset):
         if not cache_dir or self.size is None:
             return self._compute_blend() if self.size is not None else super()._build_indices()
         base = f"{self.unique_description_hash}-{type(self).__name__}-{self.split.name}"
-        paths = [os.path.join(cache_dir, f"{base}-{s}") for s in (*BLEND_SUFFIXES, DESCRIPTION_SUFFIX)]
-        present = [p for p in paths if os.path.lexists(p)]
-        try:
-            shapes = {p: npy_header(p) for p in paths[:-1] if p in present}
-            if paths[-1] in present:
-                _check_description(paths[-1], self.unique_description)
-            if len(present) == len(paths):
-                for (path, (dtype, shape)), want in zip(shapes.items(), (np.int16, np.int64)):
-                    if dtype != want or shape != (self.size,):
-                        raise CacheFileError(
-                            path, f"holds {dtype} of shape {shape}, not ({self.size},) {np.dtype(want)}"
-                        )
-                return tuple(np.load(p, allow_pickle=False, mmap_mode="r") for p in paths[:-1])
-        except CacheFileError as err:
-            CheckedGPTDataset._handle_bad_cache(cache_dir, present, err)
+        paths, cached = read_cache(
+            cache_dir, base, BLEND_SUFFIXES, self.unique_description, self._check_shapes
+        )
+        if cached is not None:
+            return cached
         arrays = self._compute_blend()
         if not dist.is_initialized() or dist.get_rank() == 0:
-            self._publish(cache_dir, paths, arrays)
+            publish_cache(cache_dir, paths, lambda: arrays, self.unique_description)
         return arrays
+
+    def _check_shapes(self, shapes: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+        """One dataset id (int16) and one sample id (int64) per sample of the blend."""
+        for (path, (dtype, shape)), want in zip(shapes.items(), (np.int16, np.int64)):
+            if dtype != want or shape != (self.size,):
+                raise CacheFileError(
+                    path, f"holds {dtype} of shape {shape}, not ({self.size},) {np.dtype(want)}"
+                )
 
     def _compute_blend(self) -> tuple[np.ndarray, np.ndarray]:
         """megatron-core's blending helper, and its check that no source is asked for more samples
@@ -410,6 +427,3 @@ class CheckedBlendedDataset(BlendedDataset):
                     f"('{ds.dataset_path}'), which holds {len(ds)}"
                 )
         return dataset_index, dataset_sample_index
-
-    def _publish(self, cache_dir: str, paths: list[str], arrays: tuple[np.ndarray, np.ndarray]) -> None:
-        publish_cache(cache_dir, paths, lambda: arrays, self.unique_description)
