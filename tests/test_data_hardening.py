@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from megatron.core.datasets import helpers
 from megatron.core.datasets.gpt_dataset import GPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
@@ -24,6 +25,7 @@ from megatron_stablelm.data import (
     build_datasets,
     build_tokenizer,
     check_shard,
+    index_cache,
 )
 from megatron_stablelm.data.datasets import megatron_config
 from megatron_stablelm.data.index_cache import npy_header
@@ -104,12 +106,19 @@ def test_shard_with_empty_documents_is_accepted_and_trained_on(gappy_shard, tok,
     assert info.num_tokens == sum(map(len, docs))
     cfg = data_config(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "cache"), eval_iters=0)
     ours = build_datasets(cfg, tok).train
-    # reference: megatron-core's own GPTDataset over the same sequences, without our cache handling
+    # reference: megatron-core's own GPTDataset over the same sequences, without our cache handling,
+    # reading our document order with its own packing (its C++ helper) and our sample order
     config = megatron_config(cfg, tok, [None])
     config.path_to_cache = str(tmp_path / "reference")
     ref = GPTDataset(
         IndexedDataset(prefix), prefix, np.arange(1384, dtype=np.int32), len(ours), Split.train, config
     )
+    epochs = ours.document_index.size // 1384
+    ref.document_index = np.array(ours.document_index)
+    ref.sample_index = helpers.build_sample_idx(
+        ref.dataset.sequence_lengths, ref.document_index, 32, epochs, info.num_tokens, True, True
+    )
+    ref.shuffle_index = np.array(ours.shuffle_index)
     assert len(ref) == len(ours)
     for i in range(0, len(ours), 7):
         assert ours[i]["tokens"].tolist() == ref[i]["tokens"].tolist()
@@ -213,19 +222,21 @@ def test_cache_of_another_shape_is_refused(cached, tok):
 
 
 def test_interrupted_build_leaves_no_cache(tmp_path, tok, gappy_shard, monkeypatch):
+    """The disk fills while the second index array is being written: nothing is published."""
     cfg = data_config(train_data_paths=[gappy_shard[0]], data_cache_dir=str(tmp_path / "cache"), eval_iters=0)
-    real_save, calls = np.save, []
+    real_open, calls = np.lib.format.open_memmap, []
 
-    def dying_save(*args, **kw):
+    def dying_open(*args, **kw):
         calls.append(args[0])
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real_save(*args, **kw)
+        return real_open(*args, **kw)
 
-    monkeypatch.setattr(np, "save", dying_save)
+    monkeypatch.setattr(np.lib.format, "open_memmap", dying_open)
     with pytest.raises(OSError, match="No space"):
         build_datasets(cfg, tok)
-    monkeypatch.setattr(np, "save", real_save)
+    monkeypatch.setattr(np.lib.format, "open_memmap", real_open)
+    assert len(calls) == 2 and ".staging-" in calls[0]
     # neither final files nor the staging directory; only the record of the shard check, which passed
     assert set(os.listdir(tmp_path / "cache")) <= {"shard-checks"}
     fresh = data_config(train_data_paths=[gappy_shard[0]], data_cache_dir=str(tmp_path / "c2"), eval_iters=0)
@@ -233,14 +244,13 @@ def test_interrupted_build_leaves_no_cache(tmp_path, tok, gappy_shard, monkeypat
 
 
 def test_warm_start_reads_the_cache_without_building(cached, tok, monkeypatch):
-    from megatron.core.datasets import helpers
 
     cfg, _, samples = cached
 
     def no_build(*args, **kw):
         raise AssertionError("the index was rebuilt although a valid cache exists")
 
-    monkeypatch.setattr(helpers, "build_sample_idx", no_build)
+    monkeypatch.setattr(index_cache, "build_indices", no_build)
     assert _samples(cfg, tok) == samples
 
 

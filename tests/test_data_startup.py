@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from megatron_stablelm.config import load_config
-from megatron_stablelm.data import ShardError, build_datasets, build_tokenizer, check_shard
+from megatron_stablelm.data import ShardError, build_datasets, build_tokenizer, check_shard, index_cache
 from megatron_stablelm.data import indexed as indexed_mod
 from megatron_stablelm.data.indexed import RECORD_SUBDIR, record_path
 from tests.data_helpers import data_config, tiny_tokenizer_files, write_synthetic_shard
@@ -137,7 +137,7 @@ def test_second_start_reads_records_and_blend_cache(shards, tok, tmp_path, monke
         raise AssertionError("an index was recomputed although its cache exists")
 
     monkeypatch.setattr(helpers, "build_blending_indices", fail)
-    monkeypatch.setattr(helpers, "build_sample_idx", fail)
+    monkeypatch.setattr(index_cache, "build_indices", fail)
     second = build_datasets(cfg, tok).train
     assert isinstance(second.dataset_index, np.memmap)
     assert [second[i]["tokens"].tolist() for i in range(0, len(second), 7)] == order
@@ -171,7 +171,7 @@ def test_prepare_tool_builds_what_a_start_reuses(shards, tok, tmp_path, monkeypa
         raise AssertionError("the job rebuilt a cache that the tool prepared")
 
     monkeypatch.setattr(helpers, "build_blending_indices", fail)
-    monkeypatch.setattr(helpers, "build_sample_idx", fail)
+    monkeypatch.setattr(index_cache, "build_indices", fail)
     datasets = build_datasets(load_config([str(path)], training=True), tok)
     assert datasets.train is not None and datasets.valid is not None
     monkeypatch.undo()
@@ -253,3 +253,27 @@ def test_writer_records_the_largest_id_and_the_check_trusts_only_that_shard(tmp_
     assert check_shard(prefix, vocab_size=701).num_tokens == flat.size
     with pytest.raises(ShardError, match=f"token id {int(flat.max())}"):
         check_shard(prefix, vocab_size=int(flat.max()))
+
+
+def test_full_checks_in_parallel_processes(shards, tmp_path, monkeypatch):
+    """Shards without a record are checked in forked processes (forced here for small shards): the
+    records are written, this process trusts them, and a bad shard's error comes back as one line."""
+    from megatron_stablelm.data import datasets as datasets_mod
+
+    monkeypatch.setattr(datasets_mod, "PARALLEL_CHECK_DOCUMENTS", 0)
+    cache = str(tmp_path / "cache")
+    os.makedirs(cache, mode=0o700)
+    _new_process()
+    infos = [check_shard(p, VOCAB, scan_tokens=False) for p in shards[:2]]
+    datasets_mod.verify_shards(infos, VOCAB, cache, workers=2)
+    assert all(os.path.exists(record_path(cache, p)) for p in shards[:2])
+    _no_full_check(monkeypatch)  # this process knows both shards checked: nothing is read again
+    datasets_mod.verify_shards(infos, VOCAB, cache, workers=2)
+    monkeypatch.undo()
+    monkeypatch.setattr(datasets_mod, "PARALLEL_CHECK_DOCUMENTS", 0)
+    _new_process()
+    small = str(tmp_path / "small")  # ids < 50: only b is bad for a 50-token vocabulary
+    write_synthetic_shard(small, np.full(30, 20), 49, 50, seed=3)
+    infos = [check_shard(p, VOCAB, scan_tokens=False) for p in (small, shards[1])]
+    with pytest.raises(ShardError, match=r"b\.bin' contains token id \d+ >= the tokenizer's vocab size 50"):
+        datasets_mod.verify_shards(infos, 50, str(tmp_path / "other"), workers=2)

@@ -28,9 +28,9 @@ SMALL_TOKENS = 600  # 40 documents
 BIG_TOKENS = 14_400  # 400 documents
 WEIGHTS = (1 / 3, 2 / 3)  # 675 samples x 16 tokens: small 3,600 = 6 epochs, big 7,200 = 0.5 epochs
 SAMPLES = 675
-# Shares over the whole run: megatron-core's blend is greedy (each next sample goes to the source
-# furthest below its weight), so every prefix of the order is within 1 sample of weight x length.
-PREFIX_TOLERANCE_SAMPLES = 1.0
+# Shares over the whole run: the blend orders samples by due time (sample_order.build_blend), so
+# every prefix of the order is within 0.5 + weight x sources / 2 samples of weight x length.
+PREFIX_TOLERANCE_SAMPLES = 0.5 + max(WEIGHTS) * len(WEIGHTS) / 2
 # Repeats allowed inside one epoch-length window of a source's reads: only the tokens of the sample
 # that straddles two epochs (and the window edges, each at most one sample): 3 x seq tokens.
 REPEAT_TOLERANCE_TOKENS = 3 * SEQ

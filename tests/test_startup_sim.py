@@ -103,9 +103,20 @@ def test_checked_blend_matches_megatron_and_caches(sim, tmp_path, rank_runs):
     built_by_run = build_datasets(cfg, sim.SimTokenizer(65_536)).train  # cached by build_datasets
     assert isinstance(built_by_run, CheckedBlendedDataset)
     config = copy.copy(built_by_run.config)
-    config.path_to_cache = None  # megatron-core's own blend, recomputed: the reference
+    config.path_to_cache = None  # megatron-core's own (greedy) blend: the same shares, its own order
     blend = BlendedDataset(built_by_run.datasets, built_by_run.weights, built_by_run.size, config)
-    assert np.array_equal(built_by_run.dataset_index, blend.dataset_index)
+    # the reference: every sample of every source in order of due time (k + 0.5) / weight, brute force
+    due = sorted(
+        ((k + 0.5) / w, d, k) for d, w in enumerate(blend.weights) for k in range(int(blend.size * w) + 3)
+    )[: blend.size]
+    assert built_by_run.dataset_index.tolist() == [d for _, d, _ in due]
+    assert built_by_run.dataset_sample_index.tolist() == [k for _, _, k in due]
+    greedy = np.bincount(blend.dataset_index, minlength=2)
+    assert np.abs(np.bincount(built_by_run.dataset_index, minlength=2) - greedy).max() <= 1
+    blend.dataset_index, blend.dataset_sample_index = (
+        np.array(built_by_run.dataset_index),
+        np.array(built_by_run.dataset_sample_index),
+    )
     config = copy.copy(blend.config)
     config.path_to_cache = str(tmp_path / "blend")
     os.makedirs(config.path_to_cache, mode=0o700)

@@ -31,15 +31,16 @@ builds it like the per-source datasets: rank 0 computes and publishes, the other
 **Epoch order.** megatron-core shuffles the document index over *all* epochs at once and the sample
 order over all samples, so a source repeated six times can serve one document twice before another
 once (about a third of a 6-epoch source's first epoch-length of reads are repeats: 1 - (1 - 1/6)^6 of
-its tokens are read in that window, the rest are repeats). We build the same three arrays with the
-same C++ sample-index helper, but shuffle the documents within each epoch (every epoch is a fresh
-permutation of the source's documents, as megatron-core already does for a short final epoch) and
-the samples within each epoch's block of samples: the run reads its source one epoch after another,
-no document repeats within an epoch (only the sample that straddles two epochs mixes them), and each
-epoch has its own order. A source read for one epoch gets exactly megatron-core's arrays (same
-generator, same draws). ``tests/test_mixture_epochs.py`` checks it by brute force over the sample
-order. The cache description carries ``sample_order``, so caches of megatron-core's order (or of
-earlier versions of this code) are never mistaken for these.
+its tokens are read in that window, the rest are repeats), and it draws everything from one generator,
+so a source's build is one core's work (minutes for RefinedWeb at Stable LM 2 scale). We build the same
+three arrays, with megatron-core's packing of documents into samples, but every epoch is its own
+permutation of the source's documents and the samples are permuted within each epoch's block: the run
+reads its source one epoch after another, no document repeats within an epoch (only the sample that
+straddles two epochs mixes them), and each epoch has its own order. The permutations are drawn in
+pieces that ``build_workers`` processes build in parallel (:mod:`megatron_stablelm.data.sample_order`).
+``tests/test_mixture_epochs.py`` checks the order by brute force, ``tests/test_sample_order.py`` the
+pieces against megatron-core's packing. The cache description carries ``sample_order``, so caches of
+megatron-core's order (or of earlier versions of this code) are never mistaken for these.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from numpy.lib import format as npy_format
 
 from megatron_stablelm.data.errors import DataError
 from megatron_stablelm.data.indexed import private_directory
+from megatron_stablelm.data.sample_order import DocumentRange, available_cores, build_blend, build_indices
 
 __all__ = [
     "SAMPLE_ORDER",
@@ -69,7 +71,6 @@ __all__ = [
     "CheckedGPTDataset",
     "CacheFileError",
     "DocumentRange",
-    "epoch_ordered_indices",
     "npy_header",
 ]
 
@@ -82,7 +83,9 @@ DESCRIPTION_SUFFIX = "description.txt"
 BLEND_SUFFIXES = ("dataset_index.npy", "dataset_sample_index.npy")
 _MAX_DESCRIPTION_BYTES = 1 << 20
 # Recorded in each cache description: the order the arrays encode (see the module docstring).
-SAMPLE_ORDER = "epoch-blocked-v1"
+SAMPLE_ORDER = "epoch-blocked-v2"
+# Recorded in each blend cache description: the blend's order (sample_order.build_blend).
+BLEND_ORDER = "due-time-v1"
 
 
 class CacheFileError(Exception):
@@ -153,34 +156,15 @@ def _private(directory: str, path: str) -> bool:
     return private_directory(directory, path)
 
 
-class DocumentRange:
-    """The sequences ``[begin, end)`` of a shard, as a ``GPTDataset``'s ``indices``, never
-    materialised unless an index is built.
-
-    Why: megatron-core takes the sequences of a source as an array; at Stable LM 2 scale that is
-    ~2.5 x 10^9 int32 (10 GB and seconds per rank) made at every start only to be measured when the
-    caches are warm. ``len``, ``size`` and ``numpy.asarray`` (the array, made on demand) are what
-    :class:`CheckedGPTDataset` and the tests read.
-    """
-
-    def __init__(self, begin: int, end: int) -> None:
-        self.begin, self.end = int(begin), int(end)
-
-    def __len__(self) -> int:
-        return self.end - self.begin
-
-    @property
-    def size(self) -> int:
-        return len(self)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return np.arange(self.begin, self.end, dtype=dtype or np.int32)
-
-
 class CheckedGPTDataset(GPTDataset):
     """megatron-core's ``GPTDataset`` whose index cache is checked before it is read and written
     through a staging directory (see the module docstring). ``indices`` may be a
     :class:`DocumentRange`."""
+
+    # Processes that build a missing index (train.py's rank 0 while the other ranks wait, or
+    # tools/prepare_data_cache.py); None: every core this process may run on. The indexes do not
+    # depend on it.
+    build_workers: int | None = None
 
     def _get_num_tokens_per_epoch(self) -> int:
         """megatron-core's count (the tokens of ``indices``), as a slice sum for a range."""
@@ -216,25 +200,29 @@ class CheckedGPTDataset(GPTDataset):
             self.unique_description.encode("utf-8"), usedforsecurity=False
         ).hexdigest()
 
-    def _build_indices_epoch_ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The three arrays in epoch order (see the module docstring), sized as megatron-core sizes
-        them: as many epochs as ``num_samples`` needs, its sample-index helper, its drop rule."""
+    def _build_indices_epoch_ordered(self, staged: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The three arrays in epoch order (see the module docstring), written as memory maps at
+        ``staged``, sized as megatron-core sizes them: as many epochs as ``num_samples`` needs, its
+        packing, its drop rule; built by ``build_workers`` processes."""
         from megatron.core.datasets.utils import Split
 
-        tokens_per_epoch = self._get_num_tokens_per_epoch()
-        num_epochs = self._get_num_epochs(tokens_per_epoch)
+        num_epochs = self._get_num_epochs(self._get_num_tokens_per_epoch())
         drop_last = (
             self.config.drop_last_partial_validation_sequence if self.index_split == Split.valid else True
         )
-        return epoch_ordered_indices(
-            np.asarray(self.indices, dtype=np.int32),
+        documents = self.indices
+        if not isinstance(documents, DocumentRange):
+            documents = np.asarray(documents, dtype=np.int32)
+        return build_indices(
+            documents,
             self.dataset.sequence_lengths,
             self.config.sequence_length,
             num_epochs,
-            tokens_per_epoch,
             self.config.random_seed,
             drop_last_partial_sequence=drop_last,
             add_extra_token=self.config.add_extra_token_to_sequence,
+            workers=self.build_workers or available_cores(),
+            paths=staged,
         )
 
     def _build_staged(self, cache_dir: str, paths: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -285,12 +273,17 @@ def read_cache(
     return paths, None
 
 
-def publish_cache(cache_dir: str, paths: list[str], build: Callable[[], tuple], description: str) -> tuple:
-    """Build index arrays (``build()``; after the staging directory exists, so an unwritable cache
-    fails before the expensive work), write them (``paths[:-1]``, ``.npy``) and their description
+def publish_cache(
+    cache_dir: str, paths: list[str], build: Callable[[list[str]], tuple], description: str
+) -> tuple:
+    """Build index arrays, write them (``paths[:-1]``, ``.npy``) and their description
     (``paths[-1]``) into a staging directory inside ``cache_dir``, then rename each into place, the
     description last: it marks a cache complete, so a reader never sees it beside partial arrays.
-    Returns the arrays."""
+
+    ``build(staged)`` gets the arrays' paths inside the staging directory (created first, so an
+    unwritable cache fails before the expensive work); an array it returns as a memory map of its
+    staged path is already written, any other is saved there. Returns the arrays.
+    """
     try:
         os.makedirs(cache_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".staging-", dir=cache_dir)
@@ -300,81 +293,29 @@ def publish_cache(cache_dir: str, paths: list[str], build: Callable[[], tuple], 
             f"(set data_cache_dir to a writable directory)"
         ) from None
     try:
-        arrays = build()
-        for path, array in zip(paths, arrays):
-            np.save(os.path.join(staging, os.path.basename(path)), array, allow_pickle=False)
-        with open(os.path.join(staging, os.path.basename(paths[-1])), "w", encoding="utf-8") as f:
+        staged = [os.path.join(staging, os.path.basename(p)) for p in paths]
+        arrays = build(staged[:-1])
+        for path, array in zip(staged, arrays):
+            if not (isinstance(array, np.memmap) and os.path.abspath(array.filename or "") == path):
+                np.save(path, array, allow_pickle=False)
+        with open(staged[-1], "w", encoding="utf-8") as f:
             f.write(description)
-        for path in paths:
-            os.replace(os.path.join(staging, os.path.basename(path)), path)
+        for path, target in zip(staged, paths):
+            os.replace(path, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return arrays
 
 
-def epoch_ordered_indices(
-    documents: np.ndarray,
-    sequence_lengths: np.ndarray,
-    seq_length: int,
-    num_epochs: int,
-    tokens_per_epoch: int,
-    seed: int,
-    *,
-    drop_last_partial_sequence: bool = True,
-    add_extra_token: bool = True,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """megatron-core's document, sample and shuffle indexes with the shuffles kept inside epochs.
-
-    Why: its global shuffles repeat documents within an epoch of a many-times repeated source. Here
-    the document index is ``num_epochs`` independent permutations of ``documents`` back to back; the
-    sample index comes from megatron-core's C++ helper over it (unchanged packing); the shuffle index
-    permutes the samples that *start* in each epoch among themselves, epoch after epoch. One
-    ``RandomState(seed)`` draws everything in megatron-core's order of draws, so the arrays are a pure
-    function of the arguments and, for a single epoch, identical to megatron-core's.
-    """
-    from megatron.core.datasets import helpers
-
-    # megatron-core's generator and draw order: a source read for one epoch gets exactly its arrays.
-    rng = np.random.RandomState(seed)
-    n_docs = int(documents.size)
-    document_index = np.empty(num_epochs * n_docs, dtype=np.int32)
-    for epoch in range(num_epochs):
-        block = document_index[epoch * n_docs : (epoch + 1) * n_docs]
-        block[:] = documents
-        rng.shuffle(block)
-    lengths = sequence_lengths
-    if lengths.dtype != np.int32:
-        lengths = lengths.astype(np.int32)
-    elif len(document_index) * 2 > len(lengths):  # dense access: one sequential read (megatron's rule)
-        lengths = np.array(lengths)
-    sample_index = helpers.build_sample_idx(
-        lengths,
-        document_index,
-        seq_length,
-        num_epochs,
-        tokens_per_epoch,
-        drop_last_partial_sequence,
-        add_extra_token,
-    )
-    num_samples = sample_index.shape[0] - 1
-    dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
-    shuffle_index = np.arange(num_samples, dtype=dtype)
-    # The epoch each sample starts in; sample starts only move forward, so epochs are contiguous.
-    starts = sample_index[:num_samples, 0] // max(n_docs, 1)
-    bounds = np.searchsorted(starts, np.arange(num_epochs + 1), side="left")
-    for epoch in range(num_epochs):
-        rng.shuffle(shuffle_index[bounds[epoch] : bounds[epoch + 1]])
-    return document_index, sample_index, shuffle_index
-
-
 class CheckedBlendedDataset(BlendedDataset):
-    """megatron-core's ``BlendedDataset`` with its two indexes cached the way
-    :class:`CheckedGPTDataset` caches its three: checked from the ``.npy`` headers, read without
-    pickle and memory-mapped, published through a staging directory.
+    """megatron-core's ``BlendedDataset`` with its two indexes built in parallel pieces (in order of
+    due time, :func:`~megatron_stablelm.data.sample_order.build_blend`, instead of its one-core
+    greedy loop) and cached the way :class:`CheckedGPTDataset` caches its three: checked from the
+    ``.npy`` headers, read without pickle and memory-mapped, published through a staging directory.
 
     Why: without a cache every rank recomputes the blend at every start. That is milliseconds for a
     million samples but linear in them: about 10^9 samples for Stable LM 2's ~4T tokens at seq 4096,
-    minutes of C++ plus a sort (megatron-core's oversampling check uses ``numpy.unique``) and
+    a minute of one core's work plus a sort (megatron-core's oversampling check uses ``numpy.unique``) and
     ~10 GB of memory on every rank of every node (``tools/simulate_startup.py`` measures it).
     With ``config.path_to_cache`` set, rank 0 (or a single process) computes and publishes it;
     ``build_datasets`` makes the other ranks wait at a barrier and then load it (page cache shared
@@ -382,24 +323,41 @@ class CheckedBlendedDataset(BlendedDataset):
     could not publish, or a directory not shared between nodes) computes the same deterministic
     arrays in memory rather than failing. Concurrent publishers (several jobs on one cache) are
     safe: each file is renamed into place whole, and every publication of one description holds the
-    same arrays. Without a cache directory it behaves as megatron-core's with none. Only sized
-    blends (``size`` given) are cached.
+    same arrays. Without a cache directory it computes the blend at every start, as megatron-core's
+    does with none. Only sized blends (``size`` given) are ours; unsized ones are megatron-core's.
     """
 
     def _build_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.size is None:
+            return super()._build_indices()
+        self._describe_blend_order()
         cache_dir = self.config.path_to_cache
-        if not cache_dir or self.size is None:
-            return self._compute_blend() if self.size is not None else super()._build_indices()
+        if not cache_dir:
+            return self._compute_blend(None, CheckedGPTDataset.build_workers or available_cores())
         base = f"{self.unique_description_hash}-{type(self).__name__}-{self.split.name}"
         paths, cached = read_cache(
             cache_dir, base, BLEND_SUFFIXES, self.unique_description, self._check_shapes
         )
         if cached is not None:
             return cached
-        arrays = self._compute_blend()
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            publish_cache(cache_dir, paths, lambda: arrays, self.unique_description)
-        return arrays
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return self._compute_blend(None, 1)  # rank 0 could not publish: the same arrays, here
+        workers = CheckedGPTDataset.build_workers or available_cores()
+        return publish_cache(
+            cache_dir, paths, lambda staged: self._compute_blend(staged, workers), self.unique_description
+        )
+
+    def _describe_blend_order(self) -> None:
+        """Add :data:`BLEND_ORDER` to megatron-core's identifiers (set by its constructor just before
+        it asks for the indexes): the cache names and description differ from its greedy blend's."""
+        if self.unique_description and '"blend_order"' in self.unique_description:
+            return
+        identifiers = json.loads(self.unique_description)
+        identifiers["blend_order"] = BLEND_ORDER
+        self.unique_description = json.dumps(identifiers, indent=4)
+        self.unique_description_hash = hashlib.md5(
+            self.unique_description.encode("utf-8"), usedforsecurity=False
+        ).hexdigest()
 
     def _check_shapes(self, shapes: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
         """One dataset id (int16) and one sample id (int64) per sample of the blend."""
@@ -409,17 +367,15 @@ class CheckedBlendedDataset(BlendedDataset):
                     path, f"holds {dtype} of shape {shape}, not ({self.size},) {np.dtype(want)}"
                 )
 
-    def _compute_blend(self) -> tuple[np.ndarray, np.ndarray]:
-        """megatron-core's blending helper, and its check that no source is asked for more samples
-        than it holds (with ``bincount``: linear, where megatron-core sorts)."""
-        from megatron.core.datasets import helpers
-
-        dataset_index = np.zeros(self.size, dtype=np.int16)
-        dataset_sample_index = np.zeros(self.size, dtype=np.int64)
-        helpers.build_blending_indices(
-            dataset_index, dataset_sample_index, self.weights, len(self.datasets), self.size, False
+    def _compute_blend(self, staged: list[str] | None, workers: int) -> tuple[np.ndarray, np.ndarray]:
+        """The blend in due-time order (:func:`~megatron_stablelm.data.sample_order.build_blend`,
+        ``workers`` processes, memory maps at ``staged`` when given), and megatron-core's check that
+        no source is asked for more samples than it holds (from the end of the order: megatron-core
+        sorts all of it)."""
+        dataset_index, dataset_sample_index = build_blend(
+            self.weights, self.size, workers=workers, paths=staged
         )
-        drawn = np.bincount(dataset_index, minlength=len(self.datasets))
+        drawn = blend_counts(dataset_index, dataset_sample_index, len(self.datasets))
         for i, (ds, n) in enumerate(zip(self.datasets, drawn)):
             if len(ds) < n:
                 raise DataError(
@@ -427,3 +383,27 @@ class CheckedBlendedDataset(BlendedDataset):
                     f"('{ds.dataset_path}'), which holds {len(ds)}"
                 )
         return dataset_index, dataset_sample_index
+
+
+def blend_counts(dataset_index: np.ndarray, dataset_sample_index: np.ndarray, sources: int) -> np.ndarray:
+    """How many samples a blend draws from each source, read from the end of the order.
+
+    Why: a blend numbers each source's samples in order (``dataset_sample_index``), so a source's
+    count is its last sample's number + 1, and every source of weight w appears within the last
+    ~1/w samples (megatron-core's greedy blend and ours alike). Reading blocks from the end until every source is found
+    (or the start is reached: a source never drawn has 0) costs a few blocks, where counting the
+    whole order costs ~25 s and an 8 GB temporary at 10^9 samples.
+    """
+    counts = np.zeros(sources, dtype=np.int64)
+    found = np.zeros(sources, dtype=bool)
+    end, block = len(dataset_index), 1 << 16
+    while end > 0 and not found.all():
+        begin = max(0, end - block)
+        ids = np.asarray(dataset_index[begin:end])[::-1]
+        present, first = np.unique(ids, return_index=True)  # first in reverse = last in order
+        for source, at in zip(present.tolist(), first.tolist()):
+            if not found[source]:
+                found[source] = True
+                counts[source] = int(dataset_sample_index[end - 1 - at]) + 1
+        end, block = begin, block * 2
+    return counts

@@ -306,15 +306,7 @@ def verify_shard(
     if info.key is None:
         raise ValueError("verify_shard needs the ShardInfo of check_shard (it carries the shard key)")
     scan = _needs_scan(info, vocab_size)
-    record = None
-    for candidate in (
-        trusted,
-        _VERIFIED.get(_key_text(info.key)),
-        _read_record(record_dir, info) if record_dir else None,
-    ):
-        if _usable(candidate, info) and not (scan and candidate["max_token"] is None):
-            record = candidate
-            break
+    record = _known_record(info, vocab_size, record_dir, trusted)
     if record is None:
         old = _VERIFIED.get(_key_text(info.key)) or (_read_record(record_dir, info) if record_dir else None)
         if old is None:
@@ -337,6 +329,27 @@ def verify_shard(
             f"the shard was made with another tokenizer"
         )
     return record
+
+
+def _known_record(
+    info: ShardInfo, vocab_size: int | None, record_dir: str | None, trusted: dict | None = None
+) -> dict | None:
+    """The record of this exact shard version that makes a full check unnecessary, if one exists
+    (``trusted``, this process's earlier check, or ``record_dir``'s)."""
+    scan = _needs_scan(info, vocab_size)
+    for candidate in (
+        trusted,
+        _VERIFIED.get(_key_text(info.key)),
+        _read_record(record_dir, info) if record_dir else None,
+    ):
+        if _usable(candidate, info) and not (scan and candidate["max_token"] is None):
+            return candidate
+    return None
+
+
+def needs_full_check(info: ShardInfo, vocab_size: int | None, record_dir: str | None) -> bool:
+    """Whether :func:`verify_shard` would read this shard (no current record of it)."""
+    return _known_record(info, vocab_size, record_dir) is None
 
 
 def _full_structure_check(info: ShardInfo) -> None:
