@@ -2,13 +2,15 @@
 """The Python half of the trainer steps of ``benchmarks/run_gpu.sh`` (issue 18): read what a real
 ``train.py`` run left behind, compare runs, compare the exported HF model's logits with the framework's,
 and print the verdict table. Every subcommand writes one JSON file (into the results archive) and
-prints a line or a table; none of them trains.
+prints a line or a table; none of them trains. ``varlen-data`` writes the inputs of the packed-document
+run instead: a small BPE tokenizer and one shard of documents with web-like lengths.
 
     python benchmarks/gpu_checks.py train-summary RUN STDOUT OUT.json [--skip 5]
     python benchmarks/gpu_checks.py compare-losses REFERENCE_RUN RESUMED_RUN FROM_ITER OUT.json [--rtol R]
         [--sigterm-exit CODE --checkpoint NAME --resume-exit CODE]
     python benchmarks/gpu_checks.py logits CHECKPOINT HF_DIR OUT.json [--seq 1024]
     python benchmarks/gpu_checks.py verdict RESULTS_DIR
+    python benchmarks/gpu_checks.py varlen-data DIR OUT.json [--tokens N]
 
 Runs are run directories (``save``), or the trainer's ``metrics.jsonl`` itself;
 STDOUT is the captured output of ``deepspeed ... train.py`` (the trainer's log lines).
@@ -154,7 +156,7 @@ def _fmt(value, spec: str = ".4g") -> str:
 def verdict(results: Path) -> list[str]:
     """One row per trainer step of run_gpu.sh, from the JSON files it left (missing = did not run)."""
     rows = [f"{'step':24}{'result':8}detail"]
-    for name in ("train_recompute", "train_no_recompute"):
+    for name in ("train_recompute", "train_no_recompute", "train_varlen"):
         r = _load(results / f"{name}.json")
         detail = "did not run or failed" if r is None else (
             f"mb {r.get('micro_batch', '?')}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, "
@@ -180,6 +182,10 @@ def verdict(results: Path) -> list[str]:
         "trainer_bench": lambda r: (
             f"framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s vs transformers "
             f"{_fmt(r.get('hf', {}).get('tokens_per_s'), '.0f')}: {_fmt(r.get('speedup_vs_hf'), '.3f')}x"
+        ),
+        "trainer_eager_layernorm": lambda r: (
+            f"LayerNorm on F.layer_norm: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
+            f"(compare trainer_bench's framework figure)"
         ),
     }
     for name, describe in checks.items():
@@ -234,6 +240,45 @@ def _write(path: Path, value: dict) -> None:
     print(json.dumps({k: v for k, v in value.items() if k != "pairs"}))
 
 
+def varlen_data(out: Path, tokens: int, seed: int = 0) -> dict:
+    """``out/tokenizer.json`` (a 1,000-token BPE trained here) and the shard ``out/docs``: ``tokens``
+    random ids in documents of log-normal length (mean ~700 tokens, sigma 1: web text such as
+    RefinedWeb), each ending with the tokenizer's end-of-document token. With ``reset_attention_mask``
+    the loader turns them into per-document attention (``cu_seqlens``): what the published configs
+    train on, where ``--synthetic-data`` has one document per row."""
+    import random
+
+    import numpy as np
+
+    from megatron_stablelm.data import build_tokenizer
+    from megatron_stablelm.data.indexed import ShardWriter
+    from megatron_stablelm.data.tokenizer_training import train_bpe_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    words = random.Random(seed)
+    texts = [" ".join(f"w{words.randrange(3000)}" for _ in range(200)) for _ in range(300)]
+    files = train_bpe_tokenizer(texts, out, vocab_size=1000, min_frequency=1)
+    tok = build_tokenizer(tokenizer_type="HFTokenizer", vocab_file=files["json"])
+    rng = np.random.default_rng(seed)
+    writer = ShardWriter(str(out / "docs"), tok.vocab_size)
+    written = documents = 0
+    while written < tokens:
+        n = int(np.clip(rng.lognormal(np.log(700) - 0.5, 1.0), 2, 200_000))
+        doc = rng.integers(0, tok.vocab_size, size=n)
+        doc[doc == tok.eod] = (tok.eod + 1) % tok.vocab_size
+        doc[-1] = tok.eod
+        writer.add_document(doc)
+        written, documents = written + n, documents + 1
+    writer.finalize()
+    return {
+        "tokenizer": files["json"],
+        "prefix": str(out / "docs"),
+        "tokens": written,
+        "documents": documents,
+        "mean_document_tokens": written / documents,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     lg.add_argument("--device", default="cuda")
     v = sub.add_parser("verdict")
     v.add_argument("results", type=Path)
+    vd = sub.add_parser("varlen-data")
+    vd.add_argument("dir", type=Path), vd.add_argument("out", type=Path)
+    vd.add_argument("--tokens", type=int, default=4_000_000)
     args = p.parse_args(argv)
     if args.command == "train-summary":
         _write(args.out, {**train_summary(args.run, args.stdout, args.skip), "micro_batch": args.micro_batch})
@@ -267,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, _loss_check(args))
     elif args.command == "logits":
         _write(args.out, logits_comparison(args.checkpoint, args.hf_dir, args.seq, args.device))
+    elif args.command == "varlen-data":
+        _write(args.out, varlen_data(args.dir, args.tokens))
     else:
         print("\n".join(verdict(args.results)))
     return 0

@@ -2,8 +2,8 @@
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
 #   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
-# docs kernels, then the trainer steps (issue 18): trainer_bench train train_norecompute resume rerun export
-# verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
+# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm train train_norecompute
+# train_varlen resume rerun export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
 # synthetic data); the Python half of their checks is benchmarks/gpu_checks.py. `resume` compares with
 # `train`'s losses, so run `train` first (the default order does). Each step has its own time limit, so one slow or failing step leaves the others' results.
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the SDPA
@@ -113,6 +113,11 @@ if want trainer_profile; then
     pack
 fi
 want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --vs-hf
+# 8c. issue 18 part 4: the whole trainer step with LayerNorm (all its variants) on F.layer_norm and
+#     every other kernel unchanged: compare its tokens/s with trainer_bench's framework line; the faster
+#     path is the one to keep (the microbenchmark and the trace disagreed, see RESULTS.md)
+want layernorm && MEGATRON_STABLELM_KERNELS=reference:layernorm bench trainer_eager_layernorm 200 \
+    --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}"
 # 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
 # $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.
@@ -122,8 +127,9 @@ STOP_AT=${STOP_AT:-15}
 TRAIN_OVR=(train_iters="$TRAIN_ITERS" lr_decay_iters="$TRAIN_ITERS" log_interval=1 steps_per_print=0 eval_interval=0
     vocab_file=null checkpoint_factor=1000000 keep_last_n_checkpoints=1)
 if command -v deepspeed > /dev/null; then DS=(deepspeed); else DS=("$PY" -m deepspeed.launcher.runner); fi
+DATA=(--synthetic-data) # the train_varlen step reads real shards instead
 train_cmd() {  # train_cmd RUN_DIR [KEY=VALUE ...]: CMD = the deepspeed command line of one training run
-    CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" --synthetic-data --override "${TRAIN_OVR[@]}" save="$1" "${@:2}")
+    CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" "${DATA[@]}" --override "${TRAIN_OVR[@]}" save="$1" "${@:2}")
 }
 run_until_last_iter() {  # run_until_last_iter LIMIT_S LOG: CMD in its own session; once the last
     # iteration is logged the measurement is complete: stop it there (the end-of-training save of a 1.6B
@@ -185,6 +191,20 @@ if want train_norecompute; then  # checkpoint_activations false at the largest m
         grep -qE "out of memory|OutOfMemoryError" "$RES/train_no_recompute.log" || break # only OOM tries smaller
     done
     summarize train_no_recompute "$mb"
+fi
+if want train_varlen; then # issue 18 part 4: packed documents through the real data loader
+    # (reset_attention_mask, as the published configs set it: varlen attention over cu_seqlens), no
+    # recompute, micro-batch 4 x accumulation 2: tokens/s against train_no_recompute's one-document rows
+    echo "=== train (no recompute, packed documents from the data loader)"
+    VARLEN=$RUNS/varlen_data
+    rm -rf "$VARLEN"
+    $PY benchmarks/gpu_checks.py varlen-data "$VARLEN" "$RES/varlen_data.json" --tokens 4000000
+    DATA=()
+    train_run train_varlen 400 checkpoint_activations=false train_micro_batch_size_per_gpu=4 \
+        tokenizer_type=HFTokenizer vocab_file="$VARLEN/tokenizer.json" train_data_paths="[$VARLEN/docs]" \
+        train_data_weights="[1.0]" reset_attention_mask=true eod_mask_loss=true data_cache_dir="$VARLEN/cache"
+    DATA=(--synthetic-data)
+    summarize train_varlen 4
 fi
 descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c" && descendants "$c"; done; }
 worker_pid() {  # the train.py rank under a deepspeed launcher (its command line has --local_rank)

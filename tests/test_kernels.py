@@ -160,6 +160,20 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
         _dispatch.use_triton(x)
 
 
+def test_one_kernel_forced_to_the_reference(monkeypatch):
+    """``reference:layernorm`` (the whole-step A/B of one kernel) forces only the named kernels; a
+    name that is no kernel is one clear error."""
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference:layernorm, swiglu")
+    assert [_dispatch._mode(k) for k in _dispatch.KERNELS] == ["reference", "reference", "auto", "auto"]
+    assert _dispatch._mode(None) == "auto"
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference:layernrom")
+    with pytest.raises(ValueError, match="unknown kernel layernrom; name some of layernorm, swiglu"):
+        _dispatch.use_triton(torch.randn(2), "layernorm")
+    monkeypatch.setenv(_dispatch.ENV_VAR, "reference:")
+    with pytest.raises(ValueError, match=r"\(none named\)"):
+        _dispatch.use_triton(torch.randn(2), "swiglu")
+
+
 # ------------------------------------------------------------------------------------ cross-entropy
 
 

@@ -124,3 +124,26 @@ def test_gpu_checks_on_a_cpu_run(tmp_path):
     (tmp_path / "res" / "train_recompute.json").write_text(json.dumps({**summary, "micro_batch": 2}))
     table = "\n".join(gpu_checks.verdict(tmp_path / "res"))
     assert "train_recompute" in table and "did not run or failed" in table and "FAIL" in table
+
+
+def test_varlen_data_for_the_packed_document_run(tmp_path):
+    """``gpu_checks.py varlen-data`` (the inputs of run_gpu.sh's train_varlen step): a tokenizer and
+    a shard whose documents all end with its end-of-document token, at web-like lengths."""
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_stablelm.data import build_tokenizer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_checks
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    facts = gpu_checks.varlen_data(tmp_path / "vl", 30_000)
+    tok = build_tokenizer(tokenizer_type="HFTokenizer", vocab_file=facts["tokenizer"])
+    shard = IndexedDataset(facts["prefix"])
+    assert len(shard) == facts["documents"] > 10 and shard.sequence_lengths.sum() == facts["tokens"] >= 30_000
+    docs = [shard[i] for i in range(len(shard))]
+    assert all(d[-1] == tok.eod and (d[:-1] != tok.eod).all() and d.max() < tok.vocab_size for d in docs)
+    assert 200 < facts["mean_document_tokens"] < 3_000

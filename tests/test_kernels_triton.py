@@ -187,7 +187,7 @@ def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol,
         return lambda *a: calls.append(name) or fn(*a)
 
     fake = type("Ops", (), {n: staticmethod(traced(n)) for n in ("row_logsumexp", "cross_entropy_grad")})
-    monkeypatch.setattr(_dispatch, "use_triton", lambda x: True)
+    monkeypatch.setattr(_dispatch, "use_triton", lambda x, kernel=None: True)
     monkeypatch.setattr(_dispatch, "triton_ops", lambda: fake)
     monkeypatch.setattr(ops, "_CE_BLOCK", 128)
     torch.manual_seed(5)

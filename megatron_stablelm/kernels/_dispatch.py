@@ -3,8 +3,9 @@
 The rule is deliberately simple so a run's numerics are predictable: the Triton kernels run for CUDA
 tensors when Triton is importable, the PyTorch reference everywhere else (CPU, or a GPU box without
 Triton). ``MEGATRON_STABLELM_KERNELS=reference`` forces the reference path on GPU too (for A/B
-benchmarks and for bisecting a numerical problem); ``=triton`` makes a missing Triton an error
-instead of a silent fallback.
+benchmarks and for bisecting a numerical problem), ``=reference:layernorm`` (or any of
+:data:`KERNELS`, comma-separated) only for the named kernels; ``=triton`` makes a missing Triton an
+error instead of a silent fallback.
 """
 
 from __future__ import annotations
@@ -28,16 +29,32 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _mode() -> str:
+# The kernels ``reference:NAME[,NAME]`` can name (each covers its variants).
+KERNELS = ("layernorm", "swiglu", "rotary", "cross_entropy")
+
+
+def _mode(kernel: str | None = None) -> str:
+    """``auto``, ``reference`` or ``triton`` for ``kernel``: ``reference:layernorm,swiglu`` forces the
+    named kernels to the reference and leaves the others on ``auto`` (an A/B of one kernel in the
+    whole step)."""
     mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if mode.startswith("reference:"):
+        names = {n.strip() for n in mode.split(":", 1)[1].split(",") if n.strip()}
+        unknown = sorted(names - set(KERNELS))
+        if unknown or not names:
+            raise ValueError(
+                f"{ENV_VAR}={mode!r}: unknown kernel {', '.join(unknown) or '(none named)'}; "
+                f"name some of {', '.join(KERNELS)}"
+            )
+        return "reference" if kernel in names else "auto"
     if mode not in ("auto", "reference", "triton"):
-        raise ValueError(f"{ENV_VAR}={mode!r}: expected auto, reference or triton")
+        raise ValueError(f"{ENV_VAR}={mode!r}: expected auto, reference, reference:KERNEL[,...] or triton")
     return mode
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """True when the fused Triton kernel should handle ``x``."""
-    mode = _mode()
+def use_triton(x: torch.Tensor, kernel: str | None = None) -> bool:
+    """True when the fused Triton kernel should handle ``x`` (``kernel``: one of :data:`KERNELS`)."""
+    mode = _mode(kernel)
     if mode == "reference" or not x.is_cuda:
         return False
     if not triton_available():

@@ -79,7 +79,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         rank, _ = _group_info(group)
         local, owned = _target_local(target, rank * width, width)
         acc = _acc_dtype(logits.dtype)
-        fused = _dispatch.use_triton(logits) and acc == torch.float32
+        fused = _dispatch.use_triton(logits, "cross_entropy") and acc == torch.float32
         # Per-rank log-sum-exp (one Triton pass, or torch's fused kernel chunk by chunk); combined
         # across ranks as (max = local lse, sum of exponentials = 1), which _finish_lse rescales to the
         # global max.

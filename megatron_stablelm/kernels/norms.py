@@ -35,7 +35,7 @@ def add_layer_norm_reference(
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim; ``bias`` may be None (Stable LM 2 12B has none)."""
-    if _dispatch.use_triton(x):
+    if _dispatch.use_triton(x, "layernorm"):
         return _dispatch.triton_ops().layer_norm(x, weight, bias, eps)
     return layer_norm_reference(x, weight, bias, eps)
 
@@ -45,7 +45,7 @@ def add_layer_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(layer_norm(x + residual), x + residual)``: the sequential-residual block's add and the next
     norm in one pass over memory on CUDA."""
-    if _dispatch.use_triton(x):
+    if _dispatch.use_triton(x, "layernorm"):
         return _dispatch.triton_ops().add_layer_norm(x, residual, weight, bias, eps)
     return add_layer_norm_reference(x, residual, weight, bias, eps)
 
@@ -55,6 +55,6 @@ def per_head_layer_norm(
 ) -> torch.Tensor:
     """Normalise each head's vector of ``x`` (``[..., heads, head_dim]``) with that head's own affine
     parameters (``weight``/``bias`` of shape ``[heads, head_dim]``)."""
-    if _dispatch.use_triton(x):
+    if _dispatch.use_triton(x, "layernorm"):
         return _dispatch.triton_ops().per_head_layer_norm(x, weight, bias, eps)
     return per_head_layer_norm_reference(x, weight, bias, eps)

@@ -43,7 +43,7 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary on one tensor ``[..., heads, head_dim]`` with ``cos``/``sin`` ``[..., rotary_dim]``."""
-    if _dispatch.use_triton(x):
+    if _dispatch.use_triton(x, "rotary"):
         return _dispatch.triton_ops().apply_rotary(x, cos, sin)
     return apply_rotary_reference(x, cos, sin)
 
@@ -53,6 +53,6 @@ def apply_rotary_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary on queries and keys together (GQA: ``k`` may have fewer heads): one kernel on CUDA,
     so the cos/sin tables are read once per token instead of once per tensor."""
-    if _dispatch.use_triton(q):
+    if _dispatch.use_triton(q, "rotary"):
         return _dispatch.triton_ops().apply_rotary_qk(q, k, cos, sin)
     return apply_rotary_reference(q, cos, sin), apply_rotary_reference(k, cos, sin)

@@ -20,6 +20,6 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     """``silu(x[..., :F]) * x[..., F:]`` for ``x`` of last dim ``2F``."""
-    if _dispatch.use_triton(x):
+    if _dispatch.use_triton(x, "swiglu"):
         return _dispatch.triton_ops().swiglu(x)
     return swiglu_reference(x)
