@@ -167,3 +167,20 @@ def test_blend_is_the_due_time_order_built_in_windows(monkeypatch):
         for d, w in enumerate(weights):
             worst = np.abs(np.cumsum(ids == d) - w * n).max()
             assert worst <= 0.5 + w * k / 2 + 1e-9
+
+
+def _dies(*args) -> None:
+    """A worker killed from outside: the process ends at once, no exception, no result."""
+    import os
+
+    os._exit(9)
+
+
+def test_a_killed_worker_is_one_clear_error(small_pieces, monkeypatch):
+    """A worker that dies mid-build (the kernel's OOM killer) stops the build with a DataError that
+    says what happened and what to do, not a pool traceback."""
+    from megatron_stablelm.data.errors import DataError
+
+    monkeypatch.setattr(sample_order, "_count", _dies)
+    with pytest.raises(DataError, match="worker process building the data indexes died"):
+        build_indices(DocumentRange(0, 400), np.full(400, 5, dtype=np.int32), 16, 2, 1, workers=2)

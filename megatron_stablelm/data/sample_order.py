@@ -44,9 +44,12 @@ import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
+
+from megatron_stablelm.data.errors import DataError
 
 __all__ = [
     "CHUNK",
@@ -248,7 +251,13 @@ class _Runner:
     def map(self, fn: Callable, calls: list[tuple]) -> list:
         if self.pool is None or len(calls) <= 1:
             return [fn(*args) for args in calls]
-        return list(self.pool.map(fn, *zip(*calls)))
+        try:
+            return list(self.pool.map(fn, *zip(*calls)))
+        except BrokenProcessPool:
+            raise DataError(
+                f"a worker process building the data indexes died (killed: out of memory?) while "
+                f"{self.workers} ran side by side; give fewer (tools/prepare_data_cache.py --workers N)"
+            ) from None
 
 
 def _permute(runner: _Runner, block: _Block, first_token: int = 0) -> None:
