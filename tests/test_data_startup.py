@@ -53,6 +53,16 @@ def _no_full_check(monkeypatch) -> None:
     monkeypatch.setattr(indexed_mod, "_full_structure_check", fail)
 
 
+def _no_index_build(monkeypatch, why: str) -> None:
+    """Building a source's indexes or a blend fails the test (``why``): they must come from the cache."""
+
+    def fail(*args, **kw):
+        raise AssertionError(why)
+
+    monkeypatch.setattr(index_cache, "build_indices", fail)
+    monkeypatch.setattr(index_cache, "build_blend", fail)
+
+
 def test_record_written_once_and_reused(shards, tmp_path, monkeypatch):
     prefix = shards[0]
     _new_process()
@@ -120,8 +130,6 @@ def test_half_written_or_changing_shard_is_refused(shards, tmp_path, monkeypatch
 
 
 def test_second_start_reads_records_and_blend_cache(shards, tok, tmp_path, monkeypatch):
-    from megatron.core.datasets import helpers
-
     cfg = data_config(
         train_data_paths=list(shards[:2]), train_data_weights=[0.3, 0.7], data_cache_dir=str(tmp_path)
     )
@@ -132,20 +140,13 @@ def test_second_start_reads_records_and_blend_cache(shards, tok, tmp_path, monke
     assert len(list(tmp_path.glob("*-CheckedBlendedDataset-train-dataset_index.npy"))) == 1
     _new_process()
     _no_full_check(monkeypatch)
-
-    def fail(*args, **kw):
-        raise AssertionError("an index was recomputed although its cache exists")
-
-    monkeypatch.setattr(helpers, "build_blending_indices", fail)
-    monkeypatch.setattr(index_cache, "build_indices", fail)
+    _no_index_build(monkeypatch, "an index was recomputed although its cache exists")
     second = build_datasets(cfg, tok).train
     assert isinstance(second.dataset_index, np.memmap)
     assert [second[i]["tokens"].tolist() for i in range(0, len(second), 7)] == order
 
 
 def test_prepare_tool_builds_what_a_start_reuses(shards, tok, tmp_path, monkeypatch, capsys):
-    from megatron.core.datasets import helpers
-
     spec = importlib.util.spec_from_file_location(
         "prepare_data_cache", REPO / "tools" / "prepare_data_cache.py"
     )
@@ -166,12 +167,7 @@ def test_prepare_tool_builds_what_a_start_reuses(shards, tok, tmp_path, monkeypa
     assert "train source 1" in capsys.readouterr().out
     _new_process()
     _no_full_check(monkeypatch)
-
-    def fail(*args, **kw):
-        raise AssertionError("the job rebuilt a cache that the tool prepared")
-
-    monkeypatch.setattr(helpers, "build_blending_indices", fail)
-    monkeypatch.setattr(index_cache, "build_indices", fail)
+    _no_index_build(monkeypatch, "the job rebuilt a cache that the tool prepared")
     datasets = build_datasets(load_config([str(path)], training=True), tok)
     assert datasets.train is not None and datasets.valid is not None
     monkeypatch.undo()
@@ -184,8 +180,6 @@ def test_prepare_tool_builds_what_a_start_reuses(shards, tok, tmp_path, monkeypa
 def _two_rank_start(rank: int, world: int, prefixes: list[str], bad: str, cache: str, out: str) -> None:
     """Each rank of a 2-rank gloo group starts as ``train.py`` does. Rank 1 must not read a ``.bin``,
     check pointers or compute a blend: rank 0 does, and rank 1 trusts what it sends or publishes."""
-    from megatron.core.datasets import helpers
-
     from megatron_stablelm import parallel
 
     parallel.initialize(1, backend="gloo")
@@ -197,7 +191,7 @@ def _two_rank_start(rank: int, world: int, prefixes: list[str], bad: str, cache:
 
         indexed_mod._max_token = fail
         indexed_mod._full_structure_check = fail
-        helpers.build_blending_indices = fail
+        index_cache.build_blend = fail
     cfg = data_config(train_data_paths=[*prefixes, bad], data_cache_dir=cache, eval_iters=0)
     try:
         build_datasets(cfg, tok)

@@ -234,8 +234,9 @@ def plan_splits(
     else:
         raise DataError("no training data: set 'train_data_paths' (and weights) or 'data_path'")
     if scan_tokens:  # before anything is built: a bad shard stops every rank here, naming its file
-        checks = list(shards.values())
-        verify_shards(checks, vocab_size, index_cache_dir(cfg, plans), workers=available_cores())
+        verify_shards(
+            list(shards.values()), vocab_size, index_cache_dir(cfg, plans), workers=available_cores()
+        )
     for plan in plans:
         if plan is None:
             continue

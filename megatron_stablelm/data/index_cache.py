@@ -88,6 +88,17 @@ SAMPLE_ORDER = "epoch-blocked-v2"
 BLEND_ORDER = "due-time-v1"
 
 
+def build_workers() -> int:
+    """Processes that build a missing index or blend: ``CheckedGPTDataset.build_workers``, or every
+    core this process may run on."""
+    return CheckedGPTDataset.build_workers or available_cores()
+
+
+def _description_hash(description: str) -> str:
+    """megatron-core's cache key of a dataset description (the file-name prefix of its cache)."""
+    return hashlib.md5(description.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
 class CacheFileError(Exception):
     """Why one cache file is unusable, as ``'PATH' reason`` (the dataset turns it into a rebuild or a
     ``DataError``)."""
@@ -196,9 +207,7 @@ class CheckedGPTDataset(GPTDataset):
         self.unique_description = json.dumps(
             self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers
         )
-        self.unique_description_hash = hashlib.md5(
-            self.unique_description.encode("utf-8"), usedforsecurity=False
-        ).hexdigest()
+        self.unique_description_hash = _description_hash(self.unique_description)
 
     def _build_indices_epoch_ordered(self, staged: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The three arrays in epoch order (see the module docstring), written as memory maps at
@@ -221,7 +230,7 @@ class CheckedGPTDataset(GPTDataset):
             self.config.random_seed,
             drop_last_partial_sequence=drop_last,
             add_extra_token=self.config.add_extra_token_to_sequence,
-            workers=self.build_workers or available_cores(),
+            workers=build_workers(),
             paths=staged,
         )
 
@@ -333,7 +342,7 @@ class CheckedBlendedDataset(BlendedDataset):
         self._describe_blend_order()
         cache_dir = self.config.path_to_cache
         if not cache_dir:
-            return self._compute_blend(None, CheckedGPTDataset.build_workers or available_cores())
+            return self._compute_blend(None, build_workers())
         base = f"{self.unique_description_hash}-{type(self).__name__}-{self.split.name}"
         paths, cached = read_cache(
             cache_dir, base, BLEND_SUFFIXES, self.unique_description, self._check_shapes
@@ -342,7 +351,7 @@ class CheckedBlendedDataset(BlendedDataset):
             return cached
         if dist.is_initialized() and dist.get_rank() != 0:
             return self._compute_blend(None, 1)  # rank 0 could not publish: the same arrays, here
-        workers = CheckedGPTDataset.build_workers or available_cores()
+        workers = build_workers()
         return publish_cache(
             cache_dir, paths, lambda staged: self._compute_blend(staged, workers), self.unique_description
         )
@@ -350,14 +359,12 @@ class CheckedBlendedDataset(BlendedDataset):
     def _describe_blend_order(self) -> None:
         """Add :data:`BLEND_ORDER` to megatron-core's identifiers (set by its constructor just before
         it asks for the indexes): the cache names and description differ from its greedy blend's."""
-        if self.unique_description and '"blend_order"' in self.unique_description:
-            return
         identifiers = json.loads(self.unique_description)
+        if identifiers.get("blend_order") == BLEND_ORDER:
+            return
         identifiers["blend_order"] = BLEND_ORDER
         self.unique_description = json.dumps(identifiers, indent=4)
-        self.unique_description_hash = hashlib.md5(
-            self.unique_description.encode("utf-8"), usedforsecurity=False
-        ).hexdigest()
+        self.unique_description_hash = _description_hash(self.unique_description)
 
     def _check_shapes(self, shapes: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
         """One dataset id (int16) and one sample id (int64) per sample of the blend."""
@@ -390,9 +397,9 @@ def blend_counts(dataset_index: np.ndarray, dataset_sample_index: np.ndarray, so
 
     Why: a blend numbers each source's samples in order (``dataset_sample_index``), so a source's
     count is its last sample's number + 1, and every source of weight w appears within the last
-    ~1/w samples (megatron-core's greedy blend and ours alike). Reading blocks from the end until every source is found
-    (or the start is reached: a source never drawn has 0) costs a few blocks, where counting the
-    whole order costs ~25 s and an 8 GB temporary at 10^9 samples.
+    ~1/w samples (megatron-core's greedy blend and ours alike). Reading blocks from the end until
+    every source is found (or the start is reached: a source never drawn has 0) costs a few blocks,
+    where counting the whole order costs ~25 s and an 8 GB temporary at 10^9 samples.
     """
     counts = np.zeros(sources, dtype=np.int64)
     found = np.zeros(sources, dtype=bool)
