@@ -156,7 +156,9 @@ def _fmt(value, spec: str = ".4g") -> str:
 def verdict(results: Path) -> list[str]:
     """One row per trainer step of run_gpu.sh, from the JSON files it left (missing = did not run)."""
     rows = [f"{'step':24}{'result':8}detail"]
-    for name in ("train_recompute", "train_no_recompute", "train_varlen"):
+    trains = ["train_recompute", "train_no_recompute", "train_varlen"]
+    trains += sorted(p.stem for p in results.glob("train_recompute_mb*.json"))
+    for name in trains:
         r = _load(results / f"{name}.json")
         detail = "did not run or failed" if r is None else (
             f"mb {r.get('micro_batch', '?')}: {_fmt(r['tokens_per_s'], '.0f')} tok/s, "
@@ -182,6 +184,10 @@ def verdict(results: Path) -> list[str]:
         "trainer_bench": lambda r: (
             f"framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s vs transformers "
             f"{_fmt(r.get('hf', {}).get('tokens_per_s'), '.0f')}: {_fmt(r.get('speedup_vs_hf'), '.3f')}x"
+        ),
+        "trainer_sdpa_flash": lambda r: (
+            f"SDPA flash backend: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
+            f"(compare trainer_bench's framework figure, cuDNN by default)"
         ),
         "trainer_eager_layernorm": lambda r: (
             f"LayerNorm on F.layer_norm: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "

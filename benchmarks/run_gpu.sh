@@ -2,8 +2,8 @@
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
 #   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
-# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm train train_norecompute
-# train_varlen resume rerun export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
+# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm sdpa_flash train
+# train_recompute_large train_norecompute train_varlen resume rerun export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
 # synthetic data); the Python half of their checks is benchmarks/gpu_checks.py. `resume` compares with
 # `train`'s losses, so run `train` first (the default order does). Each step has its own time limit, so one slow or failing step leaves the others' results.
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the SDPA
@@ -118,18 +118,22 @@ want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --
 #     path is the one to keep (the microbenchmark and the trace disagreed, see RESULTS.md)
 want layernorm && MEGATRON_STABLELM_KERNELS=reference:layernorm bench trainer_eager_layernorm 200 \
     --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}"
+# 8d. issue 18 part 4: SDPA restricted to its own flash backend in trainer mode (the default picks cuDNN)
+want sdpa_flash && bench trainer_sdpa_flash 200 --mode trainer --recompute none \
+    --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --sdpa-backend flash
 # 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
 # $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.
 RUNS=${RUNS:-/tmp/gpu_runs}
 TRAIN_ITERS=${TRAIN_ITERS:-30}
 STOP_AT=${STOP_AT:-15}
-TRAIN_OVR=(train_iters="$TRAIN_ITERS" lr_decay_iters="$TRAIN_ITERS" log_interval=1 steps_per_print=0 eval_interval=0
+TRAIN_OVR=(log_interval=1 steps_per_print=0 eval_interval=0
     vocab_file=null checkpoint_factor=1000000 keep_last_n_checkpoints=1)
 if command -v deepspeed > /dev/null; then DS=(deepspeed); else DS=("$PY" -m deepspeed.launcher.runner); fi
 DATA=(--synthetic-data) # the train_varlen step reads real shards instead
 train_cmd() {  # train_cmd RUN_DIR [KEY=VALUE ...]: CMD = the deepspeed command line of one training run
-    CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" "${DATA[@]}" --override "${TRAIN_OVR[@]}" save="$1" "${@:2}")
+    CMD=("${DS[@]}" --num_gpus 1 train.py "$CFG" "${DATA[@]}" --override train_iters="$TRAIN_ITERS"
+        lr_decay_iters="$TRAIN_ITERS" "${TRAIN_OVR[@]}" save="$1" "${@:2}")
 }
 run_until_last_iter() {  # run_until_last_iter LIMIT_S LOG: CMD in its own session; once the last
     # iteration is logged the measurement is complete: stop it there (the end-of-training save of a 1.6B
@@ -180,6 +184,14 @@ if want train; then  # the config as published: full recompute, micro-batch 2 x 
     train_run train_recompute 540
     summarize train_recompute 2
 fi
+if want train_recompute_large; then # the published full recompute at larger micro-batches (its memory
+    # allows them): does the hardware rate rise enough for the 40% target? accumulation stays the config's 2
+    for mb in ${RECOMPUTE_MICRO_BATCHES:-8 4}; do
+        echo "=== train (full recompute), micro-batch $mb, ${LARGE_ITERS:-20} iterations"
+        TRAIN_ITERS=${LARGE_ITERS:-20} train_run "train_recompute_mb$mb" 300 train_micro_batch_size_per_gpu="$mb"
+        summarize "train_recompute_mb$mb" "$mb"
+    done
+fi
 if want train_norecompute; then  # checkpoint_activations false at the largest micro-batch that fits
     t0=$SECONDS
     for mb in ${NORECOMPUTE_MICRO_BATCHES:-8 4 2}; do
@@ -189,6 +201,7 @@ if want train_norecompute; then  # checkpoint_activations false at the largest m
         train_run train_no_recompute "$((left < 300 ? left : 300))" checkpoint_activations=false \
             train_micro_batch_size_per_gpu="$mb" && break
         grep -qE "out of memory|OutOfMemoryError" "$RES/train_no_recompute.log" || break # only OOM tries smaller
+        cp "$RES/train_no_recompute.log" "$RES/train_no_recompute_mb$mb.oom.log" # the next try overwrites it
     done
     summarize train_no_recompute "$mb"
 fi
@@ -252,7 +265,7 @@ fi
 if want export; then  # convert_to_hf --dtype bf16, transformers on the GPU, logits vs the framework's
     echo "=== export to HF (bf16), logits against the framework's"
     src=$RUNS/resume
-    [ -f "$src/latest" ] || { FINAL_SAVE=1 train_run export_src 200 train_iters=5 lr_decay_iters=5; src=$RUNS/export_src; }
+    [ -f "$src/latest" ] || { TRAIN_ITERS=5 FINAL_SAVE=1 train_run export_src 200; src=$RUNS/export_src; }
     rm -rf "${RUNS:?}/hf"
     timeout "$(lim 200)" $PY tools/convert_to_hf.py "$src" "$RUNS/hf" --dtype bf16 > "$RES/export.log" 2>&1
     timeout "$(lim 180)" $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" >> "$RES/export.log" 2>&1

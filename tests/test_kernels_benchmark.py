@@ -122,8 +122,12 @@ def test_gpu_checks_on_a_cpu_run(tmp_path):
     assert not gpu_checks.compare_losses(run, tmp_path / "bumped.jsonl", 2, gpu_checks.RESUME_RTOL)["ok"]
     (tmp_path / "res").mkdir()
     (tmp_path / "res" / "train_recompute.json").write_text(json.dumps({**summary, "micro_batch": 2}))
-    table = "\n".join(gpu_checks.verdict(tmp_path / "res"))
+    (tmp_path / "res" / "train_recompute_mb8.json").write_text(json.dumps({**summary, "micro_batch": 8}))
+    rows = gpu_checks.verdict(tmp_path / "res")
+    table = "\n".join(rows)
     assert "train_recompute" in table and "did not run or failed" in table and "FAIL" in table
+    # every micro-batch of the train_recompute_large step gets its own row
+    assert any(r.startswith("train_recompute_mb8") and "ok" in r and "mb 8:" in r for r in rows)
 
 
 def test_varlen_data_for_the_packed_document_run(tmp_path):
