@@ -4,12 +4,14 @@ Clipping is active (grad norms > 1), so a wrong tensor-parallel gradient norm wo
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from megatron_stablelm import parallel
 from tests.train_helpers import REPO, losses, run_ranks, subprocess_env, tiny_dict, train_cmd, write_config
 
 pytestmark = pytest.mark.slow
@@ -67,9 +69,9 @@ def test_tp2_dp2_sequence_parallel_with_activation_checkpointing_equals_single(r
 def test_train_py_under_deepspeed_launcher(tmp_path):
     """``deepspeed train.py`` passes --local_rank and sets RANK/WORLD_SIZE; TP=2 over its 2 processes."""
     cfg = write_config(tmp_path / "tiny.yml", tiny_dict(train_iters=3, model_parallel_size=2))
+    port = _free_port()
     launcher = [
-        sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2",
-        "--master_port", str(_free_port()),
+        sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port", str(port),
     ]  # fmt: skip
     cmd = launcher + train_cmd(cfg, overrides=[f"save={tmp_path / 'ckpt'}"])[1:]
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
@@ -77,6 +79,12 @@ def test_train_py_under_deepspeed_launcher(tmp_path):
     assert done.returncode == 0, out[-4000:]
     assert "world 2 = TP 2 × DP 1" in out and "done at iteration 3" in out
     assert (tmp_path / "ckpt" / "iter_0000003" / "model_tp01.safetensors").is_file()
+    # DeepSpeed's CPU backend all-reduced through a shared-memory segment per rank (it says it built
+    # its shm op); the ranks removed them at exit instead of leaving 69 MB each in /dev/shm
+    assert "shm_comm_op built successfully" in out, out[-4000:]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    left = [p for p in (parallel.deepspeed_shm_buffer(r, env) for r in range(2)) if os.path.exists(p)]
+    assert not left, left
 
 
 def _free_port() -> int:
