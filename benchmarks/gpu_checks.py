@@ -189,6 +189,15 @@ def verdict(results: Path) -> list[str]:
             f"SDPA flash backend: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
             f"(compare trainer_bench's framework figure, cuDNN by default)"
         ),
+        "trainer_docs": lambda r: (
+            f"web documents ({r.get('documents_in_batch')} in the batch, attention work "
+            f"{_fmt(100 * r.get('attention_work_share', 1), '.1f')}%): framework "
+            f"{_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s (compare trainer_bench's one-document figure)"
+        ),
+        "trainer_docs_flex": lambda r: (
+            f"web documents, FlexAttention: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
+            f"(compare trainer_docs, torch varlen_attn)"
+        ),
         "trainer_eager_layernorm": lambda r: (
             f"LayerNorm on F.layer_norm: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
             f"(compare trainer_bench's framework figure)"
@@ -259,6 +268,7 @@ def varlen_data(out: Path, tokens: int, seed: int = 0) -> dict:
     from megatron_stablelm.data import build_tokenizer
     from megatron_stablelm.data.indexed import ShardWriter
     from megatron_stablelm.data.tokenizer_training import train_bpe_tokenizer
+    from megatron_stablelm.training.synthetic import web_document_length
 
     out.mkdir(parents=True, exist_ok=True)
     words = random.Random(seed)
@@ -269,7 +279,7 @@ def varlen_data(out: Path, tokens: int, seed: int = 0) -> dict:
     writer = ShardWriter(str(out / "docs"), tok.vocab_size)
     written = documents = 0
     while written < tokens:
-        n = int(np.clip(rng.lognormal(np.log(700) - 0.5, 1.0), 2, 200_000))
+        n = web_document_length(rng)
         doc = rng.integers(0, tok.vocab_size, size=n)
         doc[doc == tok.eod] = (tok.eod + 1) % tok.vocab_size
         doc[-1] = tok.eod

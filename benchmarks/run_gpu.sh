@@ -2,8 +2,9 @@
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
 #   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
-# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm sdpa_flash train
-# train_recompute_large train_norecompute train_varlen resume rerun export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
+# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm sdpa_flash trainer_docs
+# trainer_docs_flex trainer_docs_profile train train_recompute_large train_norecompute train_varlen resume rerun
+# export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
 # synthetic data); the Python half of their checks is benchmarks/gpu_checks.py. `resume` compares with
 # `train`'s losses, so run `train` first (the default order does). Each step has its own time limit, so one slow or failing step leaves the others' results.
 # Needs torch with CUDA, triton, transformers and megatron-core (flash-attn optional: without it the SDPA
@@ -121,6 +122,21 @@ want layernorm && MEGATRON_STABLELM_KERNELS=reference:layernorm bench trainer_ea
 # 8d. issue 18 part 4: SDPA restricted to its own flash backend in trainer mode (the default picks cuDNN)
 want sdpa_flash && bench trainer_sdpa_flash 200 --mode trainer --recompute none \
     --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --sdpa-backend flash
+# 8e. packed web-like documents in trainer mode (--documents web: log-normal lengths, mean ~700 tokens,
+#     positions and cu_seqlens by the loader's rule, as with reset_attention_mask): the default kernel
+#     (torch varlen_attn) against the FlexAttention block mask, and a profile of the default: where the
+#     attention work the documents save goes (train_varlen gained 1% tokens/s for 68% less of it)
+TRAINER_ARGS=(--mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}")
+want trainer_docs && bench trainer_docs 200 "${TRAINER_ARGS[@]}" --documents web
+want trainer_docs_flex && bench trainer_docs_flex 300 "${TRAINER_ARGS[@]}" --documents web --attention flex
+if want trainer_docs_profile; then
+    echo "=== trainer_docs_profile"
+    timeout "$(lim 200)" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" "${TRAINER_ARGS[@]}" --documents web --steps 2 \
+        --warmup 1 --profile "$RES/trainer_docs_profile" > "$RES/trainer_docs_profile.txt" 2>&1
+    cat "$RES/trainer_docs_profile/phases.txt"
+    grep -E "Self CUDA time total" "$RES/trainer_docs_profile/top_ops.txt"
+    pack
+fi
 # 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
 # $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.

@@ -151,3 +151,36 @@ def test_varlen_data_for_the_packed_document_run(tmp_path):
     docs = [shard[i] for i in range(len(shard))]
     assert all(d[-1] == tok.eod and (d[:-1] != tok.eod).all() and d.max() < tok.vocab_size for d in docs)
     assert 200 < facts["mean_document_tokens"] < 3_000
+
+
+def test_web_document_batch_follows_the_loader_rule():
+    """``benchmark.py --documents web``: rows cut from one stream of web-like documents (consecutive
+    rows overlap by one token, as megatron-core's samples), document boundaries right after every EOD
+    and at every row start (checked by brute force), and the attention work the report states."""
+    import numpy as np
+    import torch
+
+    from megatron_stablelm.config import load_config
+    from megatron_stablelm.training.synthetic import web_document_tokens
+    from tools import benchmark as bench
+
+    rows = web_document_tokens(8, 256, 50, eod=49, seed=1)
+    assert rows.shape == (8, 257) and (rows[:-1, -1] == rows[1:, 0]).all()
+    assert (rows == 49).sum() >= 2  # documents of ~700 tokens: several ends in 2,048 tokens
+    assert web_document_tokens(8, 256, 50, eod=49, seed=1).tolist() == rows.tolist()
+
+    cfg = load_config(ROOT / "configs/tiny/stablelm-2-1_6b.yml")
+    cfg.seq_length = seq = 512  # the benchmark's --seq-length sets the config's
+    batch = bench.make_batch(cfg, 64, 4, seq, torch.device("cpu"), "web", seed=3)
+    tokens = batch["tokens"].numpy()
+    starts = [r * seq + c for r in range(4) for c in range(seq) if c == 0 or tokens[r, c - 1] == 63]
+    assert batch["cu_seqlens"].tolist() == starts + [4 * seq]
+    lengths = np.diff(starts + [4 * seq])
+    assert batch["max_seqlen"] == lengths.max() and len(starts) > 4
+    assert (batch["loss_mask"] == 0).sum() == ((batch["labels"] == 63).sum() if cfg.eod_mask_loss else 0)
+    setup = bench.Setup(cfg, torch.device("cpu"), "fp32", 64, 4, "", None, batch, "model")
+    share = bench._document_stats(setup)
+    assert share["documents_in_batch"] == len(starts)
+    assert share["attention_work_share"] == pytest.approx(
+        (lengths * (lengths + 1) / 2).sum() / (4 * seq * (seq + 1) / 2)
+    )

@@ -91,7 +91,17 @@ def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * size**3 / best / 1e12
 
 
-def make_batch(cfg, vocab: int, micro_batch: int, seq: int, device: torch.device, documents: int, seed: int):
+def make_batch(
+    cfg, vocab: int, micro_batch: int, seq: int, device: torch.device, documents: int | str, seed: int
+):
+    """One micro-batch of random tokens: one document per row, ``documents`` equal-length packed
+    documents per row, or (``"web"``) web-like documents of log-normal length packed across the rows
+    and turned into positions, ``cu_seqlens`` and loss mask by the data loader's own rule."""
+    if documents == "web":
+        return {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in _web_batch(cfg, vocab, micro_batch, seq, seed).items()
+        }
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (micro_batch, seq + 1), generator=gen)
     batch = {
@@ -109,6 +119,42 @@ def make_batch(cfg, vocab: int, micro_batch: int, seq: int, device: torch.device
         batch["max_seqlen"] = length
         batch["position_ids"] = (torch.arange(seq) % length).expand(micro_batch, seq).contiguous()
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _web_batch(cfg, vocab: int, micro_batch: int, seq: int, seed: int) -> dict:
+    from megatron_stablelm.data.loader import document_fields
+    from megatron_stablelm.training.synthetic import web_document_tokens
+
+    eod = vocab - 1  # any id: the batch only needs the documents' ends marked
+    rows = torch.from_numpy(web_document_tokens(micro_batch, seq, vocab, eod, seed))
+    tokens, labels = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    positions, cu, longest = document_fields(
+        tokens.numpy(), eod, reset_position_ids=cfg.reset_position_ids, reset_attention_mask=True
+    )
+    loss_mask = torch.ones(micro_batch, seq)
+    if cfg.eod_mask_loss:
+        loss_mask[labels == eod] = 0.0
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": torch.from_numpy(positions),
+        "cu_seqlens": torch.from_numpy(cu),
+        "max_seqlen": longest,
+    }
+
+
+def _documents_arg(value: str) -> int | str:
+    """``--documents``: a positive count of equal documents per row, or ``web``."""
+    if value == "web":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a positive number of documents per row, or 'web'")
+    return count
 
 
 def time_steps(step: Callable[[], torch.Tensor], device: torch.device, warmup: int, steps: int) -> dict:
@@ -441,6 +487,21 @@ def time_models(setup: Setup, args: argparse.Namespace) -> tuple[dict[str, dict]
     return timed, note
 
 
+def _document_stats(setup: Setup) -> dict:
+    """How many documents the batch holds and the share of full-row causal attention work they leave
+    (the strict MFU counts full rows: with packed documents it is an upper bound, see metrics.py)."""
+    cu = setup.batch.get("cu_seqlens")
+    if cu is None:
+        return {"documents_in_batch": setup.micro_batch, "attention_work_share": 1.0}
+    lengths = torch.diff(cu.cpu()).double()
+    seq = setup.cfg.seq_length
+    full = setup.micro_batch * seq * (seq + 1) / 2
+    return {
+        "documents_in_batch": int(lengths.numel()),
+        "attention_work_share": float((lengths * (lengths + 1) / 2).sum() / full),
+    }
+
+
 def describe(setup: Setup, args: argparse.Namespace) -> dict:
     """What was measured, where and with which kernels."""
     from megatron_stablelm import kernels
@@ -458,6 +519,7 @@ def describe(setup: Setup, args: argparse.Namespace) -> dict:
         "micro_batch": setup.micro_batch,
         "tokens_per_step": setup.tokens_per_step,
         "documents_per_row": args.documents,
+        **_document_stats(setup),
         "attention_backend": setup.attention_backend,
         "elementwise_kernels": "triton"
         if kernels._dispatch.use_triton(torch.empty(0, device=device))
@@ -514,6 +576,11 @@ def print_report(r: dict) -> None:
     print(f"step ({r['mode']:7})   {r['step']}")
     print(f"batch             {r['micro_batch']} x {r['seq_length']} = {r['tokens_per_step']} tokens/step")
     print(f"attention         {r['attention_backend']} (SDPA kernel: {r['sdpa_backend']})")
+    if r["documents_in_batch"] != r["micro_batch"]:
+        print(
+            f"documents         {r['documents_in_batch']} in the batch; attention work "
+            f"{100 * r['attention_work_share']:.1f}% of full causal rows (MFU counts full rows)"
+        )
     print(f"kernels           {r['elementwise_kernels']}; full recompute: {r['full_recompute']}")
     print(
         f"matmul ceiling    {r['matmul_ceiling_tflops']:.2f} TFLOP/s; datasheet peak {_fmt(r['peak_tflops'], '.0f')}"
@@ -566,7 +633,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(SDPA_BACKENDS),
         help="restrict PyTorch SDPA (both models) to one kernel; default: PyTorch's own choice",
     )
-    p.add_argument("--documents", type=int, default=1, help="packed documents per row (document masking)")
+    p.add_argument(
+        "--documents",
+        type=_documents_arg,
+        default=1,
+        help="packed documents per row (document masking), or 'web': web-like documents of log-normal "
+        "length (mean ~700 tokens) through the loader's rule for positions and cu_seqlens",
+    )
     p.add_argument("--recompute", choices=["none", "full"], help="override checkpoint_activations")
     p.add_argument("--vs-hf", action="store_true", help="also run transformers' StableLmForCausalLM")
     p.add_argument("--json", type=Path, help="write the results here as JSON")

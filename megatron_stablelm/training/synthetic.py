@@ -9,10 +9,41 @@ the loss visibly falls.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+# Web text (RefinedWeb and the like): log-normal document lengths in tokens, sigma 1, mean ~700.
+WEB_DOCUMENT_SIGMA = 1.0
+WEB_DOCUMENT_MEAN = 700
+
+
+def web_document_length(rng: np.random.Generator) -> int:
+    """One document length drawn like web text (mean ~700 tokens, at least 2): the packed documents
+    of the GPU checks' real shard and of ``tools/benchmark.py --document-lengths web``."""
+    mu = math.log(WEB_DOCUMENT_MEAN) - WEB_DOCUMENT_SIGMA**2 / 2
+    return int(np.clip(rng.lognormal(mu, WEB_DOCUMENT_SIGMA), 2, 200_000))
+
+
+def web_document_tokens(rows: int, seq_length: int, vocab_size: int, eod: int, seed: int) -> np.ndarray:
+    """``[rows, seq_length + 1]`` random tokens cut from one stream of web-like documents, each ending
+    with ``eod``, consecutive rows overlapping by one token as megatron-core's samples do (so the
+    inputs are ``[:, :-1]`` and the labels ``[:, 1:]``)."""
+    rng = np.random.default_rng(seed)
+    total = rows * seq_length + 1
+    stream = rng.integers(0, vocab_size, size=total)
+    stream[stream == eod] = (eod + 1) % vocab_size
+    end = 0
+    while True:
+        end += web_document_length(rng)
+        if end > total:
+            break
+        stream[end - 1] = eod
+    starts = np.arange(rows) * seq_length
+    return stream[starts[:, None] + np.arange(seq_length + 1)]
 
 
 def sample(index: int, seq_length: int, vocab_size: int, seed: int) -> torch.Tensor:
