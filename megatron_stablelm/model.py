@@ -509,6 +509,14 @@ class StableLMModel(nn.Module):
                 layer.sequence_parallel = self.sequence_parallel
             self.embedding.reduce_scatter_embeddings = self.sequence_parallel
 
+    def run_layers(self, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache: InferenceCache | None = None):
+        """The transformer layers in order (``parallelize.apply_full_recompute`` replaces this on the
+        instance to recompute them in chunks)."""
+        for index, layer in enumerate(self.layers):
+            layer_cache = cache.layers[index] if cache is not None else None
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen, layer_cache)
+        return x
+
     def _forward(self, tokens, position_ids, cu_seqlens, max_seqlen, labels, cache, split: bool):
         b, s = tokens.shape
         if position_ids is None:
@@ -521,9 +529,7 @@ class StableLMModel(nn.Module):
         cos, sin = kernels.rotary_cos_sin(
             position_ids.transpose(0, 1), self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype
         )
-        for index, layer in enumerate(self.layers):
-            layer_cache = cache.layers[index] if cache is not None else None
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, layer_cache)
+        x = self.run_layers(x, cos, sin, cu_seqlens, max_seqlen, cache)
         if cache is not None:
             cache.advance(s)
         x = self.final_norm(x)

@@ -8,8 +8,11 @@ place, from the config (as torchtitan's ``parallelize.py`` does for its models):
   :func:`kernels.attention`) runs;
 * selective recomputation (``recompute_granularity: selective``): the span between the QKV and the
   output projection is recomputed in backward (:func:`kernels.recompute_attention_core`);
-* full activation recomputation (``checkpoint_activations``): every ``checkpoint_num_layers``-th layer
-  keeps only its input and is recomputed whole in backward.
+* full activation recomputation (``checkpoint_activations``): the layers run in chunks of
+  ``checkpoint_num_layers`` consecutive layers; each chunk keeps only its input and is recomputed whole
+  in backward (GPT-NeoX's meaning of the key, and Megatron-LM's "uniform" method). A chunk of 1 keeps
+  the least; a larger chunk keeps fewer inputs but holds a whole chunk's activations while it is
+  recomputed. Only ``model.run_layers`` is replaced on the instance.
 
 Parameter names are untouched: checkpoints and HF conversion key on them, so a layer is wrapped by
 rebinding its ``forward`` on the instance, never by a wrapper module that would add a name level.
@@ -68,23 +71,33 @@ def apply_selective_recompute(model: StableLMModel) -> None:
         layer.attention.core = kernels.recompute_attention_core
 
 
-def apply_full_recompute(model: StableLMModel, every: int) -> None:
-    """Recompute every ``every``-th layer (0, every, 2·every, …) whole in backward while training."""
-    for index, layer in enumerate(model.layers):
-        if index % every == 0:
-            layer.forward = types.MethodType(_recomputed_forward, layer)
+def apply_full_recompute(model: StableLMModel, chunk: int) -> None:
+    """Recompute ``model``'s layers in backward in chunks of ``chunk`` consecutive layers (0..chunk-1,
+    chunk..2·chunk-1, …), each keeping only its input, while training."""
+    model.run_layers = types.MethodType(functools.partial(_recomputed_layers, chunk=chunk), model)
 
 
-def _recomputed_forward(layer: nn.Module, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None):
-    """``layer``'s own forward under full activation recomputation (training with autograd only).
+def _recomputed_layers(model, x, cos, sin, cu_seqlens=None, max_seqlen=None, cache=None, *, chunk: int):
+    """``model.run_layers`` under full activation recomputation (training with autograd only).
     On GPU through megatron-core's checkpoint, which restores its CUDA RNG tracker so dropout is
     reproducible; megatron's needs CUDA, so on CPU through torch's (which restores the CPU RNG
     state)."""
-    plain = functools.partial(type(layer).forward, layer)
-    if cache is not None or not layer.training or not torch.is_grad_enabled():
-        return plain(x, cos, sin, cu_seqlens, max_seqlen, cache)
-    if x.is_cuda:
-        return tensor_parallel.checkpoint(plain, False, x, cos, sin, cu_seqlens, max_seqlen)
-    return torch.utils.checkpoint.checkpoint(
-        plain, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False, preserve_rng_state=True
-    )
+    if cache is not None or not model.training or not torch.is_grad_enabled():
+        return type(model).run_layers(model, x, cos, sin, cu_seqlens, max_seqlen, cache)
+    layers = list(model.layers)
+    for start in range(0, len(layers), chunk):
+        run = functools.partial(_run_chunk, layers[start : start + chunk])
+        if x.is_cuda:
+            x = tensor_parallel.checkpoint(run, False, x, cos, sin, cu_seqlens, max_seqlen)
+        else:
+            x = torch.utils.checkpoint.checkpoint(
+                run, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False, preserve_rng_state=True
+            )
+    return x
+
+
+def _run_chunk(layers: list[nn.Module], x, cos, sin, cu_seqlens, max_seqlen):
+    """One chunk's layers in order (the function a checkpoint runs twice)."""
+    for layer in layers:
+        x = layer(x, cos, sin, cu_seqlens, max_seqlen, None)
+    return x

@@ -282,3 +282,52 @@ def test_parallelize_recomputes_with_the_same_names_and_gradients(granularity, s
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _saved_bytes(model, tokens, labels) -> int:
+    """Bytes autograd keeps for backward after one forward (each storage once, parameters left out)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = model(tokens, labels=labels)
+    losses.mean().backward()
+    return sum(storages.values())
+
+
+def test_checkpoint_num_layers_recomputes_chunks_of_layers(single_rank):
+    """``checkpoint_num_layers: N`` has GPT-NeoX's meaning: the layers are recomputed in chunks of N
+    consecutive layers, each chunk keeping only its input. Every layer runs again in backward whatever
+    N is (gradients those of the plain model), and each chunk fewer keeps one layer input fewer (so
+    Stability's published 24 or 40, one chunk for the whole stack, keeps one input)."""
+    layers, b, s = 4, 2, 32
+    tokens = torch.randint(0, VOCAB, (b, s), generator=torch.Generator().manual_seed(8))
+    labels = torch.roll(tokens, -1, dims=1)
+    plain = build_model(tiny_config("stablelm-2-12b", num_layers=layers), VOCAB, seed=8)
+    randomize(plain, 8)
+    ref_loss, ref_grads = _loss_and_grads(plain, tokens, labels)
+    saved = {}
+    for chunk in (1, 2, 3, layers):
+        cfg = tiny_config(
+            "stablelm-2-12b", num_layers=layers, checkpoint_activations=True, checkpoint_num_layers=chunk
+        )
+        model = StableLMModel(cfg, VOCAB)
+        parallelize(model, cfg)
+        model.load_canonical_state_dict(plain.local_state_dict())
+        calls = []
+        for index, layer in enumerate(model.layers):
+            layer.input_norm.register_forward_hook(lambda *_, i=index, seen=calls: seen.append(i))
+        loss, grads = _loss_and_grads(model, tokens, labels)
+        assert sorted(calls) == sorted(2 * list(range(layers))), chunk  # forward, then again in backward
+        torch.testing.assert_close(loss, ref_loss)
+        for name in ref_grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+        saved[chunk] = _saved_bytes(model, tokens, labels)
+    layer_input = b * s * plain.cfg.hidden_size * 4  # fp32
+    for chunk in (2, 3, layers):
+        assert saved[1] - saved[chunk] == (layers - math.ceil(layers / chunk)) * layer_input, (chunk, saved)
