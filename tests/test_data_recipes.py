@@ -417,3 +417,51 @@ def test_plain_inputs_sharded_then_merged(tmp_path, tok_file):
         assert (tmp_path / f"s_text_document{ext}").read_bytes() == (
             tmp_path / f"one_text_document{ext}"
         ).read_bytes()
+
+
+def test_same_shard_twice_stops_the_second_job(tmp_path, tok_file, capsys):
+    """A job that finds a piece's lock held by a live process (the same ``--shard`` started twice, a
+    requeued task whose first run still lives) stops with one line naming the piece and the holder,
+    and leaves the holder's live temporaries alone; a lock file left by a dead job blocks nothing."""
+    rng = random.Random(4)
+    for i in range(2):
+        write_records(tmp_path / "in" / f"p{i}.jsonl", [{"text": random_text(rng, 9)} for _ in range(5)])
+    common = ["--input", str(tmp_path / "in" / "*.jsonl"), "--output-prefix", str(tmp_path / "s")]
+    assert _cli(*common, "--shard", "0/1", tok=tok_file) == 0
+    markers = sorted(Path(str(tmp_path / "s_text_document") + ".parts").glob("*.done"))
+    assert len(markers) == 2
+    piece = str(markers[0])[: -len(".done")]
+    os.remove(piece + ".done")  # this piece is to be redone
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, piece + ".lock"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        live = Path(f"{piece}.bin.tmp-{holder.pid}")
+        live.write_bytes(b"being written")
+        capsys.readouterr()
+        assert _cli(*common, "--shard", "0/1", tok=tok_file) == 2
+        err = capsys.readouterr().err
+        assert f"piece '{piece}' is being written by another job (pid {holder.pid} on test-host" in err
+        assert "--shard running twice" in err and err.count("\n") == 1
+        assert live.exists() and not Path(piece + ".done").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(*common, "--shard", "0/1", tok=tok_file) == 0  # the dead holder's lock file blocks nothing
+    assert Path(piece + ".done").exists() and not list(Path(piece).parent.glob("*.tmp-*"))
+    assert _cli(*common, "--merge", tok=tok_file) == 0
+    assert not Path(piece).parent.exists()  # lock files go with the pieces
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+f.seek(0)
+f.truncate()
+f.write(f"pid {os.getpid()} on test-host")
+f.flush()
+print("locked", flush=True)
+time.sleep(120)
+"""

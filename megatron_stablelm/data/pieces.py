@@ -22,9 +22,12 @@ an incomplete shard.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +37,7 @@ import numpy as np
 from megatron_stablelm.data.indexed import ShardError, check_shard, write_token_stats
 
 __all__ = [
+    "PieceLock",
     "StreamingShardWriter",
     "merge_pieces",
     "piece_is_done",
@@ -223,9 +227,52 @@ def piece_is_done(prefix: str, expected: Mapping[str, Any]) -> bool:
     return (info.num_tokens, info.num_documents) == (record.get("tokens"), record.get("documents"))
 
 
+class PieceLock:
+    """An exclusive lock on writing one piece (``PREFIX.lock``, ``flock``), held from before its stale
+    temporaries are removed until its marker is written.
+
+    Why: two jobs given the same ``--shard I/N`` (a requeued SLURM task whose first run still lives, a
+    command started twice) would otherwise remove each other's live temporary files and fail midway.
+    The second job now stops at once with an error naming the piece and the holder. A lock file left
+    by a killed job holds no lock (the kernel releases it with the process), so a re-run proceeds.
+    Where the filesystem has no ``flock`` (some Lustre mounts), the lock is skipped, as before."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = prefix + ".lock"
+        self._file = None
+
+    def acquire(self) -> PieceLock:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                f.close()  # no flock on this filesystem: go on unlocked
+                return self
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ShardError(
+                f"piece '{self.path[: -len('.lock')]}' is being written by another job ({holder}; lock "
+                f"'{self.path}'): is the same --shard running twice? Wait for it or stop it, then re-run"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock; the file stays (removing it would race)
+            self._file = None
+
+
 def remove_stale_temporaries(prefix: str) -> None:
-    """Remove what a killed writer of ``prefix`` left (``PREFIX.*.tmp-PID``); only the job that owns
-    the piece calls this, so no live writer's files are touched."""
+    """Remove what a killed writer of ``prefix`` left (``PREFIX.*.tmp-PID``); only the job holding the
+    piece's :class:`PieceLock` calls this, so no live writer's files are touched."""
     directory, base = os.path.split(os.path.abspath(prefix))
     if not os.path.isdir(directory):
         return

@@ -43,6 +43,7 @@ import numpy as np
 
 from megatron_stablelm.data.indexed import TOKENS_SUFFIX, token_dtype
 from megatron_stablelm.data.pieces import (
+    PieceLock,
     StreamingShardWriter,
     merge_pieces,
     piece_is_done,
@@ -675,6 +676,7 @@ def preprocess_targets(
         else None
     )
     writers: dict[str, StreamingShardWriter] = {}
+    locks: list[PieceLock] = []
     try:
 
         def items() -> Iterator[tuple]:
@@ -693,6 +695,8 @@ def preprocess_targets(
             if j != current:
                 current = j
                 for k in keys:
+                    locks.append(PieceLock(t.piece(k, path)).acquire())
+                for k in keys:
                     remove_stale_temporaries(t.piece(k, path))
                 writers = _open_writers({k: t.piece(k, path) for k in keys}, dtype)
             if kind == "error":
@@ -704,6 +708,7 @@ def preprocess_targets(
                     record = {**expected, "tokens": writer.num_tokens, "documents": writer.num_documents}
                     write_marker(writer.prefix + ".done", record)
                 writers = {}
+                _release(locks)
                 stats.pieces_done += 1
                 continue
             result = rest[0]
@@ -716,6 +721,7 @@ def preprocess_targets(
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        _release(locks)
         raise
     finally:
         if pool is not None:
@@ -783,9 +789,15 @@ def merge_targets(
             _remove_parts(final + ".parts", pieces)
 
 
+def _release(locks: list[PieceLock]) -> None:
+    for lock in locks:
+        lock.release()
+    locks.clear()
+
+
 def _remove_parts(directory: str, pieces: Sequence[str]) -> None:
     for piece in pieces:
-        for ext in (".done", TOKENS_SUFFIX, ".idx", ".bin"):
+        for ext in (".done", TOKENS_SUFFIX, ".idx", ".bin", ".lock"):
             if os.path.exists(piece + ext):
                 os.remove(piece + ext)
     if os.path.isdir(directory) and not os.listdir(directory):
