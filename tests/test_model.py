@@ -21,6 +21,7 @@ from megatron_stablelm.model import (
 from megatron_stablelm.parallelize import attention_backend, parallelize
 from tests.dist_helpers import run_distributed
 from tests.model_helpers import TINY_ARCHS, randomize, tiny_config
+from tests.train_helpers import saved_activation_bytes
 
 VOCAB = 256
 
@@ -285,19 +286,7 @@ def test_parallelize_recomputes_with_the_same_names_and_gradients(granularity, s
 
 
 def _saved_bytes(model, tokens, labels) -> int:
-    """Bytes autograd keeps for backward after one forward (each storage once, parameters left out)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        losses = model(tokens, labels=labels)
-    losses.mean().backward()
-    return sum(storages.values())
+    return saved_activation_bytes(model, lambda: model(tokens, labels=labels) / tokens.numel())
 
 
 def test_checkpoint_num_layers_recomputes_chunks_of_layers(single_rank):

@@ -21,6 +21,7 @@ from megatron_stablelm import hf_conversion, parallel
 from megatron_stablelm.config import ConfigError, load_config
 from megatron_stablelm.inspect import activation_bytes
 from megatron_stablelm.model import StableLMModel, build_model
+from tests import train_helpers
 from tests.dist_helpers import run_distributed
 from tests.model_helpers import TINY_DIR, randomize, tiny_config
 from tests.test_generate import hf_greedy
@@ -109,21 +110,8 @@ def _assert_close(got: dict, ref: dict, what: str) -> None:
 
 
 def saved_activation_bytes(model: StableLMModel, batch: dict) -> int:
-    """Bytes of the tensors autograd keeps for backward after one forward (each storage once, the
-    parameters left out): the activation memory of a micro-batch, measured."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _losses(model, batch).sum()
-    loss.backward()
-    return sum(storages.values())
+    """The activation memory of one micro-batch of ``batch``, measured (see ``train_helpers``)."""
+    return train_helpers.saved_activation_bytes(model, lambda: _losses(model, batch))
 
 
 def _worker(rank: int, world: int, out: str) -> None:

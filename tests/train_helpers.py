@@ -242,3 +242,22 @@ def tree_digest(root: Path) -> dict[str, tuple[int, int]]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def saved_activation_bytes(model: torch.nn.Module, forward) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``forward()`` runs (each storage once,
+    the parameters left out), then backward from the sum of what it returns: the activation memory of
+    a micro-batch, measured."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    out.sum().backward()
+    return sum(storages.values())
