@@ -185,6 +185,10 @@ def verdict(results: Path) -> list[str]:
             f"framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s vs transformers "
             f"{_fmt(r.get('hf', {}).get('tokens_per_s'), '.0f')}: {_fmt(r.get('speedup_vs_hf'), '.3f')}x"
         ),
+        "trainer_flashce": lambda r: (
+            f"fused LM head + loss: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s, peak "
+            f"{_fmt(r['framework'].get('peak_mem_gib'), '.1f')} GiB (compare trainer_bench)"
+        ),
         "trainer_sdpa_flash": lambda r: (
             f"SDPA flash backend: framework {_fmt(r['framework']['tokens_per_s'], '.0f')} tok/s "
             f"(compare trainer_bench's framework figure, cuDNN by default)"

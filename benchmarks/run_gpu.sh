@@ -2,7 +2,7 @@
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
 #   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
-# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm sdpa_flash trainer_docs
+# docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm trainer_flashce sdpa_flash trainer_docs
 # trainer_docs_flex trainer_docs_profile train train_recompute_large train_norecompute train_varlen resume rerun
 # export verdict. The trainer steps run `train.py` through the real `deepspeed` launcher (NCCL, bf16, ZeRO-1,
 # synthetic data); the Python half of their checks is benchmarks/gpu_checks.py. `resume` compares with
@@ -119,6 +119,10 @@ want trainer_bench && bench trainer_bench 300 --mode trainer --recompute none --
 #     path is the one to keep (the microbenchmark and the trace disagreed, see RESULTS.md)
 want layernorm && MEGATRON_STABLELM_KERNELS=reference:layernorm bench trainer_eager_layernorm 200 \
     --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}"
+# 8c'. the trainer step with the fused LM head + loss (use_flash_cross_entropy, as Stability's published
+#     Stable LM 2 YAMLs set it): against trainer_bench's framework line
+want trainer_flashce && bench trainer_flashce 200 --mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" \
+    --override use_flash_cross_entropy=true
 # 8d. issue 18 part 4: SDPA restricted to its own flash backend in trainer mode (the default picks cuDNN)
 want sdpa_flash && bench trainer_sdpa_flash 200 --mode trainer --recompute none \
     --micro-batch "${TRAINER_MICRO_BATCH:-$MB}" --sdpa-backend flash

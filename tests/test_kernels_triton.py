@@ -174,13 +174,12 @@ def test_cross_entropy_row_kernels(ops, monkeypatch, dtype, atol):
     torch.testing.assert_close(inplace, out, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("dtype,atol", DTYPES)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol, inplace):
-    """The public loss with its Triton path forced (as on CUDA), against the float64 truth."""
+def _force_triton_cross_entropy(ops, monkeypatch) -> list[str]:
+    """Make the losses take their Triton path (as on CUDA; interpreted on CPU) with small blocks; the
+    returned list records each Triton cross-entropy kernel call by name."""
     from megatron_stablelm.kernels import _dispatch
 
-    calls = []
+    calls: list[str] = []
 
     def traced(name):
         fn = getattr(ops, name)
@@ -190,6 +189,14 @@ def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol,
     monkeypatch.setattr(_dispatch, "use_triton", lambda x, kernel=None: True)
     monkeypatch.setattr(_dispatch, "triton_ops", lambda: fake)
     monkeypatch.setattr(ops, "_CE_BLOCK", 128)
+    return calls
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol, inplace):
+    """The public loss with its Triton path forced (as on CUDA), against the float64 truth."""
+    calls = _force_triton_cross_entropy(ops, monkeypatch)
     torch.manual_seed(5)
     logits = (torch.randn(3, 4, 300) * 3).to(dtype).to(DEVICE)
     target = torch.randint(0, 300, (3, 4), device=DEVICE)
@@ -198,6 +205,26 @@ def test_vocab_parallel_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol,
     )
     truth = _grads(lambda t: _ce_truth(t, target), [logits.to(F64)])
     assert calls == ["row_logsumexp", "cross_entropy_grad"]
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_fused_linear_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol):
+    """The fused LM head + loss with its Triton path forced (as on CUDA), over several row blocks: loss
+    and both gradients against the float64 truth of ``cross_entropy(x @ w.T)``, every block through the
+    Triton log-sum-exp forward and the Triton gradient backward."""
+    calls = _force_triton_cross_entropy(ops, monkeypatch)
+    torch.manual_seed(9)
+    rows, hidden, vocab = 13, 32, 300
+    x = torch.randn(rows, hidden).to(dtype).to(DEVICE)
+    w = (torch.randn(vocab, hidden) * 0.3).to(dtype).to(DEVICE)
+    target = torch.randint(0, vocab, (rows,), device=DEVICE)
+    got = _grads(
+        lambda a, b: kernels.fused_linear_cross_entropy(a, b, target, chunk_elements=5 * vocab), [x, w]
+    )
+    truth = _grads(lambda a, b: _ce_truth(a @ b.t(), target), [x.to(F64), w.to(F64)])
+    blocks = -(-rows // 5)
+    assert calls == ["row_logsumexp"] * blocks + ["cross_entropy_grad"] * blocks
     assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=atol, rtol=atol)
 
 
