@@ -14,8 +14,9 @@ place, from the config (as torchtitan's ``parallelize.py`` does for its models):
   the least; a larger chunk keeps fewer inputs but holds a whole chunk's activations while it is
   recomputed. Only ``model.run_layers`` is replaced on the instance.
 
-Parameter names are untouched: checkpoints and HF conversion key on them, so a layer is wrapped by
-rebinding its ``forward`` on the instance, never by a wrapper module that would add a name level.
+Parameter names are untouched: checkpoints and HF conversion key on them, so a choice is applied by
+rebinding a method or attribute on the instance (``model.run_layers``, ``attention.core``), never by a
+wrapper module that would add a name level.
 Tensor parallelism itself is not applied here: megatron-core's layers are built split, from the TP
 group given to the model's constructor.
 """

@@ -98,10 +98,13 @@ def make_batch(
     documents per row, or (``"web"``) web-like documents of log-normal length packed across the rows
     and turned into positions, ``cu_seqlens`` and loss mask by the data loader's own rule."""
     if documents == "web":
-        return {
-            k: v.to(device) if isinstance(v, torch.Tensor) else v
-            for k, v in _web_batch(cfg, vocab, micro_batch, seq, seed).items()
-        }
+        batch = _web_batch(cfg, vocab, micro_batch, seq, seed)
+    else:
+        batch = _equal_documents_batch(vocab, micro_batch, seq, documents, seed)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _equal_documents_batch(vocab: int, micro_batch: int, seq: int, documents: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (micro_batch, seq + 1), generator=gen)
     batch = {
@@ -118,7 +121,7 @@ def make_batch(
         batch["cu_seqlens"] = torch.tensor(starts + [micro_batch * seq], dtype=torch.int32)
         batch["max_seqlen"] = length
         batch["position_ids"] = (torch.arange(seq) % length).expand(micro_batch, seq).contiguous()
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
 
 
 def _web_batch(cfg, vocab: int, micro_batch: int, seq: int, seed: int) -> dict:

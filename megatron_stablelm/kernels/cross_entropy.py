@@ -29,8 +29,8 @@ from megatron_stablelm.kernels import _dispatch
 # of Stable LM 2's [16384, 100352] logits at micro-batch 4), ~2,700 rows at V/tp = 100k: blocks large
 # enough for efficient GEMMs and few enough (7 there) that summing the fp32 weight gradient is cheap.
 FUSED_CHUNK_ELEMENTS = 1 << 28
-# fp32 elements per chunk: 2**24 is 64 MiB of scratch, small next to a 1.6B model's activations and
-# large enough (thousands of rows at V/tp = 100k/tp) that the per-chunk launch overhead is negligible.
+# fp32 elements per chunk of the unfused loss's PyTorch path (CPU, or no Triton): 2**24 is 64 MiB of
+# scratch, small next to a 1.6B model's activations (~170 rows at V/tp = 100k).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
 

@@ -23,7 +23,7 @@ WEB_DOCUMENT_MEAN = 700
 
 def web_document_length(rng: np.random.Generator) -> int:
     """One document length drawn like web text (mean ~700 tokens, at least 2): the packed documents
-    of the GPU checks' real shard and of ``tools/benchmark.py --document-lengths web``."""
+    of the GPU checks' real shard and of ``tools/benchmark.py --documents web``."""
     mu = math.log(WEB_DOCUMENT_MEAN) - WEB_DOCUMENT_SIGMA**2 / 2
     return int(np.clip(rng.lognormal(mu, WEB_DOCUMENT_SIGMA), 2, 200_000))
 
