@@ -44,6 +44,8 @@ setup(
             "tensorboard>=2.15",
             "wandb>=0.17",
             "matplotlib>=3.8",
+            # the Triton kernels' tests run in Triton's interpreter on CPU (tests/conftest.py)
+            "triton>=3.4",
         ],
     },
 )
