@@ -218,7 +218,32 @@ def verdict(results: Path) -> list[str]:
             f"{name:24}{'ok' if ok else 'FAIL':8}{'did not run or failed' if r is None else describe(r)}"
         )
     rows.append(resume_against_spread(_load(results / "sigterm_resume.json"), _load(results / "rerun.json")))
+    rows.append(
+        trainer_against_model(_load(results / "1_6b_vs_hf.json"), _load(results / "trainer_bench.json"))
+    )
     return rows
+
+
+def trainer_against_model(model: dict | None, trainer: dict | None) -> str:
+    """The verdict row that sets the trainer-mode step (``trainer_bench``) beside the model-only step
+    (``hf``: bf16 parameters and AdamW state, no DeepSpeed) measured in the same call: what the
+    trainer's fp32 master weights and Adam state, ZeRO-1, clipping and the guard cost. Judged only on
+    the same device and micro-batch; elsewhere the figures do not compare."""
+    name = "trainer_vs_model"
+    if model is None or trainer is None:
+        missing = " and ".join(n for n, r in (("hf", model), ("trainer_bench", trainer)) if r is None)
+        return f"{name:24}{'FAIL':8}did not run or failed ({missing})"
+    same = [(k, model.get(k), trainer.get(k)) for k in ("device", "micro_batch", "seq_length")]
+    differ = [f"{k} {a} vs {b}" for k, a, b in same if a != b]
+    if differ:
+        return f"{name:24}{'FAIL':8}not comparable: {', '.join(differ)}"
+    m, t = model["framework"], trainer["framework"]
+    cost = 1 - t["tokens_per_s"] / m["tokens_per_s"]
+    return (
+        f"{name:24}{'ok':8}model step {_fmt(m['tokens_per_s'], '.0f')} tok/s ({_fmt(1e3 * m['step_s'], '.1f')} ms), "
+        f"trainer step {_fmt(t['tokens_per_s'], '.0f')} tok/s ({_fmt(1e3 * t['step_s'], '.1f')} ms): the trainer "
+        f"costs {_fmt(100 * cost, '.1f')}% ({_fmt(1e3 * (t['step_s'] - m['step_s']), '.1f')} ms a step)"
+    )
 
 
 def resume_against_spread(resume: dict | None, rerun: dict | None) -> str:

@@ -128,6 +128,35 @@ def test_gpu_checks_on_a_cpu_run(tmp_path):
     assert "train_recompute" in table and "did not run or failed" in table and "FAIL" in table
     # every micro-batch of the train_recompute_large step gets its own row
     assert any(r.startswith("train_recompute_mb8") and "ok" in r and "mb 8:" in r for r in rows)
+    assert any(
+        r.startswith("trainer_vs_model") and "FAIL" in r and "(hf and trainer_bench)" in r for r in rows
+    )
+
+
+def test_verdict_sets_the_trainer_step_beside_the_model_step(tmp_path):
+    """The ``trainer_vs_model`` row: the cost of the trainer's step over the model-only step, from
+    ``hf`` and ``trainer_bench`` run in the same call, and refused when the two ran on different
+    devices or batches."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_checks
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def bench(tokens_per_s: float, **kw) -> dict:
+        step = 16384 / tokens_per_s
+        return {"device": "H100", "micro_batch": 4, "seq_length": 4096, **kw,
+                "framework": {"tokens_per_s": tokens_per_s, "step_s": step}}  # fmt: skip
+
+    (tmp_path / "1_6b_vs_hf.json").write_text(json.dumps(bench(50_000.0)))
+    (tmp_path / "trainer_bench.json").write_text(json.dumps(bench(47_000.0)))
+    row = [r for r in gpu_checks.verdict(tmp_path) if r.startswith("trainer_vs_model")]
+    assert len(row) == 1 and " ok " in row[0] and "costs 6.0% (20.9 ms a step)" in row[0], row
+    (tmp_path / "trainer_bench.json").write_text(json.dumps(bench(47_000.0, device="H200", micro_batch=2)))
+    row = [r for r in gpu_checks.verdict(tmp_path) if r.startswith("trainer_vs_model")][0]
+    assert "FAIL" in row and "device H100 vs H200, micro_batch 4 vs 2" in row, row
 
 
 def test_varlen_data_for_the_packed_document_run(tmp_path):
