@@ -158,6 +158,16 @@ def test_dispatch_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setenv(_dispatch.ENV_VAR, "bogus")
     with pytest.raises(ValueError):
         _dispatch.use_triton(x)
+    # ``=triton`` takes CPU tensors only under Triton's interpreter (how the tests run the kernels)
+    monkeypatch.setenv(_dispatch.ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _dispatch.use_triton(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    assert _dispatch.use_triton(x)
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        _dispatch.use_triton(x)
 
 
 def test_one_kernel_forced_to_the_reference(monkeypatch):

@@ -33,6 +33,7 @@ if not ON_GPU and not triton.knobs.runtime.interpret:
     )
 
 from megatron_stablelm import kernels  # noqa: E402
+from tests.model_helpers import TINY_ARCHS  # noqa: E402
 
 from .test_kernels import F64, _grads, assert_close_all, layer_norm_truth, rotary_truth, swiglu_truth  # noqa: E402
 
@@ -237,3 +238,76 @@ def test_fused_linear_cross_entropy_uses_triton(ops, monkeypatch, dtype, atol):
 def test_public_functions_dispatch_to_triton_on_gpu(ops):
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(kernels.swiglu(x), ops.swiglu(x))
+
+
+# ------------------------------------------------------------------- the whole model through them
+
+# The kernels a forward + backward of each tiny architecture must reach (GeLU models have no SwiGLU;
+# only the QK-norm model has the per-head LayerNorm).
+_KERNEL_FUNCTIONS = (
+    "layer_norm", "add_layer_norm", "per_head_layer_norm", "apply_rotary", "apply_rotary_qk", "swiglu",
+    "row_logsumexp", "cross_entropy_grad",
+)  # fmt: skip
+
+
+@pytest.mark.skipif(
+    ON_GPU, reason="on a GPU the model runs these kernels natively (tests/test_gpu_trainer.py)"
+)
+@pytest.mark.parametrize(
+    "arch,fused_loss",
+    [(a, False) for a in TINY_ARCHS] + [("stablelm-2-1_6b", True)],  # the fused loss: Stable LM 2's YAMLs
+    ids=[*TINY_ARCHS, "stablelm-2-1_6b-fused_lm_head_loss"],
+)
+def test_whole_model_through_the_kernels_equals_the_references(arch, fused_loss, monkeypatch):
+    """Each tiny architecture's losses and every parameter's gradient with the element-wise kernels on
+    Triton (``MEGATRON_STABLELM_KERNELS=triton``, interpreted on CPU) equal those with the PyTorch
+    references: the kernels receive the shapes, strides and dtypes the real model gives them (partial
+    rotary, GQA, QK-norm, parallel residual, norm biases or none, the fused LM head). Each kernel the
+    architecture uses is checked to have run."""
+    from megatron_stablelm import parallel
+    from megatron_stablelm.kernels import _dispatch
+    from megatron_stablelm.model import build_model
+    from tests.model_helpers import randomize, tiny_config
+
+    cfg = tiny_config(arch, use_flash_cross_entropy=fused_loss)
+    # few tokens: the interpreter runs each program of a kernel's grid in turn, one per row (or head)
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.roll(tokens, -1, dims=1)
+    parallel.initialize(1)
+    try:
+        model = build_model(cfg, 256, seed=5)
+        randomize(model, 5)
+        module = _dispatch.triton_ops()
+        calls: dict[str, int] = {}
+
+        def counted(name: str, fn):
+            def run(*args, **kwargs):
+                calls[name] = calls.get(name, 0) + 1
+                return fn(*args, **kwargs)
+
+            return run
+
+        for name in _KERNEL_FUNCTIONS:
+            monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+        results = {}
+        for mode in ("reference", "triton"):
+            monkeypatch.setenv(_dispatch.ENV_VAR, mode)
+            model.zero_grad(set_to_none=True)
+            losses = model(tokens, labels=labels)
+            losses.mean().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[mode] = (losses.detach(), grads)
+            if mode == "reference":
+                assert not calls, calls
+    finally:
+        parallel.destroy()
+    expected = {"row_logsumexp", "cross_entropy_grad", "apply_rotary_qk"}
+    expected |= {"swiglu"} if cfg.mlp_type == "gated" else set()
+    expected |= {"per_head_layer_norm"} if cfg.qk_norm else set()
+    assert expected <= calls.keys(), calls
+    assert calls.keys() & {"layer_norm", "add_layer_norm"}, calls
+    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["triton"]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)

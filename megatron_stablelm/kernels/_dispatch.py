@@ -5,7 +5,9 @@ tensors when Triton is importable, the PyTorch reference everywhere else (CPU, o
 Triton). ``MEGATRON_STABLELM_KERNELS=reference`` forces the reference path on GPU too (for A/B
 benchmarks and for bisecting a numerical problem), ``=reference:layernorm`` (or any of
 :data:`KERNELS`, comma-separated) only for the named kernels; ``=triton`` makes a missing Triton an
-error instead of a silent fallback.
+error instead of a silent fallback, and with Triton's interpreter on (``TRITON_INTERPRET=1``, set
+before Triton is imported) also runs the kernels for CPU tensors: how the tests check, without a GPU,
+that the whole model computes the same through the fused kernels as through the references.
 """
 
 from __future__ import annotations
@@ -52,10 +54,15 @@ def _mode(kernel: str | None = None) -> str:
     return mode
 
 
+def _interpreting() -> bool:
+    """Triton's interpreter is asked for (the variable Triton reads when it is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 def use_triton(x: torch.Tensor, kernel: str | None = None) -> bool:
     """True when the fused Triton kernel should handle ``x`` (``kernel``: one of :data:`KERNELS`)."""
     mode = _mode(kernel)
-    if mode == "reference" or not x.is_cuda:
+    if mode == "reference" or not (x.is_cuda or (mode == "triton" and _interpreting())):
         return False
     if not triton_available():
         if mode == "triton":
