@@ -8,7 +8,7 @@ position, so it recomputes the same steps; only kernels whose floating-point red
 fixed (atomics in a backward) can differ, by a rounding of a bf16 value that then propagates. At this
 size they are expected bitwise equal; we hold 1e-3 relative (a quarter of bf16's 2**-8 resolution)
 so a non-deterministic kernel does not fail the check while a wrong restore (a loss off by the size
-of one update, ~1e-2 here) does. Skipped without CUDA.
+of one update, ~1e-2 here) does. Skipped without CUDA, except the runner itself, which CI checks on CPU.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ import yaml
 
 from tests.train_helpers import REPO, tiny_dict
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL, bf16 under ZeRO-1)"),
-]
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (NCCL, bf16 under ZeRO-1)"
+)
 
 ITERS = 12
 RESUME_AT = 6
@@ -45,8 +44,8 @@ def _train(tmp_path: Path, name: str, **overrides) -> dict[int, float]:
     path = tmp_path / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     # prepend, not replace: on a lent GPU box deepspeed/megatron-core come from a PYTHONPATH entry
-    path = os.environ.get("PYTHONPATH")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + path if path else ""))
+    inherited = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + (os.pathsep + inherited if inherited else ""))
     proc = subprocess.run(
         [sys.executable, "train.py", str(path), "--synthetic-data"],
         cwd=REPO,
@@ -61,12 +60,24 @@ def _train(tmp_path: Path, name: str, **overrides) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
+@pytest.mark.slow
+def test_the_runner_itself_on_cpu(tmp_path):
+    """``_train`` (the launch and log reading the GPU tests rely on) on CPU with gloo and fp32, so that
+    CI, which has no GPU, notices when it breaks: the GPU tests run only where a GPU is lent."""
+    losses = _train(
+        tmp_path, "cpu", save=str(tmp_path / "ckpt"), bf16={"enabled": False}, distributed_backend="gloo"
+    )
+    assert sorted(losses) == list(range(1, ITERS + 1)) and all(math.isfinite(v) for v in losses.values())
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu_straight")
     return root, _train(root, "straight", save=str(root / "ckpt"))
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_bf16_nccl_loss_finite_and_falling(straight):
     _, losses = straight
     assert sorted(losses) == list(range(1, ITERS + 1))
@@ -75,6 +86,8 @@ def test_bf16_nccl_loss_finite_and_falling(straight):
     assert sum(values[-3:]) / 3 < sum(values[:3]) / 3
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_bf16_resume_on_gpu(straight, tmp_path):
     root, full = straight
     resumed = _train(
