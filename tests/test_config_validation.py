@@ -106,6 +106,21 @@ def test_off_values_and_unset_keys_are_accepted():
     assert config_from_dict(tiny_dict(optimizer=adam(lr="3e-4"))).peak_lr == pytest.approx(3e-4)
 
 
+def test_padded_vocabulary_must_hold_every_token():
+    """An explicit ``padded_vocab_size`` below the tokenizer's vocabulary is refused by name (the
+    embedding would lack rows for the highest ids); equal or larger is kept, and leaving it out pads
+    the tokenizer's size up to ``make_vocab_size_divisible_by`` x TP."""
+    cfg = config_from_dict(tiny_dict(padded_vocab_size=256, vocab_file="tok.json"))
+    with pytest.raises(
+        ConfigError,
+        match=r"`padded_vocab_size` 256 is smaller than .* \(400 tokens, `vocab_file` tok\.json\)",
+    ):
+        cfg.padded_vocab(400)
+    assert cfg.padded_vocab(256) == 256 and cfg.padded_vocab(100) == 256 and cfg.padded_vocab(None) == 256
+    auto = config_from_dict(tiny_dict(padded_vocab_size=None, make_vocab_size_divisible_by=128))
+    assert auto.padded_vocab(400) == 512
+
+
 def test_training_only_keys_are_required_only_for_training():
     model_only = tiny_dict(train_iters=None, optimizer=None)
     cfg = config_from_dict(model_only)  # what inspection, conversion and generation load

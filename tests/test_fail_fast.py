@@ -88,13 +88,22 @@ def test_train_reports_bad_input_in_seconds(tmp_path):
     missing = tmp_path / "missing_text_document"
     data = tmp_path / "data.yml"
     data.write_text(
-        f"train_data_paths: [{missing}]\nvocab_file: {tiny_tokenizer_files()['json']}\n"
+        f"train_data_paths: [{missing}]\nvocab_file: {tiny_tokenizer_files()['json']}\npadded_vocab_size: 512\n"
         f"train_iters: 2\noptimizer: {{type: Adam, params: {{lr: 0.001}}}}\nsave: {tmp_path / 'run'}\n"
     )
-    tiny = str(REPO / "configs" / "tiny" / "stablelm-2-1_6b.yml")
+    tiny = str(REPO / "configs" / "tiny" / "stablelm-2-1_6b.yml")  # padded_vocab_size: 256
+    wide = tmp_path / "wide_tokenizer.yml"  # a 400-token tokenizer: ids the 256-row embedding lacks
+    wide.write_text(
+        f"vocab_file: {tiny_tokenizer_files()['json']}\ntrain_iters: 2\n"
+        f"optimizer: {{type: Adam, params: {{lr: 0.001}}}}\nsave: {tmp_path / 'run'}\n"
+    )
     cases = {
         "train.py: config typo": (["train.py", str(typo)], "hiden_size"),
         "train.py: missing data shard": (["train.py", tiny, str(data)], "missing_text_document"),
+        "train.py: vocabulary wider than the embedding": (
+            ["train.py", tiny, str(wide), "--synthetic-data"],
+            "`padded_vocab_size` 256 is smaller than the tokenizer's vocabulary (400 tokens",
+        ),
     }
     assert_fast({name: bad_input_seconds(argv, culprit) for name, (argv, culprit) in cases.items()})
     assert not (tmp_path / "run").exists()  # bad input writes nothing

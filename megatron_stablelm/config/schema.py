@@ -297,6 +297,14 @@ class Config:
         """The embedding rows: ``padded_vocab_size`` if given, else ``vocab_size`` rounded up to a
         multiple of ``make_vocab_size_divisible_by × TP`` (GPT-NeoX's rule)."""
         if self.padded_vocab_size is not None:
+            if vocab_size is not None and self.padded_vocab_size < vocab_size:
+                # the embedding would have no row for the tokenizer's highest ids: an index error in
+                # the first forward pass instead of this line
+                raise ConfigError(
+                    f"`padded_vocab_size` {self.padded_vocab_size} is smaller than the tokenizer's "
+                    f"vocabulary ({vocab_size} tokens, `vocab_file` {self.vocab_file}): raise it to at "
+                    f"least {vocab_size}, or leave it out to pad the vocabulary automatically"
+                )
             return self.padded_vocab_size
         if vocab_size is None:
             raise ConfigError(
