@@ -15,9 +15,11 @@
 # On a machine that lacks deepspeed/megatron-core (a lent GPU box with only torch, triton and
 # transformers): fetch their wheels where pip works (`../shared/gpu/fetch-wheels.sh` puts them in .whl/)
 # and bring .whl along; this script installs them into /tmp/site when megatron-core is missing.
+# REHEARSAL=1 runs the same steps on this CPU machine instead (the tiny config, gloo, fp32, sequence 32,
+# a few iterations), to find a broken step before device time is spent on it; its figures mean nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RES=benchmarks/out
+RES=${RES:-benchmarks/out}
 MB=${MICRO_BATCH:-4}
 STEPS=${STEPS:-10}
 PY=${PYTHON:-python3}
@@ -38,10 +40,15 @@ if ! $PY -c "import megatron.core" 2>/dev/null && [ -d .whl ]; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
-
-CFG=configs/stablelm-2-1_6b.yml
-COMMON=(--seq-length 4096 --micro-batch "$MB" --steps "$STEPS" --warmup 3)
+REHEARSAL=${REHEARSAL:-0}
+if [ "$REHEARSAL" = 1 ]; then
+    CFG=configs/tiny/stablelm-2-1_6b.yml SEQ=32 STEPS=2 DEVICE=cpu
+    echo "REHEARSAL: the steps on CPU with $CFG (plumbing only: the figures mean nothing)"
+else
+    CFG=configs/stablelm-2-1_6b.yml SEQ=4096 DEVICE=cuda
+    $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+fi
+COMMON=(--seq-length "$SEQ" --micro-batch "$MB" --steps "$STEPS" --warmup 3)
 bench() {  # bench NAME LIMIT_S [ARGS...]: one benchmark.py run, report in $RES/NAME.{txt,json}
     local name=$1 limit=$2
     shift 2
@@ -132,7 +139,13 @@ want sdpa_flash && bench trainer_sdpa_flash 200 --mode trainer --recompute none 
 #     attention work the documents save goes (train_varlen gained 1% tokens/s for 68% less of it)
 TRAINER_ARGS=(--mode trainer --recompute none --micro-batch "${TRAINER_MICRO_BATCH:-$MB}")
 want trainer_docs && bench trainer_docs 200 "${TRAINER_ARGS[@]}" --documents web
-want trainer_docs_flex && bench trainer_docs_flex 300 "${TRAINER_ARGS[@]}" --documents web --attention flex
+if want trainer_docs_flex; then
+    if [ "$REHEARSAL" = 1 ]; then
+        echo "=== trainer_docs_flex: skipped in the rehearsal (FlexAttention has no backward on CPU)"
+    else
+        bench trainer_docs_flex 300 "${TRAINER_ARGS[@]}" --documents web --attention flex
+    fi
+fi
 if want trainer_docs_profile; then
     echo "=== trainer_docs_profile"
     timeout "$(lim 200)" $PY tools/benchmark.py "$CFG" "${COMMON[@]}" "${TRAINER_ARGS[@]}" --documents web --steps 2 \
@@ -149,6 +162,14 @@ TRAIN_ITERS=${TRAIN_ITERS:-30}
 STOP_AT=${STOP_AT:-15}
 TRAIN_OVR=(log_interval=1 steps_per_print=0 eval_interval=0
     vocab_file=null checkpoint_factor=1000000 keep_last_n_checkpoints=1)
+if [ "$REHEARSAL" = 1 ]; then
+    # enough iterations that the summaries (medians after iteration 5) have rows and the SIGTERM
+    # lands mid-run (a tiny iteration takes milliseconds; the script polls the log every 0.5 s)
+    TRAIN_ITERS=${REHEARSAL_ITERS:-200} STOP_AT=20 LARGE_ITERS=10
+    # padded_vocab_size: room for train_varlen's 258-token tokenizer (the tiny config pads to 256)
+    TRAIN_OVR+=(distributed_backend=gloo "bf16={enabled: false}" "optimizer={type: Adam, params: {lr: 0.0006}}"
+        padded_vocab_size=512)
+fi
 if command -v deepspeed > /dev/null; then DS=(deepspeed); else DS=("$PY" -m deepspeed.launcher.runner); fi
 DATA=(--synthetic-data) # the train_varlen step reads real shards instead
 train_cmd() {  # train_cmd RUN_DIR [KEY=VALUE ...]: CMD = the deepspeed command line of one training run
@@ -195,7 +216,11 @@ train_run() {  # train_run NAME LIMIT_S [KEY=VALUE ...]: one run in $RUNS/NAME, 
     return $code
 }
 summarize() {  # summarize NAME MICRO_BATCH: figures from the trainer's own log into $RES/NAME.json
-    $PY benchmarks/gpu_checks.py train-summary "$RUNS/$1" "$RES/$1.log" "$RES/$1.json" --micro-batch "$2"
+    if [ -f "$RUNS/$1/metrics.jsonl" ]; then
+        $PY benchmarks/gpu_checks.py train-summary "$RUNS/$1" "$RES/$1.log" "$RES/$1.json" --micro-batch "$2"
+    else
+        echo "$1: no metrics.jsonl (the run failed); the end of $RES/$1.log:" && tail -n 5 "$RES/$1.log"
+    fi
     rm -rf "${RUNS:?}/$1"/iter_* # keep the disk for the next checkpoint
     pack
 }
@@ -290,7 +315,8 @@ if want export; then  # convert_to_hf --dtype bf16, transformers on the GPU, log
     [ -f "$src/latest" ] || { TRAIN_ITERS=5 FINAL_SAVE=1 train_run export_src 200; src=$RUNS/export_src; }
     rm -rf "${RUNS:?}/hf"
     timeout "$(lim 200)" $PY tools/convert_to_hf.py "$src" "$RUNS/hf" --dtype bf16 > "$RES/export.log" 2>&1
-    timeout "$(lim 180)" $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" >> "$RES/export.log" 2>&1
+    timeout "$(lim 180)" $PY benchmarks/gpu_checks.py logits "$src" "$RUNS/hf" "$RES/hf_logits.json" \
+        --device "$DEVICE" --seq "$((SEQ < 1024 ? SEQ : 1024))" >> "$RES/export.log" 2>&1
     tail -n 3 "$RES/export.log"
     pack
 fi
