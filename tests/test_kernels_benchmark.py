@@ -11,6 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _gpu_checks():
+    """``benchmarks/gpu_checks.py`` (a script, not a package module), imported."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module("gpu_checks")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
 def test_benchmark_tiny_cpu(tmp_path, capsys):
     pytest.importorskip("transformers")
     from tools import benchmark as bench
@@ -101,11 +113,7 @@ def test_gpu_checks_on_a_cpu_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     with log.open("w") as fh:
         subprocess.run(cmd + overrides, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=True)
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_checks
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_checks = _gpu_checks()
     summary = gpu_checks.train_summary(run, log, skip=1)
     assert summary["iterations"] == 3 and summary["last_iteration"] == 4
     assert (
@@ -137,13 +145,8 @@ def test_verdict_sets_the_trainer_step_beside_the_model_step(tmp_path):
     """The ``trainer_vs_model`` row: the cost of the trainer's step over the model-only step, from
     ``hf`` and ``trainer_bench`` run in the same call, and refused when the two ran on different
     devices or batches."""
-    import sys
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_checks
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_checks = _gpu_checks()
 
     def bench(tokens_per_s: float, **kw) -> dict:
         step = 16384 / tokens_per_s
@@ -162,17 +165,12 @@ def test_verdict_sets_the_trainer_step_beside_the_model_step(tmp_path):
 def test_varlen_data_for_the_packed_document_run(tmp_path):
     """``gpu_checks.py varlen-data`` (the inputs of run_gpu.sh's train_varlen step): a tokenizer and
     a shard whose documents all end with its end-of-document token, at web-like lengths."""
-    import sys
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_stablelm.data import build_tokenizer
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import gpu_checks
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu_checks = _gpu_checks()
     facts = gpu_checks.varlen_data(tmp_path / "vl", 30_000)
     tok = build_tokenizer(tokenizer_type="HFTokenizer", vocab_file=facts["tokenizer"])
     shard = IndexedDataset(facts["prefix"])

@@ -9,19 +9,12 @@ not installed.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU and "triton" not in sys.modules:
-    # Set by conftest.py already; repeated so the file also runs under a runner that skips conftest.
-    # Must precede the first ``import triton``: triton.language's own helpers (tl.sum, tl.sigmoid, ...)
-    # are jit functions too, compiled or interpreted according to this variable at import time.
-    os.environ["TRITON_INTERPRET"] = "1"
-
 triton = pytest.importorskip("triton")
 
 if not ON_GPU and not triton.knobs.runtime.interpret:
