@@ -4,6 +4,8 @@
   :func:`overrides_from`). ``--override`` takes one or more ``KEY=VALUE`` items, may be repeated and
   may come anywhere on the line: a token after it without ``=`` is a config path, not a swallowed
   override, so ``--override seq_length=64 configs/demo.yml`` reads the config.
+* Numbers: :func:`positive_int` / :func:`non_negative_int` as argparse types, so a count of 0 or
+  below is refused by argparse (one ``error:`` line naming the flag, exit 2) before any work.
 * Around a checkpoint command's work (``tools/generate.py``, ``evaluate.py``, ``convert_*``,
   ``reshard_checkpoint.py``, ``inspect_checkpoint.py``, :func:`run_command`): the user's mistakes (a
   bad path, config, tokenizer, shard or task name) end in one ``error: ...`` line on stderr and exit
@@ -80,6 +82,27 @@ def parse_config_args(
 def overrides_from(args: argparse.Namespace) -> list[str]:
     """The ``KEY=VALUE`` overrides of a namespace built by :func:`add_config_arguments`, in order."""
     return list(getattr(args, "override", None) or [])
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a size, a count or an interval of 0 cannot work), so argparse
+    refuses a bad value with one ``error:`` line naming the flag, before the command does anything."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a count where 0 is meaningful)."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
 
 
 def run_command(body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

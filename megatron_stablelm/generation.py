@@ -33,11 +33,13 @@ __all__ = [
     "GenerationError",
     "LoadedModel",
     "SamplingParams",
+    "check_prompts",
     "gather_vocab",
     "generate",
     "load_checkpoint_model",
     "load_tokenizer",
     "max_positions",
+    "resolve_device",
     "sample_next",
 ]
 
@@ -88,10 +90,23 @@ def max_positions(cfg: Config) -> int:
     return cfg.max_position_embeddings or cfg.seq_length
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, by default cuda:LOCAL_RANK when CUDA is available, else the CPU. A device this machine
+    lacks is refused naming it here, before a model is built (torch would fail later, deep in the model
+    code)."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise GenerationError(f"device {str(device)!r}: not a torch device ({err})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise GenerationError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
+    return resolved
 
 
 def load_checkpoint_model(
@@ -105,6 +120,7 @@ def load_checkpoint_model(
     the launcher's world size) and load this rank's shards, re-split if the checkpoint was saved at
     another TP size. The checkpoint is validated before any process group exists, so a bad path fails
     with a :class:`~megatron_stablelm.checkpoint.CheckpointError` naming it and nothing to clean up."""
+    device = resolve_device(device)
     ckpt, meta, cfg = read_header(checkpoint)
     if tp_size is None:
         tp_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -113,7 +129,6 @@ def load_checkpoint_model(
     torch_dtype = _DTYPES.get(dtype or meta.get("dtype", "float32"))
     if torch_dtype is None:
         raise ConfigError(f"unknown dtype {dtype or meta.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
-    device = torch.device(device) if device is not None else _default_device()
     parallel.initialize(tp_size, backend="nccl" if device.type == "cuda" else "gloo")
     model = parallelize(StableLMModel(cfg, vocab, dtype=torch_dtype), cfg)
     try:
@@ -166,6 +181,21 @@ def _broadcast_from_tp_src(tokens: torch.Tensor, device: torch.device) -> torch.
     return tokens
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, limit: int) -> None:
+    """Every prompt has a token and fits the model's ``limit`` positions with ``max_new_tokens`` more;
+    a command calls it before loading the model, :func:`generate` before decoding."""
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
+        if len(prompt) + max_new_tokens > limit:
+            raise GenerationError(
+                f"prompt {i} has {len(prompt)} tokens; with {max_new_tokens} new tokens that exceeds the "
+                f"model's {limit} positions"
+            )
+
+
 @torch.no_grad()
 def generate(
     model: StableLMModel,
@@ -185,17 +215,7 @@ def generate(
     when ``stop(new_ids)`` says so. ``vocab_limit`` (the tokenizer's size) keeps the padding rows of
     the embedding from ever being sampled. Call on every TP rank with the same arguments."""
     params = params or SamplingParams()
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = max_positions(model.cfg)
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise GenerationError(f"prompt {i} is empty (it needs at least one token)")
-        if len(prompt) + max_new_tokens > limit:
-            raise GenerationError(
-                f"prompt {i} has {len(prompt)} tokens; with {max_new_tokens} new tokens that exceeds the "
-                f"model's {limit} positions"
-            )
+    check_prompts(prompts, max_new_tokens, max_positions(model.cfg))
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)

@@ -22,6 +22,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_stablelm.checkpoint.model_files import check_safetensors_file
 from megatron_stablelm.config import Config, config_from_dict
 
 
@@ -462,6 +463,26 @@ def from_hf_state_dict(
     return out
 
 
+# config.json keys that give tensor shapes: absent, ``transformers``' default (a 2560-wide model...) is
+# taken, which the tensors then contradict.
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_hf_shapes(cfg: Config, hf_cfg: dict, tensors: dict[str, torch.Tensor], vocab_size: int) -> None:
+    """Every HF tensor has the shape ``config.json`` describes (the HF model on the meta device), so a
+    config that contradicts its own weights is refused naming the tensor and the keys ``config.json``
+    lacks, instead of failing inside a layout transform."""
+    expected = _expected_hf_shapes(cfg, vocab_size)
+    for name, tensor in sorted(tensors.items()):
+        shape = expected.get(name)
+        if shape is not None and tuple(tensor.shape) != shape:
+            absent = ", ".join(key for key in _SHAPE_KEYS if key not in hf_cfg)
+            hint = f"; it lacks {absent} (transformers' defaults were taken)" if absent else ""
+            raise ConversionError(
+                f"config.json describes '{name}' as {shape} but the tensor is {tuple(tensor.shape)}{hint}"
+            )
+
+
 VOCAB_ROWS = ("embedding.weight", "output.weight")  # canonical tensors with one row per token
 
 
@@ -498,13 +519,18 @@ def read_hf_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ConversionError(f"{config_path}: expected a JSON object, got {type(hf_cfg).__name__}")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConversionError(f"{index}: not a readable safetensors index ({err!r})") from None
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise ConversionError(
             f"{directory}: no model.safetensors (or index); only safetensors checkpoints are read"
         )
+    for fname in files:  # every file complete before any is read
+        check_safetensors_file(directory / fname)
     tensors = {}
     for fname in files:
         with safe_open(str(directory / fname), framework="pt") as fh:

@@ -7,10 +7,10 @@ OUT_DIR becomes a run directory holding ``iter_0000000/`` and a ``latest`` point
 config can ``load`` it. The architecture comes from the HF ``config.json``, read by ``transformers``'
 own config class (an absent key means what it means to ``transformers``); what the framework cannot
 compute the same way (RoPE scaling, another activation) is refused. With ``--config`` the given YAML
-files are merged over it (training settings, tokenizer...) and every architectural key must agree
-with the checkpoint. HF tensors the framework cannot represent (non-zero biases where the config has
-none, ...) are refused with the tensor's name. A vocabulary that does not split over ``--tp`` ranks is
-padded with zero rows, as the trainer pads.
+files are merged over it (training settings, tokenizer...; a file may hold only those) and every
+architectural key they set must agree with the checkpoint. HF tensors the framework cannot represent
+(non-zero biases where the config has none, ...) are refused with the tensor's name. A vocabulary
+that does not split over ``--tp`` ranks is padded with zero rows, as the trainer pads.
 
 The HF directory's tokenizer (a ``.tiktoken`` ranks file, else ``tokenizer.json``) is copied into
 ``OUT_DIR/tokenizer/`` and the saved config points at it, so ``tools/generate.py OUT_DIR`` needs no
@@ -28,15 +28,40 @@ import sys
 from pathlib import Path
 
 from megatron_stablelm import checkpoint, hf_conversion
-from megatron_stablelm.cli import run_command
-from megatron_stablelm.config import ARCHITECTURE_KEYS, Config, ConfigError, load_config
+from megatron_stablelm.checkpoint.atomic import check_creatable
+from megatron_stablelm.cli import positive_int, run_command
+from megatron_stablelm.config import (
+    ALIASES,
+    ARCHITECTURE_KEYS,
+    FIELDS,
+    Config,
+    ConfigError,
+    load_config,
+    read_yaml,
+    validate_config,
+)
 from megatron_stablelm.tokenizers import TokenizerError, build_tokenizer, tokenizer_in_directory
 
 TOKENIZER_DIR = "tokenizer"
 
 
+def _merged_config(cfg: Config, configs: list[str], settings: dict) -> Config:
+    """The HF model's config with every key the YAML files set on top, validated as one config (errors
+    name the file that set the key). The files may be partial (only ``train_iters``, a tokenizer...):
+    the HF ``config.json`` gives the architecture, so nothing the model needs is missing."""
+    user = load_config(configs, overrides=settings, validate=False)
+    origin = {ALIASES.get(key, key): str(path) for path in configs for key in read_yaml(path)}
+    given = {key: getattr(user, key) for key in origin if key in FIELDS}
+    merged = dataclasses.replace(
+        cfg, **{**given, "config_files": user.config_files, "ignored_keys": user.ignored_keys}
+    )
+    validate_config(merged, origin)
+    _check_user_config(merged, cfg, configs)
+    return merged
+
+
 def _check_user_config(user: Config, cfg: Config, configs: list[str]) -> None:
-    """Every architectural key of the YAML files must equal the checkpoint's."""
+    """Every architectural key of the merged config must equal the checkpoint's."""
     for key in ARCHITECTURE_KEYS:
         if getattr(user, key) != getattr(cfg, key):
             tanh_only = (user.act_fn_name, cfg.act_fn_name) == ("gelu_tanh", "gelu")
@@ -73,11 +98,15 @@ def convert_from_hf(
     configs: list[str] | None = None,
     force: bool = False,
 ) -> Path:
+    """Write the HF model in ``hf_dir`` as the run directory ``out``, split for ``tp`` ranks. Every
+    input (output path, config.json, tensor files and shapes, YAML files) is checked before
+    megatron-core is imported or anything is written."""
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force to replace it)")
     if out.resolve() in (hf_dir.resolve(), *hf_dir.resolve().parents):
         raise ValueError(f"{out} holds the HF model {hf_dir} being converted; choose another output")
+    check_creatable(out)
     hf_cfg, tensors = hf_conversion.read_hf_dir(hf_dir)
     norm_bias = hf_conversion.hf_norm_bias_used(hf_cfg, tensors)
     vocab = hf_conversion.hf_config_from_dict(hf_cfg).vocab_size
@@ -85,9 +114,8 @@ def convert_from_hf(
     settings = {"model_parallel_size": tp, "padded_vocab_size": padded}
     cfg = hf_conversion.config_from_hf(hf_cfg, norm_bias, overrides=settings)
     if configs:
-        user = load_config(configs, overrides=settings)
-        _check_user_config(user, cfg, configs)
-        cfg = user
+        cfg = _merged_config(cfg, configs, settings)
+    hf_conversion.check_hf_shapes(cfg, hf_cfg, tensors, vocab)
     tokenizer = None if cfg.vocab_file else _kept_tokenizer(hf_dir, out, vocab)
     if tokenizer is not None:
         cfg = dataclasses.replace(cfg, tokenizer_type=tokenizer[0], vocab_file=str(tokenizer[2]))
@@ -122,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("hf_dir")
     parser.add_argument("out")
-    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to split for")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size to split for")
     parser.add_argument(
         "--config", nargs="*", default=None, help="YAML configs merged over the HF architecture"
     )

@@ -35,6 +35,7 @@ from megatron_stablelm.checkpoint import (
     load_canonical_state_dict,
     read_header,
 )
+from megatron_stablelm.checkpoint.atomic import check_creatable
 from megatron_stablelm.cli import run_command
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,6 +133,7 @@ def convert_to_hf(
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force to replace it)")
     if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
         raise ValueError(f"{out} holds the checkpoint {ckpt} being converted; choose another output")
+    check_creatable(out)
     if tokenizer_files is None:
         tokenizer_files = tokenizer_files_for(tokenizer, cfg)
     tokenizer_files = [Path(f) for f in tokenizer_files]

@@ -25,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_stablelm.cli import run_command
+from megatron_stablelm.cli import non_negative_int, positive_int, run_command
 
 DEFAULT_MAX_TOKENS = 131072  # per dataset: a perplexity within ~1% in minutes on a CPU, not hours
 
@@ -34,20 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory, or run directory with a 'latest' file")
     p.add_argument("--data", nargs="+", help="indexed dataset prefixes (PREFIX.bin / PREFIX.idx)")
-    p.add_argument("--seq-length", type=int, help="window length (default: the config's seq_length)")
+    p.add_argument("--seq-length", type=positive_int, help="window length (default: the config's seq_length)")
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_MAX_TOKENS,
         help=f"predicted tokens per dataset, in whole micro-batches (default {DEFAULT_MAX_TOKENS}; 0: all)",
     )
-    p.add_argument("--batches", type=int, help="at most this many micro-batches per dataset")
-    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--batches", type=positive_int, help="at most this many micro-batches per dataset")
+    p.add_argument("--micro-batch-size", type=positive_int, default=4)
     p.add_argument("--tasks", nargs="*", help="lm-eval tasks (no names: the config's eval_tasks)")
     p.add_argument("--include-path", nargs="+", help="directories of extra lm-eval task YAMLs")
     p.add_argument("--no-default-tasks", action="store_true", help="index only --include-path tasks (fast)")
     p.add_argument(
-        "--num-fewshot", type=int, help="lm-eval: few-shot examples (default: the config's eval_num_fewshot)"
+        "--num-fewshot",
+        type=non_negative_int,
+        help="lm-eval: few-shot examples (default: the config's eval_num_fewshot)",
     )
     p.add_argument(
         "--limit",
@@ -71,7 +73,7 @@ def _checked_inputs(
     args: argparse.Namespace, ckpt: Path, meta: dict, cfg
 ) -> tuple[list[str] | None, list[str] | None]:
     """The datasets and lm-eval tasks to run (the config's where the command line names none), every
-    shard checked before anything is loaded."""
+    shard and ``--seq-length`` (against the checkpoint's positions) checked before anything is loaded."""
     from megatron_stablelm.data.indexed import check_shard
 
     tasks = args.tasks
@@ -79,8 +81,11 @@ def _checked_inputs(
         tasks = list(cfg.eval_tasks or [])
         if not tasks:
             raise ValueError(f"{ckpt}: the config has no eval_tasks; name the tasks")
-    if args.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0 (0: the whole shard), got {args.max_tokens}")
+    if args.seq_length is not None and args.seq_length > cfg.max_positions:
+        raise ValueError(
+            f"--seq-length {args.seq_length} exceeds the model's {cfg.max_positions} positions "
+            f"(max_position_embeddings of {ckpt})"
+        )
     data = args.data
     if data is None and tasks is None:
         data = list(cfg.valid_data_paths or [])

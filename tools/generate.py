@@ -23,15 +23,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from megatron_stablelm.cli import run_command
+from megatron_stablelm.cli import non_negative_int, positive_int, run_command
 
 if TYPE_CHECKING:
     from megatron_stablelm.generation import SamplingParams
 
 
 def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """Prompts from the command line and/or a file: ``.jsonl`` lines with a ``prompt`` (or ``text``)
-    field, otherwise one prompt per non-empty line. Errors name the file and line."""
+    """Prompts from the command line and/or a file: ``.jsonl`` (or ``.json``) lines with a string
+    ``prompt`` (or ``text``) field, otherwise one prompt per non-empty line. Errors name the file and
+    line (a ``.json`` file read as text would silently prompt with its JSON)."""
     out = list(prompts or [])
     if prompt_file is not None:
         path = Path(prompt_file)
@@ -40,14 +41,8 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            if path.suffix == ".jsonl":
-                try:
-                    record = json.loads(line)
-                    out.append(record["prompt"] if "prompt" in record else record["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(
-                        f"{path}:{number}: expected a JSON object with a 'prompt' field"
-                    ) from None
+            if path.suffix.lower() in (".jsonl", ".json"):
+                out.append(_json_prompt(line, f"{path}:{number}"))
             else:
                 out.append(line)
     if not out:
@@ -55,12 +50,24 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     return out
 
 
+def _json_prompt(line: str, where: str) -> str:
+    """The ``prompt`` (else ``text``) string of one JSON-lines record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: expected a JSON object with a string 'prompt' field")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint directory, or run directory with a 'latest' file")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompt-file", help="one prompt per line, or .jsonl with a 'prompt' field")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt-file", help="one prompt per line, or .jsonl / .json with a 'prompt' field")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=64)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
     p.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
@@ -69,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "jsonl"], default="text")
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--tokenizer", help="tokenizer.json / .tiktoken file or directory (default: the config's)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts of equal length decoded together")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts of equal length decoded together"
+    )
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: the checkpoint's")
     p.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
@@ -94,9 +103,9 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
 
 
 def generate_from_args(args: argparse.Namespace) -> int:
-    """Check every input before any process group or model exists (prompts and the checkpoint's header
-    even before the model code is imported), load the checkpoint at the launcher's TP size, generate,
-    and write the completions (first rank only)."""
+    """Check every input before any process group or model exists (numbers by argparse; prompts, their
+    lengths and the checkpoint's header even before the model code is imported; the device), load the
+    checkpoint at the launcher's TP size, generate, and write the completions (first rank only)."""
     texts = read_prompts(args.prompt, args.prompt_file)
     from megatron_stablelm import checkpoint
 
@@ -105,9 +114,10 @@ def generate_from_args(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(cfg, args.tokenizer)  # before the model code is imported
     params = sampling_from_args(args)
-    from megatron_stablelm.generation import generate, load_checkpoint_model
+    from megatron_stablelm.generation import check_prompts, generate, load_checkpoint_model
 
     prompts = [tokenizer.encode(t) for t in texts]
+    check_prompts(prompts, args.max_new_tokens, cfg.max_positions)
     loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
     outputs = generate(
         loaded.model,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args
+from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args, positive_int
 from megatron_stablelm.config import ConfigError, load_config
 from megatron_stablelm.data import DataError, ShardError, mixture_report
 
@@ -24,7 +24,7 @@ from megatron_stablelm.data import DataError, ShardError, mixture_report
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p)
-    p.add_argument("--dp-size", type=int, default=None)
+    p.add_argument("--dp-size", type=positive_int, default=None)
     p.add_argument("--data-root", default=None, help="resolve relative shard prefixes against this directory")
     args = parse_config_args(p, argv)
     try:

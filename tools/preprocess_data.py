@@ -30,6 +30,7 @@ import argparse
 import os
 import sys
 
+from megatron_stablelm.cli import positive_int
 from megatron_stablelm.data.errors import DataError
 from megatron_stablelm.data.indexed import ShardError
 from megatron_stablelm.data.preprocess import (
@@ -86,8 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-file", help="tokenizer.json or .tiktoken ranks file")
     p.add_argument("--merge-file", default=None, help="accepted for GPT-NeoX compatibility; unused")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-interval", type=int, default=10000, help="documents between progress updates")
+    p.add_argument("--workers", type=positive_int, default=1)
+    p.add_argument(
+        "--log-interval", type=positive_int, default=10000, help="documents between progress updates"
+    )
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed lines")
     p.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="GPT-NeoX compatibility")
     p.add_argument("--no-progress", action="store_true")

@@ -38,13 +38,24 @@ def iter_texts(paths: list[str], key: str) -> Iterator[str]:
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, 1):
                     if line.strip():
-                        record = json.loads(line)
-                        if key not in record:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as err:
+                            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+                        if not isinstance(record, dict) or key not in record:
                             raise ValueError(f"{path}:{number}: no '{key}' field (see --jsonl-key)")
                         yield record[key]
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield f.read()
+
+
+def check_has_text(paths: list[str], key: str) -> None:
+    """Refuse inputs without a single non-blank text, which would train a tokenizer of bytes only and
+    report success. Reads only up to the first text, so a real corpus costs nothing."""
+    if not any(text.strip() for text in iter_texts(paths, key)):
+        named = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        raise ValueError(f"--input: no text to train on in {named}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_from_args(args: argparse.Namespace) -> int:
     files = input_files(args.input)
+    check_has_text(files, args.jsonl_key)
     written = ["tokenizer.json"] + (["tokenizer.tiktoken"] if args.tiktoken else [])
     existing = [str(Path(args.out) / name) for name in written if (Path(args.out) / name).exists()]
     if existing and not args.force:

@@ -54,6 +54,21 @@ class StagedDirectory:
         self.commit()
 
 
+def check_creatable(final: str | Path) -> None:
+    """Raise a :class:`CheckpointError` naming ``final`` when no directory can be created there (a
+    parent is a regular file, or the nearest existing one is not writable). Writers call it before
+    reading anything, since :class:`StagedDirectory` only finds out when it creates the staging
+    directory, after the work."""
+    final = Path(final)
+    parent = final.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot create {final}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot create {final}: {parent} is not writable")
+
+
 def remove_stale_staging(root: Path) -> None:
     """Remove staging directories a killed writer left in ``root`` (call only while holding the run)."""
     for path in root.iterdir():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stablelm.checkpoint.atomic import StagedDirectory, write_latest
+from megatron_stablelm.checkpoint.atomic import StagedDirectory, check_creatable, write_latest
 from megatron_stablelm.checkpoint.layout import (
     TRAIN_STATE_FILE,
     CheckpointError,
@@ -34,6 +34,7 @@ from megatron_stablelm.checkpoint.layout import (
     iteration_of,
 )
 from megatron_stablelm.checkpoint.model_files import (
+    check_safetensors_file,
     config_at_tp_size,
     iter_canonical_tensors,
     read_header,
@@ -93,6 +94,7 @@ def reshard_checkpoint(
     dst = Path(dst)
     if dst.exists():
         raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+    check_creatable(dst)
     new_cfg = config_at_tp_size(ckpt, meta, cfg, tp, "reshard")
     kinds = _files_by_kind(ckpt)
     if kinds["unknown"] and not skip_unknown:
@@ -100,6 +102,9 @@ def reshard_checkpoint(
             f"{ckpt}: unknown files {kinds['unknown'][:5]} (possibly TP-dependent); pass --skip-unknown to "
             "leave them out"
         )
+    kept_optimizer = bool(kinds["optim"]) and optimizer
+    for optim in kinds["optim"] if kept_optimizer else []:  # a truncated file fails here, not half-way
+        check_safetensors_file(ckpt / optim)
     state = read_train_state(ckpt)
     iteration = iteration_of(ckpt)
     name = iteration_dirname(iteration if iteration is not None else int((state or {}).get("iteration", 0)))
@@ -107,7 +112,6 @@ def reshard_checkpoint(
     try:
         with StagedDirectory(dst / name) as tmp:
             _resplit_model(ckpt, tmp, new_cfg, tp, int(meta["padded_vocab_size"]))
-            kept_optimizer = bool(kinds["optim"]) and optimizer
             if kept_optimizer:
                 count = _resplit_optimizer(ckpt, tmp, meta, cfg, tp)
                 log(f"optimizer state: {count} tensors resharded to TP={tp}")

@@ -221,6 +221,24 @@ def _active_hosts(cfg: Config, pool: ResourcePool | None) -> dict[str, list[int]
     return {"localhost": list(range(cfg.num_gpus))} if cfg.num_gpus else {}
 
 
+def _check_tp_per_node(cfg: Config, hosts: Mapping[str, list[int]], pool: ResourcePool | None) -> None:
+    """Each node must run whole tensor-parallel groups: ranks are numbered node by node and a TP group is
+    ``model_parallel_size`` consecutive ranks, so any other count puts a group across two nodes (its
+    all-reduces in every layer over the network) or leaves a world size TP does not divide."""
+    tp = cfg.model_parallel_size
+    for host, gpus in hosts.items():
+        if len(gpus) % tp:
+            if pool is None:
+                given = f"num_gpus={cfg.num_gpus} on this machine"
+            else:
+                trimmed = f", num_gpus={cfg.num_gpus}" if cfg.num_gpus is not None else ""
+                given = f"slots={pool.slots[host]} in {pool.source}{trimmed}"
+            raise LaunchError(
+                f"host '{host}' runs {len(gpus)} rank(s) ({given}), not a multiple of model_parallel_size="
+                f"{tp}: a tensor-parallel group of {tp} consecutive ranks must sit on one node"
+            )
+
+
 def command_tail(
     script: str | Path | None, config_paths: Sequence[str | Path], extra_args: Sequence[str]
 ) -> list[str]:
@@ -235,7 +253,8 @@ def resolve_request(
     """Validate the launch keys and resolve hosts and environment; reads the hostfile, writes nothing.
 
     Raises :class:`LaunchError` (or ``HostfileError``) for a request that cannot run: hostfile
-    without slots, unparsable node list, more nodes/GPUs than offered, conflicting keys, ...
+    without slots, unparsable node list, more nodes/GPUs than offered, a node's GPU count that TP does
+    not divide, conflicting keys, ...
     """
     _check_keys(cfg)
     env: dict[str, str] = {JOB_DIR_ENV: str(job_dir)}
@@ -244,6 +263,7 @@ def resolve_request(
     passthrough = {k: v for k, v in sorted(environ.items()) if k.startswith(PASS_THROUGH_PREFIXES)}
     pool = _resource_pool(cfg, launcher, environ, job_dir)
     hosts = _active_hosts(cfg, pool)
+    _check_tp_per_node(cfg, hosts, pool)
     master_addr = cfg.master_addr or (next(iter(hosts)) if pool is not None and len(hosts) > 1 else None)
     in_slurm = slurm_nodelist(environ) is not None
     job_id = environ.get("SLURM_JOB_ID")
