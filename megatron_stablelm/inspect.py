@@ -1,8 +1,10 @@
 """Model inspection without allocating weights: ``python -m megatron_stablelm.inspect CONFIG...``.
 
 Prints the resolved architecture, the exact parameter count, the padded vocabulary and an estimate of
-memory per GPU for the config's parallel layout. The model is built on the meta device, so a 12B
-config inspects in a second on a laptop.
+memory per GPU for the config's parallel layout. Both are arithmetic (:func:`parameters_per_gpu`, checked
+against the model built on the meta device by tests/test_inspect.py, and :func:`activation_bytes`): no
+weight is allocated and no model is built, so any config inspects at once, and train.py refuses a model
+that cannot fit its device (:func:`check_fits`) before building anything.
 
 Memory model (per GPU, bytes):
 
@@ -25,12 +27,14 @@ Memory model (per GPU, bytes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args
+from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args, positive_int
 from megatron_stablelm.config import Config, ConfigError, load_config
 
 GIB = 1024**3
@@ -70,30 +74,88 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def estimate_memory(
-    cfg: Config, shapes: dict[str, tuple[int, ...]], vocab: int, dp: int, flash: bool = True
-) -> MemoryEstimate:
-    from megatron_stablelm.model import config_splits
+def parameters_per_gpu(cfg: Config, vocab: int) -> int:
+    """Parameters one GPU of a TP group holds (weights split over TP, norms and row-parallel biases
+    replicated), counted from the config: no model is built, so even a config with 10⁷ layers is
+    counted at once (tests/test_inspect.py checks it against the meta model's shapes and splits)."""
+    tp, h, d = cfg.model_parallel_size, cfg.hidden_size, cfg.head_dim
+    a, kv, ffn = cfg.num_attention_heads, cfg.kv_heads, cfg.ffn_hidden_size
+    norm = h * (2 if cfg.use_bias_in_norms else 1)
+    split = (a + 2 * kv) * d * (h + cfg.qkv_bias) + a * d * h  # QKV (+ bias), attention output
+    split += (2 if cfg.is_gated_mlp else 1) * ffn * (h + cfg.use_bias_in_mlp) + ffn * h  # fc1 (+ bias), fc2
+    if cfg.qk_norm:
+        split += (a + kv) * d * (2 if cfg.use_bias_in_qk_norm else 1)
+    replicated = norm * (1 if cfg.gpt_j_tied else 2) + h * (cfg.dense_bias + cfg.use_bias_in_mlp)
+    embeddings = vocab * h * (1 if cfg.tied_embeddings else 2)
+    return cfg.num_layers * (split // tp + replicated) + embeddings // tp + norm
 
+
+def estimate_memory(cfg: Config, vocab: int, dp: int, flash: bool = True) -> MemoryEstimate:
+    """The memory model of the module docstring at the ZeRO stage the run uses (bf16 and fp16 always
+    run under ZeRO). Pure arithmetic, so it answers at once for any size."""
     tp = cfg.model_parallel_size
-    splits = config_splits(cfg)
-    per_gpu_params = 0
-    for name, shape in shapes.items():
-        n = math.prod(shape)
-        per_gpu_params += n if splits[name].dim is None else n // tp
+    per_gpu_params = parameters_per_gpu(cfg, vocab)
     dtype = cfg.params_dtype_name
     width = 4 if dtype == "fp32" else 2
     weights = per_gpu_params * width
     gradients = per_gpu_params * width
     optimizer_bytes = per_gpu_params * (8 + (4 if dtype != "fp32" else 0))
-    if cfg.zero_stage >= 1:
+    if cfg.effective_zero_stage >= 1:
         optimizer_bytes /= dp
-    if cfg.zero_stage >= 2:
+    if cfg.effective_zero_stage >= 2:
         gradients /= dp
     without = activation_bytes(cfg, vocab, tp=tp, sequence_parallel=False, flash=flash)
     with_sp = activation_bytes(cfg, vocab, tp=tp, sequence_parallel=tp > 1, flash=flash)
     activations = with_sp if cfg.uses_sequence_parallel else without
     return MemoryEstimate(weights, gradients, optimizer_bytes, activations, without, with_sp)
+
+
+def device_memory(local_rank: int = 0) -> tuple[int, str]:
+    """(bytes, which memory) a training process has: its GPU's (the trainer runs on CUDA whenever it is
+    available, on GPU ``LOCAL_RANK``), else the machine's RAM. Imports torch, so call it after the
+    config checks (train.py's data checks import torch next anyway)."""
+    import torch
+
+    if torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"GPU {index} ({props.name})"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+def check_fits(cfg: Config, vocab: int, dp: int, capacity: int, device: str) -> None:
+    """Refuse a model whose :func:`estimate_memory` per device exceeds ``capacity`` bytes, naming the
+    sizes behind each part: building it would take minutes (or hang, at 10⁷ layers) before running out
+    of memory. The estimate leaves out allocator overhead and workspaces (and the vocabulary when
+    ``vocab`` is 0), so what it refuses cannot run."""
+    mem = estimate_memory(cfg, vocab, dp)
+    if mem.total <= capacity:
+        return
+    states = mem.weights + mem.gradients + mem.optimizer
+    embedding = f" + vocabulary {vocab} × hidden_size {cfg.hidden_size}" if vocab else ""
+    parts = {
+        f"weights, gradients and optimizer states {_bytes(states)} ({parameters_per_gpu(cfg, vocab):.3g} "
+        f"parameters per GPU: num_layers {cfg.num_layers} × hidden_size {cfg.hidden_size}{embedding})": states,
+        f"activations {_bytes(mem.activations)} (seq_length {cfg.seq_length} × train_micro_batch_size_per_gpu "
+        f"{cfg.train_micro_batch_size_per_gpu} × num_layers {cfg.num_layers} × hidden_size {cfg.hidden_size})": (
+            mem.activations
+        ),
+    }
+    detail = "; ".join(sorted(parts, key=parts.__getitem__, reverse=True))
+    raise ConfigError(
+        f"the model would run out of memory: it needs about {_bytes(mem.total)} per device (the estimate of "
+        f"python -m megatron_stablelm.inspect), more than the {_bytes(capacity)} of {device}: {detail}"
+    )
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in GiB, or in the larger binary unit that keeps the number below 1024."""
+    value = n / GIB
+    for unit in ("GiB", "TiB", "PiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:,.1f} EiB"
 
 
 def activation_bytes(
@@ -168,14 +230,9 @@ def _mlp_kind(cfg: Config) -> str:
 
 
 def report(cfg: Config, vocab: int, dp: int) -> str:
-    from megatron_stablelm.model import canonical_shapes
-
-    shapes = canonical_shapes(cfg, vocab)
-    total = sum(math.prod(s) for s in shapes.values())
-    embedding = math.prod(shapes["embedding.weight"]) + (
-        math.prod(shapes["output.weight"]) if "output.weight" in shapes else 0
-    )
-    mem = estimate_memory(cfg, shapes, vocab, dp)
+    total = parameters_per_gpu(dataclasses.replace(cfg, model_parallel_size=1), vocab)  # the whole model
+    embedding = vocab * cfg.hidden_size * (1 if cfg.tied_embeddings else 2)
+    mem = estimate_memory(cfg, vocab, dp)
     residual = "sequential"
     if cfg.gpt_j_residual:
         residual = "parallel (one shared LayerNorm)" if cfg.gpt_j_tied else "parallel (two LayerNorms)"
@@ -200,7 +257,7 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
         f"padded vocab:        {vocab:,}",
         f"parameters:          {total:,} ({total / 1e9:.3f} B; {total - embedding:,} non-embedding)",
         f"parallel layout:     TP={cfg.model_parallel_size} × DP={dp} ({cfg.model_parallel_size * dp} GPUs), "
-        f"ZeRO stage {cfg.zero_stage}, {cfg.params_dtype_name}",
+        f"ZeRO stage {cfg.effective_zero_stage}, {cfg.params_dtype_name}",
         f"micro-batch:         {cfg.train_micro_batch_size_per_gpu} × {cfg.seq_length} tokens, "
         f"activation checkpointing {'on' if cfg.checkpoint_activations else 'off'}",
         "memory per GPU (estimate):",
@@ -227,26 +284,13 @@ def _sp_state(cfg: Config) -> str:
     return "sequence parallelism off"
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a data-parallel size or a vocabulary cannot be 0)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_stablelm.inspect", description=__doc__.split("\n")[0]
     )
     add_config_arguments(parser)
-    parser.add_argument("--padded-vocab-size", type=_positive_int, default=None)
-    parser.add_argument(
-        "--dp", type=_positive_int, default=1, help="data-parallel size for the ZeRO estimate"
-    )
+    parser.add_argument("--padded-vocab-size", type=positive_int, default=None)
+    parser.add_argument("--dp", type=positive_int, default=1, help="data-parallel size for the ZeRO estimate")
     args = parse_config_args(parser, argv)
     try:
         cfg = load_config(args.configs, overrides_from(args))

@@ -63,6 +63,27 @@ def test_count_equals_transformers(path, single_rank):
     assert framework_count(cfg) == hf_count
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize(
+    "variant",
+    [[], ["qk_norm=true", "use_bias_in_qk_norm=true"], ["gpt_j_residual=true", "gpt_j_tied=true"]],
+    ids=["as-shipped", "qk-norm", "one-norm"],
+)
+def test_arithmetic_parameter_count_equals_the_model(variant, tp):
+    """``parameters_per_gpu`` (the memory estimate's count, no model built) against the meta model's
+    shapes and TP splits, for every shipped architecture (at 2 layers: the count is linear in them)."""
+    from megatron_stablelm.inspect import parameters_per_gpu
+    from megatron_stablelm.model import config_splits
+
+    for path in SHIPPED + sorted((ROOT / "configs" / "tiny").glob("*.yml")):
+        overrides = [f"model_parallel_size={tp}", "num_layers=2", "attention_config=null", *variant]
+        cfg = load_config([path], overrides=overrides, report_ignored=False)
+        splits = config_splits(cfg)
+        shapes = canonical_shapes(cfg, cfg.padded_vocab_size)
+        held = sum(math.prod(s) // (1 if splits[n].dim is None else tp) for n, s in shapes.items())
+        assert parameters_per_gpu(cfg, cfg.padded_vocab_size) == held, path.name
+
+
 def run_inspect(*args):
     return subprocess.run(
         [sys.executable, "-m", "megatron_stablelm.inspect", *args], cwd=ROOT, capture_output=True, text=True

@@ -75,18 +75,11 @@ def check_writable(root: str | Path, checkpoint_bytes: int) -> str:
     the size of one checkpoint. Returns a one-line report; raises :class:`CheckpointError` naming the
     directory when it cannot be written or one checkpoint would not fit."""
     root = Path(root)
-    probe = root / f".write-test-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as fh:
-            fh.write(b"ok")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_probe(root)
     except OSError as err:
         raise CheckpointError(f"{root}: the save directory is not writable ({err.strerror})") from None
-    finally:
-        if probe.exists():
-            probe.unlink()
     free = shutil.disk_usage(root).free
     if free < checkpoint_bytes:
         raise CheckpointError(
@@ -94,3 +87,32 @@ def check_writable(root: str | Path, checkpoint_bytes: int) -> str:
             f"{checkpoint_bytes / 2**30:.2f} GiB"
         )
     return f"{root}: {free / 2**30:.1f} GiB free, one checkpoint is about {checkpoint_bytes / 2**30:.2f} GiB"
+
+
+def unwritable_reason(directory: str | Path) -> str | None:
+    """Why ``directory`` could not be created and written, or None, found without creating it: the
+    nearest directory that exists must take a file (a probe, removed at once). train.py asks before
+    anything is built, so a bad ``save`` or ``log_dir`` fails in a second, not after setup."""
+    existing = Path(directory).absolute()
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{existing} is not a directory"
+        _write_probe(existing)
+    except OSError as err:
+        return f"{existing} is not writable ({err.strerror})"
+    return None
+
+
+def _write_probe(directory: Path) -> None:
+    """Write, sync and remove a small file in ``directory``; OSError when it cannot be written."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"ok")
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        if probe.exists():
+            probe.unlink()

@@ -39,6 +39,35 @@ PRECISIONS = ("fp32", "float32", *FP16_NAMES, *BF16_NAMES)
 ADAM_TYPES = ("adam", "adamw", "fusedadam", "fused_adam", "apex_adam")
 ADAM_IMPLS = ("auto", "torch", "torch_fused", "apex")
 ZERO_STAGES = (0, 1, 2)
+# The keys of the blocks handed to DeepSpeed, whose pydantic models refuse any other key only when the
+# engine starts, a minute into a run: the fields and aliases of DeepSpeed's DeepSpeedZeroConfig and
+# DeepSpeedFP16Config (kept here because importing DeepSpeed imports torch; tests/test_bad_input_config.py
+# compares them with the installed DeepSpeed's models, so they cannot drift).
+DEEPSPEED_ZERO_KEYS = frozenset(
+    """allgather_bucket_size allgather_partitions allgather_sequential compute_grad_norm contiguous_gradients
+    cpu_offload cpu_offload_param cpu_offload_use_pin_memory elastic_checkpoint enable_sanity_checks
+    gather_16bit_weights_on_model_save ignore_unused_parameters leaf_module legacy_stage1
+    load_from_fp32_weights log_trace_cache_warnings max_live_parameters max_reuse_distance
+    memory_efficient_linear model_persistence_threshold module_granularity_threshold offload_optimizer
+    offload_param overlap_comm override_module_apply param_persistence_threshold parameter_alignment
+    pipeline_loading_checkpoint prefetch_bucket_size reduce_bucket_size reduce_scatter round_robin_gradients
+    save_muon_momentum_buffer_in_memory stage stage3_allgather_sequential
+    stage3_gather_16bit_weights_on_model_save stage3_gather_fp16_weights_on_model_save
+    stage3_max_live_parameters stage3_max_reuse_distance stage3_model_persistence_threshold
+    stage3_module_granularity_threshold stage3_param_persistence_threshold stage3_prefetch_bucket_size
+    stage3_use_all_reduce_for_fetch_params sub_group_size use_all_reduce_for_fetch_params
+    use_multi_rank_bucket_allreduce zenflow zero_hpz_partition_size zero_quantized_gradients
+    zero_quantized_nontrainable_weights zero_quantized_weights""".split()
+)
+DEEPSPEED_FP16_KEYS = frozenset(
+    """auto_cast consecutive_hysteresis enabled fp16_master_weights_and_grads hysteresis initial_scale_power
+    loss_scale loss_scale_window min_loss_scale""".split()
+)
+# GPT-NeoX's ZeRO keys that the engine drops before DeepSpeed sees them (CPU offload is not done here).
+ZERO_KEYS_DROPPED = frozenset(
+    {"cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory", "load_from_fp32_weights"}
+)
+FP16_KEYS_DROPPED = frozenset({"type"})  # GPT-NeoX's precision name inside the block
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 DATA_IMPLS = ("mmap", "infer")  # GPT-NeoX's "infer" finds the mmap format, the only one written here

@@ -58,23 +58,78 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """One config file as a dict with normalised keys. PyYAML reads NeoX's JSON-like files as they are
     (``#`` comments, trailing commas, ``540_000``)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        text = path.read_bytes()  # bytes: PyYAML decodes them and names a byte that is not text
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
+    data = _load_yaml(text, str(path), top_level=True)
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
-    out: dict[str, Any] = {}
-    for raw_key, value in data.items():
-        key = normalize_key(raw_key)
-        if key in out:
-            raise ConfigError(f"{path}: key '{key}' is given twice (as '{raw_key}' and another spelling)")
-        out[key] = value
-    return out
+    return {normalize_key(key): value for key, value in data.items()}
+
+
+def _load_yaml(text: bytes | str, source: str, *, top_level: bool) -> Any:
+    """``yaml.safe_load`` (no tag runs code) that refuses a key given twice in one mapping, which PyYAML
+    accepts silently (the second wins): a hand-merged GPT-NeoX file would otherwise train with whichever
+    value happens to come last. Errors are one line naming ``source``."""
+    try:
+        loader = yaml.SafeLoader(text)  # reads the start of the text already (its encoding)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _refuse_duplicate_keys(node, source, top_level, set())
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, top_level: bool, seen: set[int]) -> None:
+    """Raise naming the key and both lines when a mapping gives a key twice. A config's top-level keys
+    are compared as GPT-NeoX reads them (``train-iters`` is ``train_iters``); nested blocks (DeepSpeed's
+    ``zero_optimization``...) as written. ``seen`` guards against YAML aliases that refer to themselves."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    children: list[yaml.Node] = list(node.value) if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, tuple[str, int]] = {}
+        for key_node, value_node in node.value:
+            children.append(value_node)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = normalize_key(key_node.value) if top_level else key_node.value
+            line = key_node.start_mark.line + 1
+            if key in first:
+                spelled, earlier = first[key]
+                raise ConfigError(
+                    f"{source}: key '{key}' is given twice, as '{spelled}' on line {earlier} and as "
+                    f"'{key_node.value}' on line {line}; keep one"
+                )
+            first[key] = (key_node.value, line)
+    for child in children:
+        _refuse_duplicate_keys(child, source, False, seen)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and where (its own message spans several lines and
+    quotes the text with a caret under it)."""
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"not a text file ({err.reason}: {err.character:#04x} at offset {err.position})"
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        context = f"{err.context}: " if err.context else ""
+        return f"{context}{err.problem}{where}"
+    return " ".join(str(err).split())
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -94,7 +149,7 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     def bad() -> ConfigError:
         return ConfigError(
             f"{source}: key '{key}' must be {getattr(base, '__name__', base)}, got {value!r} "
-            f"({type(value).__name__})"
+            f"({type(value).__name__}){_number_as_text_hint(value)}"
         )
 
     if base is bool:
@@ -133,11 +188,23 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
+def _number_as_text_hint(value: Any) -> str:
+    """PyYAML (YAML 1.1) reads ``1e15`` and ``1.0e15`` as strings (a float needs a dot and a signed
+    exponent): say so where a number was meant."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value.replace("_", ""))
+    except ValueError:
+        return ""
+    return f"; YAML reads '{value}' as text, not a number: write it in digits, or with a dot and a signed exponent (1.0e+15)"
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--override '{text}': expected key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _load_yaml(raw, f"--override '{text}'", top_level=False) if raw.strip() else None
     return normalize_key(key.strip()), value
 
 

@@ -12,6 +12,7 @@ have neither, and a config without them is complete for them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,10 @@ from megatron_stablelm.config.choices import (
     ATTENTION_TYPES,
     DATA_IMPLS,
     DATA_SPLITS,
+    DEEPSPEED_FP16_KEYS,
+    DEEPSPEED_ZERO_KEYS,
     DISTRIBUTED_BACKENDS,
+    FP16_KEYS_DROPPED,
     GATED_ACTIVATIONS,
     GATED_MLP_TYPES,
     INIT_METHODS,
@@ -35,6 +39,7 @@ from megatron_stablelm.config.choices import (
     RECOMPUTE_GRANULARITIES,
     TOKENIZER_TYPES,
     WANDB_RESUME_MODES,
+    ZERO_KEYS_DROPPED,
     ZERO_STAGES,
 )
 from megatron_stablelm.config.errors import ConfigError
@@ -249,6 +254,11 @@ def _check_lists(check: _Checker) -> None:
     for prefix in DATA_SPLITS:
         paths = getattr(cfg, f"{prefix}_data_paths")
         weights = getattr(cfg, f"{prefix}_data_weights")
+        if weights and not paths:
+            fail(
+                f"{prefix}_data_weights",
+                f"gives a weight per {prefix}_data_paths entry, but {prefix}_data_paths is not set",
+            )
         if paths and weights and len(paths) != len(weights):
             fail(
                 f"{prefix}_data_weights",
@@ -271,6 +281,8 @@ def _check_lists(check: _Checker) -> None:
             "split",
             f"expected up to three comma-separated non-negative numbers, got {cfg.split!r}",
         )
+    if not any(float(p) for p in parts):  # the shares are normalised by their sum
+        fail("split", f"gives every split a share of 0 ({cfg.split!r}); at least one must be positive")
 
 
 def _check_fim(check: _Checker) -> None:
@@ -308,6 +320,9 @@ def _check_precision_and_zero(check: _Checker) -> None:
             fail(key, f"`enabled` must be true or false, got {block.get('enabled')!r}")
     if cfg.bf16 and cfg.bf16.get("enabled", True) and cfg.fp16 and cfg.fp16.get("enabled", True):
         fail("fp16", "bf16 and fp16 cannot both be enabled")
+    _check_deepspeed_block(check, "zero_optimization", DEEPSPEED_ZERO_KEYS | ZERO_KEYS_DROPPED)
+    if cfg.params_dtype_name == "fp16":  # the engine hands the block to DeepSpeed only then
+        _check_deepspeed_block(check, "fp16", DEEPSPEED_FP16_KEYS | FP16_KEYS_DROPPED)
     stage = (cfg.zero_optimization or {}).get("stage", 0)
     if stage == 3:
         fail("zero_optimization", "ZeRO stage 3 is not supported (use 0, 1 or 2)")
@@ -316,6 +331,16 @@ def _check_precision_and_zero(check: _Checker) -> None:
             "zero_optimization",
             f"unknown ZeRO stage {stage!r}; expected one of 0, 1, 2",
         )
+
+
+def _check_deepspeed_block(check: _Checker, key: str, allowed: frozenset[str]) -> None:
+    """A block handed to DeepSpeed has only keys its config model knows: DeepSpeed would refuse any
+    other only when its engine starts, a minute into the run."""
+    unknown = sorted(str(sub) for sub in getattr(check.cfg, key) or {} if sub not in allowed)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        check.fail(key, f"unknown sub-key '{unknown[0]}' (DeepSpeed's config has no such key){hint}")
 
 
 def _check_schedule(check: _Checker, training: bool) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from megatron_stablelm.checkpoint.layout import CheckpointError
+
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 
@@ -38,12 +40,18 @@ class RunRecord:
         self.started = time.time()
 
     def start(self, config: dict[str, Any], argv: list[str] | None = None) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        (self.directory / "run_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-        command = shlex.join(argv if argv is not None else [sys.executable, *sys.argv])
-        with open(self.directory / "command.txt", "a") as fh:
-            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
+        """Create the directories and write the config and command line; a directory that cannot be
+        written is a :class:`CheckpointError` naming it (train.py checks both before anything is built,
+        see ``checkpoint.run_directory.unwritable_reason``; this catches what changed since)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / "run_config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+            command = shlex.join(argv if argv is not None else [sys.executable, *sys.argv])
+            with open(self.directory / "command.txt", "a") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {command}\n")
+        except OSError as err:
+            raise CheckpointError(f"cannot write the run's record: {err.filename}: {err.strerror}") from None
 
     def log(self, line: str) -> None:
         with open(self.log_path, "a") as fh:
