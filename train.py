@@ -8,7 +8,8 @@ GPU and gloo on CPU unless ``distributed_backend`` says otherwise.
 
 Exit codes: 0 finished, or saved and stopped on SIGTERM/SIGINT (or SIGTERM before training started);
 2 bad config/checkpoint/data (reported before the first step; nothing is written); 3 stopped after
-``max_nonfinite_steps`` non-finite steps; 130 Ctrl-C before training started, or a second Ctrl-C
+``max_nonfinite_steps`` non-finite steps, or no step of the run applied an update; 4 the hang watchdog
+found no progress for ``watchdog_timeout`` seconds (stacks in ``hang_rank<R>.txt``); 130 Ctrl-C before training started, or a second Ctrl-C
 (see ``megatron_stablelm/signals.py``).
 """
 
@@ -112,11 +113,35 @@ def _check_shards(cfg, vocab_size: int) -> None:
         check_shard(prefix, vocab_size, scan_tokens=False)
 
 
-def _launch_position() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment, read without importing torch."""
-    env = os.environ
-    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
-    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+class LaunchError(ValueError):
+    """The launcher's environment (``RANK``, ``WORLD_SIZE``, ...) describes no possible job."""
+
+
+def _launch_position(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment, read without importing torch, and checked:
+    a stale ``WORLD_SIZE=2`` left in a shell would otherwise make a one-process start wait forever for
+    a peer. Which variables a value came from is named in the error."""
+    env = os.environ if env is None else env
+    values = {}
+    for key, fallback, default in (("RANK", "SLURM_PROCID", "0"), ("WORLD_SIZE", "SLURM_NTASKS", "1")):
+        name = key if key in env else fallback if fallback in env else None
+        raw = env[name] if name else default
+        try:
+            values[key] = (int(raw), name)
+        except ValueError:
+            raise LaunchError(f"{name}={raw!r} in the environment is not a whole number") from None
+    (rank, rank_var), (world, world_var) = values["RANK"], values["WORLD_SIZE"]
+    if world < 1 or not 0 <= rank < world:
+        raise LaunchError(
+            f"{rank_var or 'RANK'}={rank} and {world_var or 'WORLD_SIZE'}={world} in the environment describe "
+            "no possible job (0 <= rank < world size); a launcher sets them: unset them to run one process"
+        )
+    if world > 1 and rank_var == "RANK" and "MASTER_ADDR" not in env:
+        raise LaunchError(
+            f"RANK={rank} WORLD_SIZE={world} in the environment but no MASTER_ADDR to meet the other ranks at: "
+            "start through a launcher (deepspeed, torchrun, python -m megatron_stablelm.launch), or unset "
+            "RANK and WORLD_SIZE to run one process"
+        )
     return rank, world
 
 
@@ -135,19 +160,43 @@ def _fail(message: str, code: int) -> int:
 
 
 def _check_inputs(args: argparse.Namespace, rank: int, world: int):
-    """Everything that can be checked before importing torch, megatron-core or DeepSpeed: the config
-    (keys, types, ranges, combinations) and the batch layout at this world size. Seconds, not minutes."""
+    """Everything that can be checked before importing megatron-core or DeepSpeed: the config (keys,
+    types, ranges, combinations), the batch layout at this world size, the output directories and
+    whether the model fits its device. Seconds, not minutes; nothing is written."""
     from megatron_stablelm.cli import overrides_from
     from megatron_stablelm.config import load_config, validate_layout
 
     cfg = load_config(args.configs, overrides_from(args), report_ignored=rank == 0, training=True)
-    return cfg, validate_layout(cfg, world)
+    layout = validate_layout(cfg, world)
+    _check_run_resources(cfg, layout.dp_size, rank)
+    return cfg, layout
+
+
+def _check_run_resources(cfg, dp_size: int, rank: int) -> None:
+    """The directories the run will write (``save`` on every rank, which all write their shards there;
+    the log and TensorBoard directories on rank 0, their only writer) can be created, and the model
+    fits its device (``inspect.check_fits``; it imports torch, which the data checks import next
+    anyway). ConfigError naming the key, directory or sizes."""
+    from megatron_stablelm.checkpoint.run_directory import unwritable_reason
+    from megatron_stablelm.config import ConfigError
+    from megatron_stablelm.inspect import check_fits, device_memory
+
+    directories = {"save": "save", "log_dir": "log", "tensorboard_dir": "TensorBoard"}
+    for key, name in directories.items() if rank == 0 else [("save", "save")]:
+        directory = getattr(cfg, key)
+        if directory and (why := unwritable_reason(directory)):
+            raise ConfigError(f"key '{key}': {directory}: the {name} directory is not writable ({why})")
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    check_fits(cfg, cfg.padded_vocab_size or 0, dp_size, *device_memory(local_rank))
 
 
 def _train(args: argparse.Namespace, stop) -> int:
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    rank, world = _launch_position()
+    try:
+        rank, world = _launch_position()
+    except LaunchError as err:
+        return _fail(str(err), 2)
     from megatron_stablelm.config import ConfigError
 
     try:
@@ -160,9 +209,9 @@ def _train(args: argparse.Namespace, stop) -> int:
         tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
         if not args.synthetic_data:
             _check_shards(cfg, tokenizer.vocab_size)
-        from megatron_stablelm.checkpoint.selection import checkpoint_to_resume
+        from megatron_stablelm.checkpoint.selection import plan_resume
 
-        checkpoint_to_resume(cfg, padded)  # the checkpoint to load: complete, and this model's
+        resume = plan_resume(cfg, padded)  # where the run starts: checked complete, and this model's
     except user_errors as err:
         return _fail(str(err), 2)
 
@@ -176,7 +225,11 @@ def _train(args: argparse.Namespace, stop) -> int:
 
             plan_splits(cfg, tokenizer.vocab_size, layout.dp_size, scan_tokens=False)
         trainer = Trainer(
-            cfg, _data_factory(cfg, tokenizer, padded, args.synthetic_data), padded_vocab=padded, stop=stop
+            cfg,
+            _data_factory(cfg, tokenizer, padded, args.synthetic_data),
+            padded_vocab=padded,
+            stop=stop,
+            resume=resume,
         )
         trainer.setup()
         result = trainer.train()

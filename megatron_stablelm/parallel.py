@@ -7,10 +7,12 @@ single-rank gloo group, so the same model code runs in a notebook, a test and on
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -70,7 +72,8 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            with _waiting_notice():
+                dist.init_process_group(backend=backend, timeout=timeout)
         else:
             # No launcher: a single local rank. The environment is left untouched so that child
             # processes (tools, launchers) do not inherit a stale rendezvous address.
@@ -89,6 +92,36 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
             return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+
+
+RENDEZVOUS_NOTICE_ENV = "MEGATRON_STABLELM_RENDEZVOUS_NOTICE_S"
+
+
+@contextlib.contextmanager
+def _waiting_notice():
+    """Say so when meeting the other ranks takes long (default 60 s, ``RENDEZVOUS_NOTICE_ENV``): a rank
+    that never started, or a stale ``RANK``/``WORLD_SIZE`` in a shell, otherwise looks like a silent
+    hang until the process-group timeout (30 minutes). A healthy start says nothing."""
+    env = os.environ
+    where = f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"
+    seconds = float(env.get(RENDEZVOUS_NOTICE_ENV, "60"))
+
+    def notice() -> None:
+        print(
+            f"[parallel] rank {env['RANK']} of {env['WORLD_SIZE']}: still waiting after {seconds:g} s for the "
+            f"other ranks at {where} (MASTER_ADDR:MASTER_PORT); a rank that did not start, or RANK/WORLD_SIZE "
+            "left in the environment of a one-process start?",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    timer = threading.Timer(seconds, notice)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def allow_megatron_collectives_on_cpu() -> None:

@@ -154,8 +154,10 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert "hidden_size: checkpoint 64, config 128" in bad_arch.stderr
     bad_batch = run_train(cfg, overrides=["train_batch_size=3"])
     assert bad_batch.returncode == 2 and "does not fit the world size" in bad_batch.stderr
-    no_ckpt = run_train(cfg, overrides=[f"load={tmp_path / 'nothing'}"])
+    # (a `load` is read only while `save` holds no checkpoint: this run's own progress comes first)
+    no_ckpt = run_train(cfg, overrides=[f"load={tmp_path / 'nothing'}", f"save={tmp_path / 'other'}"])
     assert no_ckpt.returncode == 2 and "checkpoint path does not exist" in no_ckpt.stderr
+    assert not (tmp_path / "other").exists()
     for failed in (bad_arch, bad_batch, no_ckpt):
         assert "iter 1/" not in failed.stdout
     assert tree_digest(save) == before

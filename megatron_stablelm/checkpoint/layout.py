@@ -11,6 +11,9 @@
             optim_tp00_dp000.safetensors    Adam state per canonical parameter (trainer only)
             train_state.json                iteration, consumed samples/tokens, Adam step, loss scaler
             rng_rank00000.pt ...            RNG states of every rank (trainer only)
+        start_over.json                     written when a run started over from `load` (start_from_load)
+        skip_windows.json                   iteration windows a loss-spike rollback skips (training/spikes.py)
+        set_aside_20261207-213500/iter_...  checkpoints that start-over moved away (never overwritten)
 
 Weights-only checkpoints (conversion tools) have the first three kinds of file; the trainer adds the
 rest. Everything else in this package reads and writes through these names.
@@ -22,12 +25,16 @@ import re
 from pathlib import Path
 
 MODEL_FORMAT = 1
-TRAIN_FORMAT = 1
+TRAIN_FORMAT = 2  # 2: optimizer state written as each ZeRO partition's fragments (optimizer_files.py)
+READABLE_TRAIN_FORMATS = (1, 2)  # 1: whole tensors only
 
 META_FILE = "model_meta.json"
 CONFIG_FILE = "config.yml"
 LATEST_FILE = "latest"
 TRAIN_STATE_FILE = "train_state.json"
+START_OVER_FILE = "start_over.json"  # in a run directory: a start-over from `load` already happened
+SET_ASIDE_PREFIX = "set_aside_"
+SKIP_WINDOWS_FILE = "skip_windows.json"  # in a run directory: iterations a spike rollback skips  # in a run directory: checkpoints a start-over moved out of the way
 
 _ITER_DIR = re.compile(r"iter_(\d+)")
 _MODEL_SHARD = re.compile(r"model_tp(\d+)\.safetensors")
@@ -105,6 +112,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint path does not exist: {path}")
     raise CheckpointError(f"no checkpoint in {path} (neither {META_FILE} nor a '{LATEST_FILE}' file)")
+
+
+def published_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """``(iteration, directory)`` of every published checkpoint in run directory ``root``, oldest first.
+    A directory named ``iter_N`` is complete by construction: it only ever appears by the rename that
+    ends a save (:mod:`.atomic`), whatever ``latest`` says."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(
+        (it, path)
+        for path in root.iterdir()
+        if (it := iteration_of(path)) is not None and (path / META_FILE).is_file()
+    )
 
 
 def has_checkpoint(path: str | Path) -> bool:

@@ -125,10 +125,24 @@ def save_canonical_model(
 
 
 def read_meta(directory: str | Path) -> dict:
+    """``model_meta.json`` of a checkpoint, checked (format, TP size, vocabulary, one shape and split per
+    tensor) and every shard file's header; errors name the file."""
     directory = resolve_checkpoint(directory)
-    meta = json.loads((directory / META_FILE).read_text())
-    if meta.get("format_version") != MODEL_FORMAT:
-        raise CheckpointError(f"{directory}: unsupported checkpoint format {meta.get('format_version')}")
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not a readable checkpoint description ({_one_line(err)})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != MODEL_FORMAT:
+        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: unsupported checkpoint format {found}")
+    for key in ("tp_size", "padded_vocab_size"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: '{key}' must be a positive integer, not {value!r}")
+    shapes, splits = meta.get("shapes"), meta.get("splits", {})
+    if not isinstance(shapes, dict) or not shapes or not isinstance(splits, dict):
+        raise CheckpointError(f"{path}: 'shapes' must map every tensor to its shape")
     for rank in range(meta["tp_size"]):
         if not (directory / shard_filename(rank)).is_file():
             raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta['tp_size']})")
@@ -136,10 +150,10 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def check_safetensors_file(path: Path) -> None:
-    """From its header alone (no tensor is read): ``path`` is a complete safetensors file, i.e. its
-    JSON header parses and the file is exactly as long as the header's tensor offsets say. Catches a
-    truncated or overwritten file before anything is built."""
+def safetensors_header(path: Path) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file (name → dtype, shape, offsets; the string metadata)
+    from its header alone (no tensor is read), checked to describe exactly the file's bytes: catches a truncated or overwritten
+    file before anything is built."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -147,19 +161,32 @@ def check_safetensors_file(path: Path) -> None:
             if size < 8 or header_len > size - 8:
                 raise ValueError(f"a header of {header_len} bytes in a file of {size}")
             header = json.loads(fh.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        tensors = {k: t for k, t in header.items() if k != "__metadata__"}
+        end = max((t["data_offsets"][1] for t in tensors.values()), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(err)})") from None
     if 8 + header_len + end != size:
         raise CheckpointError(
             f"{path}: truncated or corrupt: the header describes {8 + header_len + end} bytes, the file has {size}"
         )
+    return tensors, header.get("__metadata__") or {}
+
+
+def check_safetensors_file(path: Path) -> None:
+    """``path`` is a complete safetensors file (:func:`safetensors_header`)."""
+    safetensors_header(path)
 
 
 def read_config(directory: str | Path) -> Config:
-    directory = resolve_checkpoint(directory)
-    values = yaml.safe_load((directory / CONFIG_FILE).read_text())
-    return config_from_dict(values)
+    """The resolved config a checkpoint was written with; errors name the file."""
+    path = resolve_checkpoint(directory) / CONFIG_FILE
+    try:
+        values = yaml.safe_load(path.read_text())
+        if not isinstance(values, dict):
+            raise ValueError(f"a mapping of config keys was expected, not {type(values).__name__}")
+        return config_from_dict(values)
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as err:  # ConfigError is a ValueError
+        raise CheckpointError(f"{path}: not a readable checkpoint config ({_one_line(err)})") from None
 
 
 def read_header(path: str | Path) -> tuple[Path, dict, Config]:
@@ -270,4 +297,8 @@ def _copy_shards(
             else:
                 _, full = next(iter_canonical_tensors(directory, [name]))
                 shard = spec.split(full, tp_rank, tp_size)
+            if not torch.isfinite(shard).all():  # a run from it would skip every step as non-finite
+                raise CheckpointError(
+                    f"{directory}: '{name}' holds non-finite values (NaN or inf); resume from an earlier checkpoint"
+                )
             param.copy_(shard.to(param.dtype))

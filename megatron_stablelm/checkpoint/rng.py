@@ -46,11 +46,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
             tensor_parallel.get_cuda_rng_tracker().set_states(state["cuda_tracker"])
 
 
-def save_rng_state(path: Path) -> None:
-    with open(path, "wb") as fh:  # a failed write raises OSError (disk full), not torch's RuntimeError
-        torch.save(rng_state(), fh)
-
-
 def load_rng_state(path: Path) -> None:
     set_rng_state(torch.load(path, weights_only=True))
 

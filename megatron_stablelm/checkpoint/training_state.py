@@ -1,7 +1,10 @@
 """Full training checkpoints: model shards, optimizer state, schedule and data position, RNG.
 
-Collective save: every rank calls :func:`save_training_checkpoint`. Everything is written into the
-hidden staging directory; after a barrier global rank 0 syncs it, renames it to ``iter_N`` and then
+Collective save: every rank calls :func:`save_training_checkpoint` (or, with ``async_save``,
+:class:`AsyncCheckpointWriter`). Each rank first copies its share to host memory (:func:`take_snapshot`:
+no communication: under ZeRO each DP rank holds, and writes, only its partition of the optimizer
+state), then writes it into the hidden staging directory (:func:`write_snapshot`, in the background
+when asynchronous); once every rank has written, global rank 0 renames it to ``iter_N`` and then
 replaces ``latest``. A crash at any point leaves the previous checkpoint and ``latest`` untouched; the
 stale staging directory is removed by the next save. Resume reads it back through
 :func:`checkpoint_for_config` (every check, before anything is built) and
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +45,7 @@ from megatron_stablelm.checkpoint.model_files import (
     write_model_files,
 )
 from megatron_stablelm.checkpoint.optimizer_files import OptimizerShards, state_key, write_optimizer_file
-from megatron_stablelm.checkpoint.rng import load_rng_state, save_rng_state
+from megatron_stablelm.checkpoint.rng import load_rng_state, rng_state
 from megatron_stablelm.checkpoint.selection import CheckpointInfo
 from megatron_stablelm.config import Config
 
@@ -55,7 +60,9 @@ class EngineState(Protocol):
     def accepts_state_key(self, key: str) -> bool: ...
     def adam_step(self) -> int: ...
     def prepare_state(self, step: int | None = None) -> None: ...
-    def get_state(self, name: str, key: str) -> torch.Tensor: ...
+    @property
+    def state_is_partitioned(self) -> bool: ...
+    def local_state(self, name: str, key: str) -> tuple[int, torch.Tensor] | None: ...
     def set_state(self, name: str, key: str, value: torch.Tensor) -> None: ...
     def loss_scaler_state(self) -> dict | None: ...
     def set_loss_scaler_state(self, state: dict | None) -> None: ...
@@ -90,18 +97,88 @@ def _test_stall(iteration: int) -> None:
         time.sleep(float(seconds))
 
 
-def _write_optimizer_share(tmp: Path, engine: EngineState) -> Path:
-    """Gather each parameter's state over the DP group (all DP ranks take part); DP rank ``i % dp``
-    keeps parameter ``i`` and writes its share."""
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory that training can no longer change (pinned on GPU, so the copy is a
+    DMA the step need not wait for beyond one synchronisation)."""
+    tensor = tensor.detach()
+    if tensor.is_cuda:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        return out.copy_(tensor, non_blocking=True)
+    return tensor.clone()
+
+
+@dataclass
+class Snapshot:
+    """This rank's share of a checkpoint in host memory, taken at a step boundary: the model shard (DP
+    rank 0), its own fragments of the optimizer state, its RNG state, and (rank 0) the training state.
+    Writing it needs no collective and no access to the live model, so it can run behind training."""
+
+    iteration: int
+    cfg: Config
+    vocab: tuple[int, int | None]  # (padded rows, the real vocabulary recorded for exports)
+    model: dict[str, torch.Tensor] | None
+    optimizer: dict[str, torch.Tensor]
+    fragment_starts: dict[str, int]
+    rng: dict[str, Any]
+    train_state: dict[str, Any] | None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = list(self.optimizer.values()) + list((self.model or {}).values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def take_snapshot(
+    engine: EngineState, cfg: Config, vocab: tuple[int, int | None], train_state: dict[str, Any]
+) -> Snapshot:
+    """This rank's share, copied to host memory; no communication. Under ZeRO a DP rank copies only the
+    range of each parameter's optimizer state its partition holds (fragments at their flat offsets);
+    without ZeRO, where every rank holds everything, DP rank ``i % dp`` takes parameter ``i`` whole."""
     dp_rank, dp_size = parallel.dp_rank(), parallel.dp_size()
     engine.prepare_state()
-    mine: dict[str, torch.Tensor] = {}
+    optimizer: dict[str, torch.Tensor] = {}
+    starts: dict[str, int] = {}
+    partitioned = engine.state_is_partitioned
     for index, (name, _) in enumerate(engine.model.named_parameters()):
+        if not partitioned and index % dp_size != dp_rank:
+            continue
         for key in engine.state_keys():
-            value = engine.get_state(name, key)
-            if index % dp_size == dp_rank:
-                mine[state_key(name, key)] = value
-    return write_optimizer_file(tmp, parallel.tp_rank(), parallel.tp_size(), dp_rank, dp_size, mine)
+            local = engine.local_state(name, key)
+            if local is not None:
+                starts[state_key(name, key)], optimizer[state_key(name, key)] = local
+    model = None
+    if dp_rank == 0:
+        model = {name: _host_copy(p) for name, p in engine.model.named_parameters()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the pinned copies are complete before anyone reads them
+    record = _train_state_record(engine, train_state) if _rank() == 0 else None
+    return Snapshot(int(train_state["iteration"]), cfg, vocab, model, optimizer, starts, rng_state(), record)
+
+
+def write_snapshot(tmp: Path, snap: Snapshot) -> None:
+    """This rank's files of the checkpoint, each synced (no collective: safe in a background thread)."""
+    written: list[Path] = []
+    if snap.model is not None:
+        written += write_model_files(
+            tmp, snap.cfg, parallel.tp_rank(), parallel.tp_size(), snap.model, *snap.vocab
+        )
+    _test_stall(snap.iteration)
+    written.append(
+        write_optimizer_file(
+            tmp, parallel.tp_rank(), parallel.tp_size(), parallel.dp_rank(), parallel.dp_size(),
+            snap.optimizer, snap.fragment_starts,
+        )
+    )  # fmt: skip
+    rng_file = tmp / rng_filename(_rank())
+    with open(rng_file, "wb") as fh:  # a failed write raises OSError (disk full), not torch's RuntimeError
+        torch.save(snap.rng, fh)
+    written.append(rng_file)
+    if snap.train_state is not None:
+        state_file = tmp / TRAIN_STATE_FILE
+        state_file.write_text(json.dumps(snap.train_state, indent=1))
+        written.append(state_file)
+    for path in written:
+        fsync_file(path)
 
 
 def _train_state_record(engine: EngineState, train_state: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +198,53 @@ def _train_state_record(engine: EngineState, train_state: dict[str, Any]) -> dic
     return state
 
 
+def _begin(root: Path, iteration: int) -> StagedDirectory:
+    """Collective: rank 0 opens the staging directory (never over a published checkpoint); every rank
+    leaves together, with one error when it could not."""
+    staged = StagedDirectory(root / iteration_dirname(iteration))
+    failure = None
+    if _rank() == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(root)
+            staged.begin()
+        except (CheckpointError, OSError) as err:
+            failure = str(err)
+    if _any_rank(failure is not None):
+        raise CheckpointError(
+            f"cannot save iteration {iteration} in {root} ({failure or 'failed on rank 0'}); nothing was written"
+        )
+    return staged
+
+
+def _write_failure(tmp: Path, snap: Snapshot) -> str | None:
+    """Write this rank's share; the failure as one line (disk full, quota, I/O error), or None."""
+    try:
+        write_snapshot(tmp, snap)
+    except OSError as err:
+        return f"{err.filename or tmp}: {err.strerror}"
+    except SafetensorError as err:  # safetensors reports its I/O errors as its own type
+        return f"{tmp}: {err}"
+    return None
+
+
+def _publish(root: Path, staged: StagedDirectory, iteration: int, failure: str | None) -> Path:
+    """Collective, once every rank has written (or failed): rank 0 renames the staging directory to
+    ``iter_N`` and then moves ``latest``; a failure anywhere aborts the save on every rank."""
+    if _any_rank(failure is not None):
+        if _rank() == 0:
+            staged.abort()
+        raise CheckpointError(
+            f"cannot save iteration {iteration} in {root} ({failure or 'failed on another rank'}); "
+            "the previous checkpoint and 'latest' are untouched"
+        )
+    if _rank() == 0:
+        staged.commit()
+        write_latest(root, staged.final.name)
+    _barrier()
+    return staged.final
+
+
 def save_training_checkpoint(
     root: str | Path,
     engine: EngineState,
@@ -131,61 +255,66 @@ def save_training_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory."""
     root = Path(root)
-    iteration = int(train_state["iteration"])
-    staged = StagedDirectory(root / iteration_dirname(iteration), overwrite=True)
-    rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(root)
-        staged.begin()
-    _barrier()
-    try:
-        _write_share(staged.tmp, engine, cfg, (padded_vocab, vocab_size), train_state, iteration)
-        failure = None
-    except OSError as err:  # disk full, quota, I/O error: this rank's share is incomplete
-        failure = f"{err.filename or staged.tmp}: {err.strerror}"
-    except SafetensorError as err:  # safetensors reports its I/O errors as its own type
-        failure = f"{staged.tmp}: {err}"
-    if _any_rank(failure is not None):
-        if rank == 0:
-            staged.abort()
-        raise CheckpointError(
-            f"cannot save iteration {iteration} in {root} ({failure or 'failed on another rank'}); "
-            "the previous checkpoint and 'latest' are untouched"
-        )
-    _barrier()
-    if rank == 0:
-        staged.commit()
-        write_latest(root, staged.final.name)
-    _barrier()
-    return staged.final
+    staged = _begin(root, int(train_state["iteration"]))
+    snap = take_snapshot(engine, cfg, (padded_vocab, vocab_size), train_state)
+    return _publish(root, staged, snap.iteration, _write_failure(staged.tmp, snap))
 
 
-def _write_share(
-    tmp: Path,
-    engine: EngineState,
-    cfg: Config,
-    vocab: tuple[int, int | None],  # (padded rows, the real vocabulary recorded for exports)
-    train_state: dict[str, Any],
-    iteration: int,
-) -> None:
-    """This rank's files of the checkpoint (model shard on DP rank 0, optimizer share, RNG state,
-    training state on rank 0), each synced."""
-    written: list[Path] = []
-    if parallel.dp_rank() == 0:
-        local = {name: p.detach() for name, p in engine.model.named_parameters()}
-        written += write_model_files(tmp, cfg, parallel.tp_rank(), parallel.tp_size(), local, *vocab)
-    _test_stall(iteration)
-    written.append(_write_optimizer_share(tmp, engine))
-    rng_file = tmp / rng_filename(_rank())
-    save_rng_state(rng_file)
-    written.append(rng_file)
-    if _rank() == 0:
-        state_file = tmp / TRAIN_STATE_FILE
-        state_file.write_text(json.dumps(_train_state_record(engine, train_state), indent=1))
-        written.append(state_file)
-    for path in written:
-        fsync_file(path)
+class AsyncCheckpointWriter:
+    """``async_save: true``: the step boundary only takes the :class:`Snapshot` (host copies); a
+    background thread writes and syncs it, and the save is published (rename, ``latest``) at a later
+    step boundary once every rank has finished, by :meth:`poll`. One save is in flight at a time (the
+    next waits for it). A failed write is reported by :meth:`poll` on every rank, keeping the previous
+    checkpoint; a process killed mid-write leaves only a staging directory (removed by the next save)."""
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+        self._staged: StagedDirectory | None = None
+        self._iteration = 0
+        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
+        self.started = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return self._staged is not None
+
+    def start(
+        self,
+        root: str | Path,
+        engine: EngineState,
+        cfg: Config,
+        padded_vocab: int,
+        train_state: dict[str, Any],
+        vocab_size: int | None = None,
+    ) -> Snapshot:
+        """Collective. Returns the snapshot (its size says what the background write moves)."""
+        if self.pending:
+            raise RuntimeError("a save is already in flight: poll(wait=True) first")
+        self._root = Path(root)
+        self.started = time.perf_counter()
+        self._staged = _begin(self._root, int(train_state["iteration"]))
+        snap = take_snapshot(engine, cfg, (padded_vocab, vocab_size), train_state)
+        self._iteration, self._failure = snap.iteration, None
+
+        def write() -> None:
+            self._failure = _write_failure(self._staged.tmp, snap)
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{snap.iteration}", daemon=True)
+        self._thread.start()
+        return snap
+
+    def poll(self, wait: bool = False) -> Path | None:
+        """Collective (every rank calls it at the same step boundary while a save is pending): the
+        published checkpoint once every rank's write is done, else None (``wait``: block until then)."""
+        if not self.pending:
+            return None
+        if wait:
+            self._thread.join()
+        if _any_rank(self._thread.is_alive()):
+            return None
+        staged, self._staged = self._staged, None
+        return _publish(self._root, staged, self._iteration, self._failure)
 
 
 def _any_rank(flag: bool) -> bool:

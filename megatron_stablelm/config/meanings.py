@@ -80,6 +80,11 @@ MEANINGS: dict[str, str] = {
     "override_lr_scheduler": "on resume, use this config's schedule rather than the checkpoint's",
     "seed": "seed of initialisation, data order and dropout",
     "max_nonfinite_steps": "abort after this many skipped (non-finite) steps in a row",
+    "spike_loss_ratio": "skip the update of a step whose loss exceeds this multiple of its running mean (span 9); unset: off",
+    "spike_rollback_skips": "after this many spike skips within spike_rollback_window iterations, roll back to the last checkpoint and skip the data since; unset: off",
+    "spike_rollback_window": "iterations over which spike skips are counted for a rollback",
+    "skip_train_iteration_range": "iterations whose batches are read and dropped without an update, e.g. ['101-200', '251-300'] (Megatron-DeepSpeed)",
+    "watchdog_timeout": "seconds without a step, save or evaluation before a rank dumps its stacks (hang_rank<R>.txt) and exits 4",
     # activation memory
     "checkpoint_activations": "recompute each layer in backward (full activation checkpointing)",
     "checkpoint_num_layers": "layers per activation checkpoint",
@@ -117,12 +122,14 @@ MEANINGS: dict[str, str] = {
     "eval_num_fewshot": "lm-eval: few-shot examples per prompt; unset: each task's default",
     # checkpoints
     "save": "run directory: checkpoints (and the run's metrics) are written here",
-    "load": "resume from the latest checkpoint here (a fresh start while it holds none)",
+    "load": "where a run starts when `save` holds no checkpoint yet (a run resumes from its own `save` first)",
     "checkpoint_factor": "steps between checkpoints",
+    "async_save": "copy each checkpoint to host memory at the step boundary and write it in the background while training continues",
     "keep_last_n_checkpoints": "delete older checkpoints, keeping this many; unset: keep every one",
     "extra_save_iters": "additional steps at which to save",
     "iteration": "load this iteration instead of the latest",
     "finetune": "load the weights only and start from step 0",
+    "start_from_load": "start from `load` even though `save` holds checkpoints (they are set aside, never overwritten)",
     "no_checkpoint_arg_validation": "skip the architecture comparison with the loaded checkpoint",
     # logging
     "log_interval": "steps between log lines",

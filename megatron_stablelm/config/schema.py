@@ -131,6 +131,11 @@ class Config:
     override_lr_scheduler: bool = False
     seed: int = non_negative(1234)
     max_nonfinite_steps: int = non_negative(10, zero_means="never aborts")  # skipped steps in a row
+    watchdog_timeout: float = non_negative(1800.0, zero_means="turns the hang watchdog off")  # seconds
+    spike_loss_ratio: float | None = positive()  # skip an update whose loss exceeds this x its running mean
+    spike_rollback_skips: int | None = positive()  # this many spike skips within the window: roll back
+    spike_rollback_window: int = positive(100)  # iterations
+    skip_train_iteration_range: list | None = None  # ["A-B", ...]: iterations whose batches are dropped
 
     # ---------------------------------------------------------------- activation memory
     checkpoint_activations: bool = False
@@ -178,8 +183,10 @@ class Config:
     extra_save_iters: list | None = None
     iteration: int | None = non_negative(None)
     finetune: bool = False
+    start_from_load: bool = False  # start over from `load` although `save` holds this run's progress
     no_checkpoint_arg_validation: bool = False
     keep_last_n_checkpoints: int | None = positive()  # None: keep every checkpoint
+    async_save: bool = False  # write checkpoints in the background (training continues)
 
     # ---------------------------------------------------------------- logging
     log_interval: int = positive(100)

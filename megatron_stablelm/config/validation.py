@@ -113,6 +113,7 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None, *, tra
     _check_fim(check)
     _check_precision_and_zero(check)
     _check_schedule(check, training)
+    _check_long_run(check)
     if cfg.attention_config is not None:
         expand_attention_config(cfg.attention_config, cfg.num_layers, check.origin.get("attention_config"))
 
@@ -310,6 +311,29 @@ def _check_fim(check: _Checker) -> None:
             fail(key, "must name a token, got an empty string")
     if len(set(names.values())) != len(names):
         fail("fim_suffix_token", f"the three FIM sentinels must differ, got {list(names.values())}")
+
+
+def _check_long_run(check: _Checker) -> None:
+    """The loss-spike and skip-window keys (training/spikes.py)."""
+    cfg = check.cfg
+    if cfg.spike_loss_ratio is not None and cfg.spike_loss_ratio <= 1:
+        check.fail(
+            "spike_loss_ratio", f"must exceed 1 (a multiple of the running mean), got {cfg.spike_loss_ratio}"
+        )
+    if cfg.spike_loss_ratio and cfg.params_dtype_name == "fp16":
+        check.fail(
+            "spike_loss_ratio",
+            "cannot be used with fp16: a skipped spike goes through the overflow path, which fp16's loss "
+            "scaler would count as an overflow (use bf16)",
+        )
+    if cfg.spike_rollback_skips and not cfg.spike_loss_ratio:
+        check.fail("spike_rollback_skips", "counts spike skips: set spike_loss_ratio too")
+    from megatron_stablelm.training.spikes import parse_iteration_ranges
+
+    try:
+        parse_iteration_ranges(cfg.skip_train_iteration_range)
+    except ValueError as err:
+        check.fail("skip_train_iteration_range", str(err).split(": ", 1)[1])
 
 
 def _check_precision_and_zero(check: _Checker) -> None:

@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from torch.profiler import record_function
 
 from megatron_stablelm.config import BatchLayout, Config
+from megatron_stablelm.config.choices import ZERO_KEYS_DROPPED
 from megatron_stablelm.training.optimizer import adam_step, build_optimizer, materialize_state, set_adam_step
 
 
@@ -60,19 +61,11 @@ class MegatronCoreMPU:
     )
 
 
-_DROP_ZERO_KEYS = {
-    "cpu_offload",
-    "cpu_offload_params",
-    "cpu_offload_use_pin_memory",
-    "load_from_fp32_weights",
-}
-
-
 def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
     """The DeepSpeed config of a run, derived from ours."""
     prec = cfg.params_dtype_name
     stage = cfg.effective_zero_stage
-    zero = {k: v for k, v in (cfg.zero_optimization or {}).items() if k not in _DROP_ZERO_KEYS}
+    zero = {k: v for k, v in (cfg.zero_optimization or {}).items() if k not in ZERO_KEYS_DROPPED}
     zero["stage"] = stage
     ds: dict[str, Any] = {
         "train_batch_size": layout.global_batch,
@@ -151,8 +144,9 @@ class TrainingEngine:
     Everything DeepSpeed-specific lives here: how the optimizer is wrapped (fp32 master partitions
     under ZeRO for bf16/fp16, or the guarded optimizer stepping fp32 parameters directly), how it
     scales losses (by ``1 / accumulation``) and reduces gradients (mean over the data-parallel group),
-    and how per-parameter optimizer state is reached (``deepspeed.utils.safe_*`` collectives over the
-    DP group, or the base optimizer's own state). The trainer calls :meth:`losses`, :meth:`backward`,
+    and how per-parameter optimizer state is reached: for a save, each rank's own fragment of it (the
+    ``_hp_mapping`` DeepSpeed keeps per parameter: no communication); for a resume,
+    ``deepspeed.utils.safe_set_*``, or the base optimizer's own state without ZeRO. The trainer calls :meth:`losses`, :meth:`backward`,
     :meth:`finish_step`; checkpoints use the state accessors, which take canonical parameter names.
     """
 
@@ -207,13 +201,20 @@ class TrainingEngine:
             self._ds.step()  # DeepSpeed applies the update at the accumulation boundary only
 
     def step(
-        self, batches: list[dict[str, Any]], hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self,
+        batches: list[dict[str, Any]],
+        hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        drop_update: Callable[[torch.Tensor, torch.Tensor], bool] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, StepOutcome]:
         """One optimizer step over this rank's micro-batches: ``(summed token loss of this rank, counted
         tokens of the step on all DP ranks, outcome)``. The loss and gradient are the mean over every
         counted token of the step, not a mean of per-micro-batch means, so a loss mask that counts more
         tokens in one micro-batch weighs each token equally. ``hook(micro, loss)`` may replace a
-        micro-batch's summed loss (fault injection in tests)."""
+        micro-batch's summed loss (fault injection in tests). ``drop_update(loss_sum, step_tokens)``, asked
+        once all micro-batches but the last have gone backward (a collective: every rank must ask it
+        and get the same answer), drops the step's update when it says so: the last backward then
+        carries a non-finite gradient, which DeepSpeed's overflow check turns into a skipped step on
+        every rank (no update, no optimizer-state change, gradients cleared)."""
         device = batches[0]["tokens"].device
         step_tokens = sum(b["loss_mask"].sum(dtype=torch.float64) for b in batches)
         step_tokens = torch.as_tensor(step_tokens, dtype=torch.float64, device=device)
@@ -225,8 +226,10 @@ class TrainingEngine:
                 loss = (losses * batch["loss_mask"].to(losses.dtype)).sum()
             if hook is not None:
                 loss = hook(micro, loss)
-            self.backward(loss, step_tokens.to(loss.dtype))
             loss_sum += loss.detach().double()
+            if drop_update is not None and micro == len(batches) - 1 and drop_update(loss_sum, step_tokens):
+                loss = loss * float("nan")
+            self.backward(loss, step_tokens.to(loss.dtype))
         with record_function("engine.finish_step"):
             outcome = self.finish_step()
         return loss_sum, step_tokens, outcome
@@ -273,19 +276,32 @@ class TrainingEngine:
             opt._hp_optimizer_states_linked = False
             opt._lazy_init_hp_params_optimizer_state()
 
-    def get_state(self, name: str, key: str) -> torch.Tensor:
-        """This TP rank's whole shard of ``key`` for parameter ``name``, fp32 on CPU (a collective over
-        the DP group under ZeRO: every DP rank must call it for the same tensors in the same order)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    def sync_master_weights(self) -> None:
+        """After the model's weights were replaced in place (a rollback to a checkpoint): DeepSpeed's fp32
+        master copies take them too, as they do when the engine is built over loaded weights."""
+        if self._master:
+            for name, param in self._params.items():
+                self.set_state(name, MASTER_KEY, param.detach())
 
+    @property
+    def state_is_partitioned(self) -> bool:
+        """Whether each DP rank holds only its own range of the optimizer state (ZeRO, or DeepSpeed's
+        mixed-precision master copies), rather than all of it."""
+        return self._master
+
+    def local_state(self, name: str, key: str) -> tuple[int, torch.Tensor] | None:
+        """This rank's own part of ``key`` for parameter ``name``, with no communication: ``(start,
+        values)``, the flat offset in this TP rank's shard of the parameter and a 1-D fp32 CPU copy, or
+        None when this rank's partition holds none of it. Without partitioning: the whole tensor."""
         param = self._params[name]
         if not self._master:
             value = param if key == MASTER_KEY else self.optimizer.state[param][key]
-        elif key == MASTER_KEY:
-            value = safe_get_full_fp32_param(param)
-        else:
-            value = safe_get_full_optimizer_state(param, key)
-        return value.detach().float().cpu().contiguous()
+            return 0, value.detach().float().reshape(-1).cpu().clone()
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return None
+        fragment = mapping.get_hp_fragment(None if key == MASTER_KEY else key)
+        return mapping.lp_fragment_address.start, fragment.detach().float().reshape(-1).cpu().clone()
 
     def set_state(self, name: str, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

@@ -33,6 +33,7 @@ class StepRecord:
     seconds: float
     tokens: int
     skipped: bool
+    spike: bool = False  # skipped because its loss spiked (spikes.py), not because it was non-finite
 
 
 @dataclass
@@ -118,6 +119,7 @@ class MetricsLogger:
         mfu = metrics.mfu(tok_s, self.flops_per_token, self.peak, self.world_size)
         mem, mem_kind = metrics.peak_memory_gib()
         skipped = sum(r.skipped for r in window)
+        spikes = sum(r.spike for r in window)
         # ETA from a moving average over windows: one slow window (an evaluation, a save) moves it a little
         avg = self._step_average
         self._step_average = seconds if avg is None else 0.8 * avg + 0.2 * seconds
@@ -137,7 +139,7 @@ class MetricsLogger:
             f"ETA {_eta(self._step_average * (self.train_iters - rec.iteration))}",
         ]
         if skipped:
-            parts.append(f"skipped {skipped}")
+            parts.append(f"skipped {skipped}" + (f" ({spikes} loss spikes)" if spikes else ""))
         line = " | ".join(parts)
         if self.rank == 0:
             self.print_fn(line)
@@ -151,8 +153,11 @@ class MetricsLogger:
                         "tokens_per_s": tok_s,
                         "step_s": seconds,
                         "mfu": mfu,
+                        "tflops_per_gpu": tflops,
+                        "peak_memory_gib": mem,
                         "consumed_tokens": self.consumed_tokens,
                         "skipped": skipped,
+                        "spike_skipped": spikes,
                     }
                 )
         self.scalars(

@@ -32,6 +32,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -42,8 +43,14 @@ from megatron_stablelm import metrics, parallel
 from megatron_stablelm.checkpoint import CheckpointError
 from megatron_stablelm.checkpoint.retention import prune_checkpoints
 from megatron_stablelm.checkpoint.run_directory import RunDirectoryLock, check_writable
-from megatron_stablelm.checkpoint.selection import CheckpointInfo, checkpoint_to_resume
+from megatron_stablelm.checkpoint.selection import (
+    CheckpointInfo,
+    ResumePlan,
+    checkpoint_for_config,
+    plan_resume,
+)
 from megatron_stablelm.checkpoint.training_state import (
+    AsyncCheckpointWriter,
     load_model_weights,
     load_training_state,
     restore_rng,
@@ -54,9 +61,18 @@ from megatron_stablelm.metrics import flops_per_token, peak_tflops
 from megatron_stablelm.model import build_model, canonical_shapes
 from megatron_stablelm.signals import StopRequest
 from megatron_stablelm.training.engine import TrainingEngine
+from megatron_stablelm.training.faults import Faults
 from megatron_stablelm.training.logging import MetricsLogger, StepRecord
 from megatron_stablelm.training.run_record import RunRecord
 from megatron_stablelm.training.schedules import schedule_from_config
+from megatron_stablelm.training.spikes import (
+    SpikeGuard,
+    in_ranges,
+    parse_iteration_ranges,
+    read_skip_windows,
+    record_skip_window,
+)
+from megatron_stablelm.training.watchdog import Watchdog
 
 
 class DataIteratorsLike(Protocol):
@@ -94,6 +110,8 @@ class TrainState:
     skipped_iterations: int = 0
     nonfinite_iterations: int = 0
     nonfinite_in_a_row: int = 0
+    spike_skips: int = 0  # updates skipped because the loss spiked (spikes.py)
+    data_skipped_iterations: int = 0  # iterations of a skip window: batches read and dropped
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -160,8 +178,10 @@ class Trainer:
         log: Callable[[str], None] = print,
         fault_hook: FaultHook | None = None,
         stop: StopRequest | None = None,
+        resume: ResumePlan | None = None,
     ) -> None:
         self.cfg = cfg
+        self.resume = resume  # where the run starts, when the caller (train.py) has decided it already
         self.make_data = make_data
         self.padded_vocab = padded_vocab
         self._log = log
@@ -172,6 +192,9 @@ class Trainer:
         self.state = TrainState()
         self._step_seconds = 0.0
         self.checkpoint: CheckpointInfo | None = None
+        self.writer = AsyncCheckpointWriter()  # async_save: the save in flight
+        self.checkpoints_published: list[str] = []  # what this run published, in order
+        self.watchdog: Watchdog | None = None  # started by train()
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -202,6 +225,12 @@ class Trainer:
                 f"[setup] gradient_accumulation_steps = {self.layout.accumulation}, derived from train_batch_size"
             )
         self.schedule = schedule_from_config(cfg)
+        try:
+            self.faults = Faults.from_env()
+            self.skip_windows = parse_iteration_ranges(cfg.skip_train_iteration_range)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.spikes = SpikeGuard(cfg.spike_loss_ratio, cfg.spike_rollback_skips, cfg.spike_rollback_window)
         if cfg.padded_vocab_size is None and self.padded_vocab % cfg.model_parallel_size:
             raise ConfigError(
                 f"padded vocab {self.padded_vocab} is not divisible by TP={cfg.model_parallel_size}"
@@ -230,14 +259,17 @@ class Trainer:
         self.metrics.open_trackers()
 
     def _find_checkpoint(self) -> CheckpointInfo | None:
-        """The checkpoint ``load`` names, checked against the config; None to start from scratch."""
+        """Where the run starts (:func:`plan_resume`: this run's own progress in ``save`` first, then
+        ``load``), said in one line; None to start from scratch."""
         cfg = self.cfg
-        info = checkpoint_to_resume(cfg, self.padded_vocab)
+        self.resume = self.resume or plan_resume(cfg, self.padded_vocab)
+        info = self.resume.checkpoint
+        self.log(f"[setup] {self.resume.line}")
         if info is None:
-            if cfg.load:  # load == save with nothing in it yet: the first launch of an auto-resuming job
-                self.log(f"[setup] no checkpoint in {cfg.load} yet (load == save): starting from scratch")
             return None
-        if info.train_state is None or cfg.finetune:
+        for warning in info.warnings:
+            self.log(f"[setup] WARNING: {warning}")
+        if info.train_state is None or (cfg.finetune and not self.resume.own_progress):
             what = "weights only" if info.train_state is None else "finetune: weights only"
             self.log(f"[setup] loading {info.path} ({what}); iteration, optimizer and data restart")
         elif info.iteration >= cfg.train_iters:
@@ -275,10 +307,17 @@ class Trainer:
             load_model_weights(self.checkpoint, self.model)
         self.engine = TrainingEngine(cfg, self.model, self.layout)
         resuming = (
-            self.checkpoint is not None and self.checkpoint.train_state is not None and not cfg.finetune
+            self.checkpoint is not None
+            and self.checkpoint.train_state is not None
+            and (self.resume.own_progress or not cfg.finetune)
         )
         if resuming:
             self._resume(self.checkpoint)
+        if cfg.save and self.resume.start_over is None:  # a start-over sets the old run's windows aside
+            try:
+                self._add_skip_windows(read_skip_windows(cfg.save))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
         self.start_iteration = self.state.iteration
         self.metrics.consumed_tokens = self.state.consumed_tokens
         self.data = self.make_data(
@@ -349,6 +388,8 @@ class Trainer:
         for key in TrainState().as_dict():
             if key in saved and key != "nonfinite_in_a_row":
                 setattr(self.state, key, int(saved[key]))
+        self.spikes.load_state_dict(saved.get("spikes"))
+        self._add_skip_windows([tuple(w) for w in saved.get("skip_windows", [])])
         self.log(
             f"[setup] resumed from {info.path}: iteration {self.state.iteration}, "
             f"{self.state.consumed_samples} samples consumed (saved at TP={saved.get('tp_size')} "
@@ -364,13 +405,28 @@ class Trainer:
         lr = self.schedule(step_number)
         self.engine.set_lr(lr)
         batches = [_to_device(next(data), self.device) for _ in range(self.layout.accumulation)]
-        hook = None
-        if self.fault_hook is not None:
-            hook = lambda micro, loss: self.fault_hook(step_number, micro, loss)  # noqa: E731
-        loss_sum, step_tokens, outcome = self.engine.step(batches, hook)
-        mean_loss, nonfinite_loss = self._step_loss(loss_sum, step_tokens)
+
+        def hook(micro: int, loss: torch.Tensor) -> torch.Tensor:
+            loss = self.faults.loss(step_number, loss)
+            return self.fault_hook(step_number, micro, loss) if self.fault_hook is not None else loss
+
+        seen: dict[str, Any] = {}
+
+        def drop_update(loss_sum: torch.Tensor, step_tokens: torch.Tensor) -> bool:
+            """The spike decision, on the step's loss reduced over DP (the same value on every rank)."""
+            seen["loss"] = self._step_loss(loss_sum, step_tokens)
+            mean, nonfinite = seen["loss"]
+            seen["spike"] = not nonfinite and self.spikes.is_spike(step_number, mean)
+            return seen["spike"]
+
+        gate = drop_update if self.spikes.enabled else None
+        loss_sum, step_tokens, outcome = self.engine.step(batches, hook, gate)
+        mean_loss, nonfinite_loss = seen.get("loss") or self._step_loss(loss_sum, step_tokens)
+        spike = seen.get("spike", False)
+        if spike:
+            self._count_spike(step_number, mean_loss)
         # fp16 overflow skips are the loss scaler's normal business, not a non-finite step
-        nonfinite = nonfinite_loss or (not outcome.applied and self.prec != "fp16")
+        nonfinite = nonfinite_loss or (not outcome.applied and self.prec != "fp16" and not spike)
         if nonfinite and outcome.applied:
             self.log(f"[train] WARNING: iteration {step_number}: non-finite loss but the update was applied")
         self._count_step(step_number, outcome.applied, nonfinite, nonfinite_loss, outcome.grad_norm)
@@ -383,7 +439,34 @@ class Trainer:
             seconds=time.perf_counter() - start,
             tokens=self.layout.global_batch * self.cfg.seq_length,
             skipped=not outcome.applied,
+            spike=spike,
         )
+
+    def _count_spike(self, step_number: int, loss: float) -> None:
+        self.state.spike_skips += 1
+        ewm = self.spikes.ewm
+        self.log(
+            f"[train] iteration {step_number}: loss {loss:.4f} is {loss / ewm:.2f}x its running mean {ewm:.4f} "
+            f"(spike_loss_ratio {self.cfg.spike_loss_ratio:g}): update skipped "
+            f"({len(self.spikes.recent_skips)} in the last {self.spikes.rollback_window} iterations, "
+            f"{self.state.spike_skips} in total)"
+        )
+
+    def _skip_iteration(self) -> StepRecord:
+        """An iteration of a skip window: its micro-batches are read and dropped, its number passes (the
+        schedule and the sample stream go on as if it had trained), and nothing is updated."""
+        step_number = self.state.iteration + 1
+        if not in_ranges(step_number - 1, self.skip_windows) or step_number - 1 == self.start_iteration:
+            end = next(b for a, b in self.skip_windows if a <= step_number <= b)
+            self.log(f"[train] skip window: iterations {step_number}-{end} read and drop their batches")
+        for _ in range(self.layout.accumulation):
+            next(self.data.train)
+        state = self.state
+        state.iteration = step_number
+        state.consumed_samples += self.layout.global_batch
+        state.consumed_tokens += self.layout.global_batch * self.cfg.seq_length
+        state.data_skipped_iterations += 1
+        return StepRecord(step_number, math.nan, self.schedule(step_number), None, None, 0.0, 0, True)
 
     def _step_loss(self, loss_sum: torch.Tensor, step_tokens: torch.Tensor) -> tuple[float, bool]:
         """(token mean of the step's loss over all DP ranks, whether any rank saw a non-finite loss).
@@ -435,6 +518,8 @@ class Trainer:
         totals = totals.to(self.device)
         dist.all_reduce(totals, group=parallel.dp_group())
         loss = float(totals[0] / totals[1].clamp(min=1))
+        if self.watchdog is not None:
+            self.watchdog.beat(f"{name} evaluation at iteration {self.state.iteration}")
         result = {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(loss, 80.0))}
         self.log(f"[{name}] iteration {self.state.iteration} | loss {loss:.4f} | ppl {result['ppl']:.3f}")
         self.metrics.scalars({f"{name}/loss": loss, f"{name}/ppl": result["ppl"]}, self.state.iteration)
@@ -443,29 +528,81 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, reason: str) -> str | None:
+    def save(self, reason: str) -> bool:
+        """Save this iteration (or, with ``async_save``, start saving it in the background); whether a
+        save was made or started. Published saves reach :meth:`_published`."""
         if not self.cfg.save:
-            return None
+            return False
         if self.state.nonfinite_in_a_row:
             self.log(
                 f"[checkpoint] not saving at iteration {self.state.iteration} ({reason}): the last "
                 f"{self.state.nonfinite_in_a_row} iteration(s) were non-finite"
             )
-            return None
+            return False
+        self._collect_save(wait=True)  # one save in flight at a time
         start = time.perf_counter()
+        start_over = self.resume.start_over if self.resume else None
+        if start_over is not None:  # the first save of a start-over: move aside what it would overwrite
+            if self.rank == 0:
+                start_over.apply(self.log)
+            self.resume.start_over = None
         vocab_size = (
             self.checkpoint.meta.get("vocab_size") if self.checkpoint else None
         )  # kept from an import
-        path = save_training_checkpoint(
-            self.cfg.save, self.engine, self.cfg, self.padded_vocab, self.state.as_dict(), vocab_size
+        args = (
+            self.cfg.save,
+            self.engine,
+            self.cfg,
+            self.padded_vocab,
+            self._train_state_record(),
+            vocab_size,
         )
-        self.log(f"[checkpoint] saved {path} ({reason}) in {time.perf_counter() - start:.1f}s")
+        if self.cfg.async_save:
+            snap = self.writer.start(*args)
+            self._async_reason = reason
+            self.log(
+                f"[checkpoint] saving iteration {snap.iteration} in the background ({reason}): "
+                f"{snap.nbytes / 2**30:.2f} GiB copied to host memory; training waited "
+                f"{time.perf_counter() - start:.2f}s"
+            )
+        else:
+            path = save_training_checkpoint(*args)
+            self._published(path, reason, time.perf_counter() - start)
+        if self.watchdog is not None:
+            self.watchdog.beat(f"save of iteration {self.state.iteration}")
+        return True
+
+    def _collect_save(self, wait: bool) -> None:
+        """Publish the background save once every rank has written it (collective while one is in
+        flight; ``wait``: block until then). A failed write raises here, on every rank."""
+        if self.writer.pending:
+            path = self.writer.poll(wait)
+            if path is not None:
+                seconds = time.perf_counter() - self.writer.started
+                self._published(path, f"{self._async_reason}, written in the background", seconds)
+
+    def _published(self, path: Path, reason: str, seconds: float) -> None:
+        self.log(f"[checkpoint] saved {path} ({reason}) in {seconds:.1f}s")
+        self.checkpoints_published.append(str(path))
+        if self.watchdog is not None:
+            self.watchdog.beat(f"save of {path.name}")
         if self.cfg.keep_last_n_checkpoints and self.rank == 0:
             for old in prune_checkpoints(self.cfg.save, self.cfg.keep_last_n_checkpoints):
                 self.log(
                     f"[checkpoint] removed {old} (keep_last_n_checkpoints={self.cfg.keep_last_n_checkpoints})"
                 )
-        return str(path)
+
+    def _train_state_record(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the run's progress: the counters, the spike guard's running mean,
+        and the skip windows (so a resume anywhere reproduces the same sample stream)."""
+        return dict(
+            self.state.as_dict(),
+            spikes=self.spikes.state_dict(),
+            skip_windows=[list(w) for w in self.skip_windows],
+        )
+
+    def _add_skip_windows(self, windows: list[tuple[int, int]]) -> None:
+        self.skip_windows = sorted(set(self.skip_windows) | {(int(a), int(b)) for a, b in windows})
 
     def _should_save(self, iteration: int) -> bool:
         cfg = self.cfg
@@ -485,7 +622,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunResult:
-        result = RunResult("done", self.state, start_iteration=self.start_iteration)
+        result = RunResult(
+            "done", self.state, checkpoints=self.checkpoints_published, start_iteration=self.start_iteration
+        )
         own_handlers = self.stop is None
         if own_handlers:
             self.stop = StopRequest().install()
@@ -494,7 +633,10 @@ class Trainer:
             if self.data.train is None:
                 raise ConfigError("no training data: set train_data_paths (or data_path)")
             self.engine.train()
+            dump_dir = self.cfg.log_dir or self.cfg.save or "."
+            self.watchdog = Watchdog(self.cfg.watchdog_timeout, dump_dir, dist.get_rank()).start()
             self._last_saved = self.start_iteration if self.checkpoint is not None else None
+            self._nonfinite_at_start = self.state.nonfinite_iterations
             self._step_seconds = 0.0  # time in train_step alone: the summary's throughput
             started = time.perf_counter()
             while self.state.iteration < self.cfg.train_iters:
@@ -506,6 +648,8 @@ class Trainer:
             self._summarise(result, time.perf_counter() - started)
             return result
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             if own_handlers:
                 self.stop.uninstall()
             if getattr(self, "_lock", None) is not None:
@@ -547,20 +691,30 @@ class Trainer:
             self.log("[train] summary: " + " | ".join(f"{k} {v}" for k, v in summary.items()))
 
     def _save_into(self, result: RunResult, reason: str) -> None:
-        path = self.save(reason)
-        if path:
-            result.checkpoints.append(path)
+        if self.save(reason):
             self._last_saved = self.state.iteration
 
     def _iteration(self, result: RunResult) -> bool:
-        """One step and what follows it (evaluation, save); True when a SIGTERM stopped the run."""
-        rec = self.train_step(self.data.train)
-        self._step_seconds += rec.seconds
-        result.losses[rec.iteration] = rec.loss
-        result.lrs[rec.iteration] = rec.lr
-        self.metrics.record(rec)
+        """One step (or an iteration of a skip window) and what follows it (rollback, evaluation, save);
+        True when a SIGTERM stopped the run."""
+        step_number = self.state.iteration + 1
+        if in_ranges(step_number, self.skip_windows):
+            rec = self._skip_iteration()
+            self.metrics.consumed_tokens = self.state.consumed_tokens
+        else:
+            self.faults.before_step(step_number, dist.get_rank())
+            rec = self.train_step(self.data.train)
+            self._step_seconds += rec.seconds
+            result.losses[rec.iteration] = rec.loss
+            result.lrs[rec.iteration] = rec.lr
+            self.metrics.record(rec)
+        self.watchdog.beat(f"iteration {rec.iteration}")
+        if rec.spike and self.spikes.should_roll_back(rec.iteration):
+            self._roll_back(result)
+            return False
         limit = self.cfg.max_nonfinite_steps
         if limit and limit > 0 and self.state.nonfinite_in_a_row >= limit:
+            self._collect_save(wait=True)  # a good save still being written is kept
             raise NonFiniteAbort(
                 f"{self.state.nonfinite_in_a_row} consecutive non-finite iterations (max_nonfinite_steps="
                 f"{limit}) at iteration {self.state.iteration}; stopping without saving. The last good "
@@ -574,20 +728,70 @@ class Trainer:
                 result.evals.append(ev)
         if self._should_save(it):
             self._save_into(result, "periodic")
+        self._collect_save(wait=False)
         if not self._stop_agreed():
             return False
         name = self.stop.signal_name or "a stop signal on another rank"
         self.log(f"[train] {name} received: saving at iteration {it} and exiting")
         if self._last_saved != it:
             self._save_into(result, (self.stop.signal_name or "stop").lower())
+        self._collect_save(wait=True)
         return True
 
+    def _roll_back(self, result: RunResult) -> None:
+        """Too many spikes in a row: reload this run's last checkpoint (weights, optimizer, counters, RNG,
+        data position) in place and skip every iteration from it to the current one. The window is
+        written to the run directory at once (and into every later checkpoint), so a crash before the
+        next save still resumes into the same stream."""
+        self._collect_save(wait=True)
+        resumed = self.checkpoint is not None and self.checkpoint.train_state is not None
+        target = result.checkpoints[-1] if result.checkpoints else (self.checkpoint.path if resumed else None)
+        now = self.state.iteration
+        if target is None:
+            raise NonFiniteAbort(
+                f"{len(self.spikes.recent_skips)} loss spikes within {self.spikes.rollback_window} iterations at "
+                f"iteration {now} and no checkpoint of this run to roll back to; stopping without saving"
+            )
+        info = checkpoint_for_config(self.cfg, target, self.padded_vocab)
+        window = (info.iteration + 1, now)
+        self.log(
+            f"[train] {len(self.spikes.recent_skips)} loss spikes within {self.spikes.rollback_window} "
+            f"iterations: rolling back to {info.path} and skipping iterations {window[0]}-{window[1]}"
+        )
+        load_model_weights(info, self.model)
+        self.engine.sync_master_weights()
+        self.state.__dict__.update(TrainState().as_dict())
+        self._resume(info)
+        self._add_skip_windows([window])
+        if self.rank == 0 and self.cfg.save:
+            record_skip_window(self.cfg.save, window, f"rollback after loss spikes at iteration {now}")
+        self.data = self.make_data(
+            DataRequest(
+                parallel.dp_rank(), parallel.dp_size(), self.layout,
+                self.state.consumed_samples, self.state.consumed_valid_samples, self.device,
+            )
+        )  # fmt: skip
+        if not restore_rng(info, log=self.log):
+            seed_everything(self.cfg.seed + self.state.iteration)
+        self.metrics.consumed_tokens = self.state.consumed_tokens
+        self._last_saved = info.iteration
+
     def _finish(self, result: RunResult) -> None:
-        """End of training: final save, validation and test (nothing when there was nothing to train)."""
-        if self.state.iteration == self.start_iteration and self.checkpoint is not None:
+        """End of training: final save, validation and test (nothing when there was nothing to train).
+        A run none of whose steps applied an update (every one non-finite: NaN weights, a broken data
+        shard) is not a success, whatever ``max_nonfinite_steps`` allowed."""
+        steps = self.state.iteration - self.start_iteration
+        if steps == 0 and self.checkpoint is not None:
             return
+        if steps and self.state.nonfinite_iterations - self._nonfinite_at_start >= steps:
+            self._collect_save(wait=True)
+            raise NonFiniteAbort(
+                f"none of the {steps} iterations of this run applied an update (every one non-finite); "
+                "stopping without saving"
+            )
         if self._last_saved != self.state.iteration:
             self._save_into(result, "end of training")
+        self._collect_save(wait=True)
         ev = self.evaluate(self.data.valid, "valid")
         if ev:
             result.evals.append(ev)
