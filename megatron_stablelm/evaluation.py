@@ -1,5 +1,12 @@
 """Evaluation of a framework checkpoint: validation loss/perplexity on indexed shards, and lm-eval tasks.
 
+The trainer's validation loss (``tools/evaluate.py CHECKPOINT``, :func:`validation_sample` and
+:func:`validation_loss`): the run's valid split as the trainer builds it, the samples of the trainer's
+evaluation of that checkpoint (:func:`evaluation_start`), the same batch fields and loss mask, the model
+in eval mode; so the number equals the ``[valid]`` loss of the training log. A shard's token stream
+read in order (below) is a different sample, without document boundaries: on the demo it differs by
+about 0.5-0.8 nats, which is why it is not the default.
+
 Perplexity (``tools/evaluate.py --data``) reads each ``PREFIX.bin`` as the one token stream it is
 (documents back to back, EOD-separated, as the trainer sees them) and cuts it into windows of
 ``seq_length + 1`` tokens that overlap by one, so every token but the first is predicted exactly once,
@@ -19,9 +26,11 @@ parallelism is not used. Task names are checked against lm-eval's index (built-i
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_stablelm import parallel
+from megatron_stablelm.config import Config
 from megatron_stablelm.data.indexed import check_shard
 from megatron_stablelm.generation import (
     LoadedModel,
@@ -47,10 +57,14 @@ __all__ = [
     "EvalTaskError",
     "HAVE_LM_EVAL",
     "MegatronLM",
+    "ValidationSample",
     "check_tasks",
     "evaluate_loss",
+    "evaluation_start",
     "run_eval_tasks",
     "token_windows",
+    "validation_loss",
+    "validation_sample",
 ]
 
 
@@ -145,6 +159,109 @@ def _summary(loss_sum: float, tokens: int) -> dict[str, Any]:
         return {"loss": None, "perplexity": None, "tokens": 0}
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- the trainer's validation
+@dataclass
+class ValidationSample:
+    """The samples of the trainer's valid split that one of its evaluations read, as micro-batches."""
+
+    batches: Iterator[dict]
+    first: int  # position of the first sample in the valid split's (seeded, blended) order
+    samples: int  # samples_per_eval: eval_iters × eval micro-batch × accumulation × DP of the run
+    micro_batch_size: int
+    iteration: int  # the checkpoint's iteration
+
+
+def evaluation_start(cfg: Config, train_state: dict | None, per_eval: int) -> int:
+    """First sample (in the valid order) of the trainer's evaluation of the model a checkpoint holds.
+
+    Why not simply the first samples: the trainer's validation iterator continues across evaluations,
+    so each logged ``[valid]`` loss reads its own ``per_eval`` samples, and only those give the same
+    number. A checkpoint's ``consumed_valid_samples`` says where the iterator stood at the save, and
+    the trainer's order of events (``Trainer._iteration``, ``Trainer._finish``) says which evaluation
+    that was: at an ``eval_interval`` iteration before ``train_iters`` it evaluates, then saves (the
+    evaluation read the samples just before the count); at ``train_iters`` it saves, then evaluates
+    (the final evaluation reads the samples from the count). Any other checkpoint was not evaluated:
+    its sample is the one the next evaluation reads. A weights-only checkpoint gets the first one.
+    """
+    state = train_state or {}
+    consumed = int(state.get("consumed_valid_samples", 0))
+    iteration = int(state.get("iteration", 0))
+    evaluated_then_saved = (
+        bool(cfg.eval_interval)
+        and iteration % cfg.eval_interval == 0
+        and iteration < (cfg.train_iters or 0)
+        and consumed >= per_eval
+    )
+    return consumed - per_eval if evaluated_then_saved else consumed
+
+
+def validation_sample(
+    cfg: Config, tokenizer: Tokenizer, train_state: dict | None, micro_batch_size: int | None = None
+) -> ValidationSample:
+    """The trainer's valid split built as the trainer builds it (same shards, seed, sizes and batch
+    fields, at the run's data-parallel size from ``train_state``; a weights-only checkpoint: DP 1),
+    and the micro-batches of the evaluation :func:`evaluation_start` picks. Every shard is checked and
+    every index built (or read from the run's cache) here, before any model is loaded."""
+    from megatron_stablelm.data import build_datasets, samples_per_eval
+    from megatron_stablelm.data.loader import Collate, make_loader
+
+    no_validation = (
+        "the checkpoint's config describes no trainer's validation (it needs train_iters, eval_iters > 0 "
+        "and valid_data_paths or a valid share of 'split' of data_path); give --data PREFIX or --tasks"
+    )
+    if not (cfg.train_iters and cfg.eval_iters and (cfg.valid_data_paths or cfg.data_path)):
+        raise ValueError(no_validation)
+    state = train_state or {}
+    datasets = build_datasets(cfg, tokenizer, dp_size=int(state.get("dp_size", 1)))
+    per_eval = samples_per_eval(cfg, datasets.layout)
+    if datasets.valid is None:
+        raise ValueError(no_validation)
+    micro = micro_batch_size or cfg.eval_micro_batch
+    if per_eval % micro:
+        raise ValueError(
+            f"--micro-batch-size {micro} does not divide the {per_eval} samples of an evaluation"
+        )
+    first = evaluation_start(cfg, state, per_eval)
+    collate = Collate(
+        tokenizer.eod,
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+        eod_mask_loss=cfg.eod_mask_loss,
+    )
+    loader = make_loader(datasets.valid, collate, consumed=first, micro=micro, dp_rank=0, dp_size=1)
+    batches = itertools.islice(loader, per_eval // micro)
+    return ValidationSample(batches, first, per_eval, micro, int(state.get("iteration", 0)))
+
+
+@torch.no_grad()
+def validation_loss(
+    model: StableLMModel, sample: ValidationSample, *, progress: bool = False
+) -> dict[str, Any]:
+    """The loss the trainer logs for ``sample``: the model in eval mode, the training loss path with the
+    batch's document fields, the token mean over the counted (``loss_mask``) targets."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, tokens = 0.0, 0
+    total = sample.samples // sample.micro_batch_size
+    bar = tqdm(sample.batches, "validation", total, unit="batch", disable=not progress, file=sys.stderr)
+    for batch in bar:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        losses = model(
+            batch["tokens"], batch["position_ids"], batch.get("cu_seqlens"), batch.get("max_seqlen"),
+            labels=batch["labels"],
+        )  # fmt: skip
+        mask = batch["loss_mask"].to(losses.dtype)
+        loss_sum += float((losses * mask).sum())
+        tokens += int(mask.sum())
+        bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}", refresh=False)
+    return {
+        **_summary(loss_sum, tokens),
+        "first_sample": sample.first,
+        "samples": sample.samples,
+        "iteration": sample.iteration,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ lm-eval

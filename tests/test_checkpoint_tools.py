@@ -128,6 +128,33 @@ def test_reshard_refuses_bad_input_and_can_drop_the_optimizer(tmp_path, capsys, 
     assert json.loads((out / "train_state.json").read_text())["has_optimizer"] is False
 
 
+def test_reshard_force_replaces_the_destination_only_when_complete(tmp_path, capsys, single_rank):
+    """Without ``--force`` an existing destination is refused in one line naming it and the flag, and
+    left as it was; with it, it is replaced, and a failure half-way leaves the old one in place."""
+    run, _ = make_checkpoint("stablelm-2-1_6b", tmp_path)
+    _add_training_files(checkpoint.resolve_checkpoint(run))
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "old.txt").write_text("old")
+    assert reshard_main([str(run), str(dst), "--tp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {dst} exists") and "--force" in err
+    assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]
+    with pytest.raises(RuntimeError, match="disk full"):  # fails once the new shards are written
+        reshard_checkpoint(run, dst, 2, force=True, log=_disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]
+    assert reshard_main([str(run), str(dst), "--tp", "2", "--force"]) == 0
+    assert checkpoint.read_meta(checkpoint.resolve_checkpoint(dst))["tp_size"] == 2
+    assert not (dst / "old.txt").exists()
+    assert reshard_main([str(run), str(run), "--tp", "2", "--force"]) == 2  # never over its own source
+    assert "holds the checkpoint" in capsys.readouterr().err and checkpoint.resolve_checkpoint(run)
+
+
+def _disk_full(line: str) -> None:
+    raise RuntimeError("disk full")
+
+
 def test_inspect_checkpoint(tmp_path, capsys, single_rank):
     run, _ = make_checkpoint("stablelm-3b-4e1t", tmp_path, tp=2)
     src = checkpoint.resolve_checkpoint(run)

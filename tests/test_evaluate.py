@@ -14,7 +14,7 @@ import torch
 
 from megatron_stablelm import checkpoint, evaluation, parallel
 from megatron_stablelm.generation import generate, load_checkpoint_model
-from tests.data_helpers import write_synthetic_shard
+from tests.data_helpers import data_config, write_synthetic_shard
 from tests.dist_helpers import run_distributed
 from tests.test_generate import VOCAB, make_checkpoint
 
@@ -91,6 +91,10 @@ def test_bad_data_is_reported_before_loading(ckpt, tmp_path, capsys):
     assert "nothing_here" in capsys.readouterr().err
     assert main([str(tmp_path / "no_ckpt"), "--data", missing]) == 2
     assert "no_ckpt" in capsys.readouterr().err
+    assert main([str(run)]) == 2  # no training data in its config: no trainer's validation loss
+    assert "give --data PREFIX or --tasks" in capsys.readouterr().err
+    assert main([str(run), "--max-tokens", "9"]) == 2
+    assert "--max-tokens only apply to --data" in capsys.readouterr().err
 
 
 @needs_lm_eval
@@ -245,3 +249,98 @@ def test_vocab_parallel_log_prob_tp2_matches_log_softmax(tmp_path):
     target_logit = logits.gather(-1, targets[..., None]).squeeze(-1)
     assert torch.equal(greedy, target_logit >= logits.amax(-1))
     assert greedy[0, 0] and greedy[0, 1] and not greedy.all()
+
+
+# ------------------------------------------------------------------- the trainer's validation loss
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, single_rank) -> tuple[Path, dict[int, float]]:
+    """(run directory, the trainer's validation loss per iteration) of a tiny model trained 4 steps on two real shards blended
+    as configs/demo.yml blends them (the same shards for the valid split, documents packed with
+    ``reset_attention_mask``, dropout on): evaluated at iteration 2 (then saved) and at the end
+    (saved first)."""
+    from megatron_stablelm.config import config_from_dict
+    from megatron_stablelm.tokenizers import HFTokenizer
+    from megatron_stablelm.training.loop import Trainer
+    from tests.data_helpers import tiny_tokenizer_files
+    from tests.train_helpers import _real_data, tiny_dict
+
+    root = tmp_path_factory.mktemp("trained")
+    files = tiny_tokenizer_files()
+    tokenizer = HFTokenizer(files["json"])
+    prefixes = [str(root / f"{name}_text_document") for name in ("code", "prose")]
+    for seed, prefix in enumerate(prefixes):
+        lengths = torch.randint(5, 60, (150,), generator=torch.Generator().manual_seed(seed)).tolist()
+        write_synthetic_shard(prefix, lengths, tokenizer.eod, tokenizer.vocab_size, seed=seed)
+    cfg = dict(
+        tokenizer_type="HFTokenizer",
+        vocab_file=files["json"],
+        train_data_paths=prefixes,
+        train_data_weights=[0.5, 0.5],
+        valid_data_paths=prefixes,
+        valid_data_weights=[0.5, 0.5],
+        padded_vocab_size=None,
+        num_workers=0,  # no loader processes left behind in this one
+        reset_position_ids=True,
+        reset_attention_mask=True,
+        eod_mask_loss=True,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        train_iters=4,
+        eval_interval=2,
+        eval_iters=2,
+        checkpoint_factor=2,
+        save=str(root / "run"),
+    )
+    config = config_from_dict(tiny_dict(**cfg))
+    make_data, padded = _real_data(config)
+    logs: list[str] = []
+    trainer = Trainer(config, make_data, padded_vocab=padded, log=logs.append)
+    trainer.setup()  # in this process (its single-rank group): no second interpreter to start
+    result = trainer.train()
+    assert result.exit_reason == "done", logs[-5:]
+    return root / "run", {e["iteration"]: e["loss"] for e in result.evals}
+
+
+@pytest.mark.parametrize("iteration", [2, 4])
+def test_default_loss_is_the_trainers_validation_loss(trained, iteration, single_rank, capsys):
+    """tools/evaluate.py CHECKPOINT (no --data) reports the ``[valid]`` loss the trainer logged for that
+    checkpoint's model: at an evaluation iteration (evaluated, then saved) and at the end of training
+    (saved, then evaluated), each evaluation reading its own samples of the valid split."""
+    from tools.evaluate import main
+
+    run, logged = trained
+    assert sorted(logged) == [2, 4] and logged[2] != logged[4]
+    assert main([str(run / f"iter_{iteration:07d}")]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)["validation"]
+    per_eval = 2 * 2  # eval_iters × micro-batch (2) × accumulation (1) × DP (1)
+    assert (report["first_sample"], report["samples"]) == ((iteration // 2 - 1) * per_eval, per_eval)
+    assert report["loss"] == pytest.approx(logged[iteration], rel=1e-5, abs=1e-6)
+    assert f"samples {report['first_sample']}-" in out.err
+
+
+def test_evaluation_start_follows_the_trainers_order():
+    cfg = data_config(train_iters=10, eval_interval=4)
+    per_eval = 8
+    assert evaluation.evaluation_start(cfg, None, per_eval) == 0  # weights only: the first evaluation's
+    state = {"iteration": 4, "consumed_valid_samples": 8}  # evaluated at 4, then saved
+    assert evaluation.evaluation_start(cfg, state, per_eval) == 0
+    state = {"iteration": 6, "consumed_valid_samples": 8}  # not evaluated: the next evaluation's
+    assert evaluation.evaluation_start(cfg, state, per_eval) == 8
+    state = {"iteration": 10, "consumed_valid_samples": 16}  # saved at the end, then evaluated
+    assert evaluation.evaluation_start(cfg, state, per_eval) == 16
+
+
+@pytest.mark.parametrize("tool", ["generate", "evaluate"])
+def test_help_keeps_each_example_on_its_own_line(tool, capsys):
+    """The usage examples of the docstring (indented lines, a trailing backslash continuing one) come
+    out of ``--help`` line for line, not reflowed into one paragraph."""
+    import importlib
+
+    module = importlib.import_module(f"tools.{tool}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    shown = capsys.readouterr().out.splitlines()
+    examples = [line for line in module.__doc__.splitlines() if line.startswith("    ")]
+    assert len(examples) >= 5 and all(line in shown for line in examples)
+    assert sum(line.lstrip().startswith(("python tools/", "torchrun")) for line in shown) >= 4

@@ -549,6 +549,111 @@ def test_sbatch_template_dry_run(tmp_path: Path) -> None:
     assert f"--hostfile {job}/hostfile --no_ssh" in argv[-1]
 
 
+# ------------------------------------------------------------------- shipped configs without SLURM
+SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("stablelm-*.yml"))
+OUTSIDE_SLURM = "launcher: slurm (from the config) but no SLURM allocation here"
+
+
+def _main_outside_slurm(monkeypatch: pytest.MonkeyPatch, capsys, argv: list[str]) -> tuple[int, str, str]:
+    """``python -m megatron_stablelm.launch ARGV`` in this process, from the repository root, with no
+    SLURM variable set: (exit status, stdout, stderr)."""
+    from megatron_stablelm.launch.__main__ import main
+
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(ROOT)
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_shipped_configs_follow_the_named_resources_outside_slurm(config, tmp_path, monkeypatch, capsys):
+    """launch/README.md's one-machine and ssh recipes with the shipped configs (``launcher: slurm``):
+    ``--num-gpus`` runs deepspeed on this machine, a hostfile DeepSpeed's pdsh runner, each saying so
+    in one line; with neither, one error line names the flags."""
+    assert load_config([ROOT / config], report_ignored=False).launcher == "slurm"
+    code, out, err = _main_outside_slurm(monkeypatch, capsys, [config, "--num-gpus", "8", "--dry-run"])
+    assert code == 0, err
+    assert shlex.split(out) == ["deepspeed", "--num_gpus", "8", "--master_port", "29500"] + [
+        str(ROOT / "train.py"),
+        str(ROOT / config),
+    ]
+    assert f"# {OUTSIDE_SLURM} (SLURM_JOB_NODELIST is not set): running as --launcher local" in err
+    hosts = hf.write_hostfile(tmp_path / "hostfile", ["gpu001", "gpu002"], 8)
+    code, out, err = _main_outside_slurm(monkeypatch, capsys, [config, "--hostfile", str(hosts), "--dry-run"])
+    assert code == 0, err
+    assert shlex.split(out)[:4] == ["deepspeed", "--hostfile", str(hosts), "--launcher"]
+    assert shlex.split(out)[4] == "pdsh" and "running as --launcher pdsh" in err
+    code, out, err = _main_outside_slurm(monkeypatch, capsys, [config, "--dry-run"])
+    (error,) = [line for line in err.splitlines() if not line.startswith("# [config]")]
+    assert code == 2 and out == "" and error.startswith(f"error: {OUTSIDE_SLURM}")
+    assert "--num-gpus N" in error and "--hostfile FILE" in error
+
+
+def test_launcher_slurm_on_the_command_line_is_obeyed(tmp_path, monkeypatch, capsys) -> None:
+    cfg = write_config(tmp_path / "run.yml", launcher="slurm", num_gpus=2)
+    code, _, err = _main_outside_slurm(monkeypatch, capsys, [str(cfg), "--launcher", "slurm", "--dry-run"])
+    assert code == 2 and "must run inside a SLURM allocation" in err
+
+
+def _readme_blocks() -> list[str]:
+    import re
+
+    return re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "launch" / "README.md").read_text(), flags=re.S)
+
+
+def _readme_block(first: str) -> str:
+    """The one fenced block of launch/README.md starting with ``first`` (indentation removed)."""
+    import textwrap
+
+    found = [textwrap.dedent(b) for b in _readme_blocks() if b.lstrip().startswith(first)]
+    assert len(found) == 1, first
+    return found[0]
+
+
+def test_readme_one_machine_example_is_what_the_launcher_prints(monkeypatch, capsys) -> None:
+    block = _readme_block("$ python -m megatron_stablelm.launch").splitlines()
+    argv = shlex.split(block[0])[4:]
+    code, out, err = _main_outside_slurm(monkeypatch, capsys, argv)
+    assert code == 0, err
+    assert block[1] in err.splitlines()
+    assert block[2] == out.strip().replace(f"{ROOT}/", "")
+
+
+@pytest.mark.parametrize("deepspeed_slurm", [True, False])
+def test_readme_slurm_worked_example_is_what_sbatch_runs(deepspeed_slurm: bool, tmp_path: Path) -> None:
+    """The worked example of launch/README.md, line by line: the sbatch template under its simulated
+    allocation (gpu[001-002], job 4242) with the shipped config writes the hostfile shown and runs the
+    command shown for the config's ``deepspeed_slurm: true``, or for ``false`` when overridden."""
+    config = "configs/stablelm-3b-4e1t.yml"
+    assert load_config([ROOT / config], report_ignored=False).deepspeed_slurm is True
+    override = [] if deepspeed_slurm else ["--override", "deepspeed_slurm=false"]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "MASTER_"))},
+        **{k: v for k, v in SLURM_ENV.items() if not k.startswith("NCCL_")},
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_JOB_NUM_NODES": "2",
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "LAUNCH_ARGS": "--dry-run",
+        "PYTHON": sys.executable,
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "launch/slurm/train.sbatch"), config, *override],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    job = tmp_path / "runs" / "stablelm-4242"
+    assert (job / "hostfile").read_text() == _readme_block("gpu001 slots=8")
+    command = done.stdout.strip().splitlines()[-1]
+    command = command.replace(f"{tmp_path}/runs/", "runs/").replace(f"{ROOT}/", "")
+    command = command.replace(" --override deepspeed_slurm=false", "")
+    shown = _readme_block("deepspeed --hostfile" if deepspeed_slurm else "srun ")
+    assert shlex.split(command) == shlex.split(shown.replace("\\\n", " "))
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 def _tiny_train_config(path: Path) -> Path:
     import yaml

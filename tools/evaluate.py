@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Evaluate a framework checkpoint: validation loss/perplexity on indexed datasets, and lm-eval tasks.
+r"""Evaluate a framework checkpoint: validation loss/perplexity on indexed datasets, and lm-eval tasks.
 
+    python tools/evaluate.py CHECKPOINT        # the trainer's validation loss of this checkpoint
     python tools/evaluate.py CHECKPOINT --data data/val_text_document [PREFIX ...] \
         [--seq-length 4096] [--max-tokens 131072 | --batches 100] [--micro-batch-size 4]
     python tools/evaluate.py CHECKPOINT --tasks hellaswag arc_easy [--num-fewshot 0] [--limit 100]
@@ -8,14 +9,19 @@
     python tools/evaluate.py CHECKPOINT --tasks            # the config's eval_tasks
     torchrun --nproc-per-node 2 tools/evaluate.py CHECKPOINT ...   # TP=2 (TP = world size)
 
-``--data`` defaults to the checkpoint config's ``valid_data_paths`` when neither option is given, and
-``--seq-length`` to its ``seq_length``. Perplexity windows: the shard's token stream in consecutive
-windows, every token but the first predicted once (see megatron_stablelm/evaluation.py); each dataset
-stops after ``--max-tokens`` predicted tokens (default 131072, 0 for the whole shard), and a progress
-line per dataset goes to stderr. lm-eval is an optional extra (``pip install lm-eval``); unknown task
-names, missing shards and unreadable checkpoints are reported before any model is loaded (the model
-code is not even imported until the input is known to be good). Results are printed as one JSON
-object (first rank only).
+Without ``--data`` or ``--tasks`` it reports the validation loss the trainer logs: the run's valid
+split built as the trainer builds it (shards, seed, blend, document fields, ``eod_mask_loss``), the
+samples of the trainer's evaluation of this checkpoint (``samples_per_eval`` of them, from where the
+run's validation iterator stood; see megatron_stablelm/evaluation.py), the model in eval mode. Its
+``validation.loss`` is the ``[valid] iteration N | loss`` of the training log for the checkpoint of
+iteration N (the final one included). ``--data PREFIX`` instead reads a shard's token stream in
+consecutive windows of ``--seq-length`` (default: the config's), every token but the first predicted
+once, attention across document boundaries: a number comparable between any two checkpoints, but
+not the trainer's; each dataset stops after ``--max-tokens`` predicted tokens (default 131072, 0 for
+the whole shard). A progress line goes to stderr. lm-eval is an optional extra (``pip install
+lm-eval``); unknown task names, missing shards and unreadable checkpoints are reported before any
+model is loaded (the model code is not even imported until the input is known to be good). Results
+are printed as one JSON object (first rank only).
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 from megatron_stablelm.cli import non_negative_int, positive_int, run_command
 
 DEFAULT_MAX_TOKENS = 131072  # per dataset: a perplexity within ~1% in minutes on a CPU, not hours
+DEFAULT_MICRO_BATCH = 4  # --data windows and lm-eval requests; validation: the config's eval batch
+STREAM_FLAGS = ("seq_length", "max_tokens", "batches")  # what only --data windows take
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tokens",
         type=non_negative_int,
-        default=DEFAULT_MAX_TOKENS,
-        help=f"predicted tokens per dataset, in whole micro-batches (default {DEFAULT_MAX_TOKENS}; 0: all)",
+        help=f"--data: predicted tokens per dataset, in whole micro-batches (default {DEFAULT_MAX_TOKENS}; 0: all)",
     )
-    p.add_argument("--batches", type=positive_int, help="at most this many micro-batches per dataset")
-    p.add_argument("--micro-batch-size", type=positive_int, default=4)
+    p.add_argument("--batches", type=positive_int, help="--data: at most this many micro-batches per dataset")
+    p.add_argument(
+        "--micro-batch-size",
+        type=positive_int,
+        help=f"default: the config's eval batch for the validation loss, else {DEFAULT_MICRO_BATCH}",
+    )
     p.add_argument("--tasks", nargs="*", help="lm-eval tasks (no names: the config's eval_tasks)")
     p.add_argument("--include-path", nargs="+", help="directories of extra lm-eval task YAMLs")
     p.add_argument("--no-default-tasks", action="store_true", help="index only --include-path tasks (fast)")
@@ -72,8 +83,9 @@ def _lm_eval_summary(results: dict) -> dict:
 def _checked_inputs(
     args: argparse.Namespace, ckpt: Path, meta: dict, cfg
 ) -> tuple[list[str] | None, list[str] | None]:
-    """The datasets and lm-eval tasks to run (the config's where the command line names none), every
-    shard and ``--seq-length`` (against the checkpoint's positions) checked before anything is loaded."""
+    """The datasets and lm-eval tasks to run (no datasets and no tasks: the trainer's validation
+    loss; no task names: the config's), every shard and ``--seq-length`` (against the checkpoint's
+    positions) checked before anything is loaded."""
     from megatron_stablelm.data.indexed import check_shard
 
     tasks = args.tasks
@@ -81,24 +93,27 @@ def _checked_inputs(
         tasks = list(cfg.eval_tasks or [])
         if not tasks:
             raise ValueError(f"{ckpt}: the config has no eval_tasks; name the tasks")
+    if args.data is None and tasks is None:
+        given = [f"--{k.replace('_', '-')}" for k in STREAM_FLAGS if getattr(args, k) is not None]
+        if given:
+            raise ValueError(
+                f"{'/'.join(given)} only apply to --data windows; without --data the trainer's validation "
+                "sample is read as the trainer reads it"
+            )
     if args.seq_length is not None and args.seq_length > cfg.max_positions:
         raise ValueError(
             f"--seq-length {args.seq_length} exceeds the model's {cfg.max_positions} positions "
             f"(max_position_embeddings of {ckpt})"
         )
-    data = args.data
-    if data is None and tasks is None:
-        data = list(cfg.valid_data_paths or [])
-        if not data:
-            raise ValueError(f"{ckpt}: the config has no valid_data_paths; give --data or --tasks")
-    for prefix in data or []:
+    for prefix in args.data or []:
         check_shard(prefix, meta["padded_vocab_size"])
-    return data, tasks
+    return args.data, tasks
 
 
 def evaluate_from_args(args: argparse.Namespace) -> int:
-    """Check all input (shards, then task names against lm-eval's index), load the checkpoint at the
-    launcher's TP size, evaluate, and print the JSON report (first rank only)."""
+    """Check all input (shards or the trainer's valid split, then task names against lm-eval's index),
+    load the checkpoint at the launcher's TP size, evaluate, and print the JSON report (first rank
+    only)."""
     from megatron_stablelm import checkpoint
 
     ckpt, meta, cfg = checkpoint.read_header(args.checkpoint)
@@ -106,15 +121,29 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from megatron_stablelm import evaluation
+    from megatron_stablelm.checkpoint.selection import read_train_state
     from megatron_stablelm.generation import load_checkpoint_model
     from megatron_stablelm.tokenizers import load_tokenizer
 
-    manager = tokenizer = None
+    first_rank = not dist.is_initialized() or dist.get_rank() == 0
+    manager = tokenizer = sample = None
     if tasks is not None:
         manager = evaluation.check_tasks(tasks, args.include_path, not args.no_default_tasks)
+    if tasks is not None or data is None:
         tokenizer = load_tokenizer(cfg, args.tokenizer)
+    if data is None and tasks is None:
+        sample = evaluation.validation_sample(cfg, tokenizer, read_train_state(ckpt), args.micro_batch_size)
+        if first_rank:
+            print(
+                f"validation: samples {sample.first}-{sample.first + sample.samples - 1} of the valid split, "
+                f"those of the trainer's evaluation of iteration {sample.iteration}",
+                file=sys.stderr,
+            )
     loaded = load_checkpoint_model(ckpt, device=args.device, dtype=args.dtype)
+    micro = args.micro_batch_size or DEFAULT_MICRO_BATCH
     report: dict = {"checkpoint": str(ckpt)}
+    if sample is not None:
+        report["validation"] = evaluation.validation_loss(loaded.model, sample, progress=first_rank)
     if data:
         seq_length = args.seq_length or cfg.seq_length
         report["perplexity"] = evaluation.evaluate_loss(
@@ -122,15 +151,15 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
             data,
             seq_length,
             batches=args.batches,
-            max_tokens=args.max_tokens or None,
-            micro_batch_size=args.micro_batch_size,
-            progress=not dist.is_initialized() or dist.get_rank() == 0,
+            max_tokens=(DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens) or None,
+            micro_batch_size=micro,
+            progress=first_rank,
         )
         report["perplexity"]["seq_length"] = seq_length
     if tasks is not None:
         from lm_eval import simple_evaluate
 
-        lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=args.micro_batch_size)
+        lm = evaluation.MegatronLM(loaded=loaded, tokenizer=tokenizer, batch_size=micro)
         limit = cfg.eval_limit if args.limit is None else args.limit
         limit = limit if limit is None or limit < 1 else int(limit)
         results = simple_evaluate(
@@ -143,7 +172,7 @@ def evaluate_from_args(args: argparse.Namespace) -> int:
             bootstrap_iters=0,
         )
         report["lm_eval"] = _lm_eval_summary(results)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if first_rank:
         text = json.dumps(report, indent=1)
         print(text)
         if args.output:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate text from a framework checkpoint (any tensor-parallel size, CPU or GPU, with a KV cache).
+r"""Generate text from a framework checkpoint (any tensor-parallel size, CPU or GPU, with a KV cache).
 
     python tools/generate.py CHECKPOINT --prompt "Once upon a time" [--prompt ...] \
         [--max-new-tokens 64] [--greedy | --temperature 0.8 --top-k 50 --top-p 0.95] [--seed 0] \

@@ -19,7 +19,6 @@ Peak memory is one copy of the model (and of the optimizer state when it is kept
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -86,14 +85,19 @@ def reshard_checkpoint(
     *,
     optimizer: bool = True,
     skip_unknown: bool = False,
+    force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write ``src`` resharded for TP=``tp`` as the run directory ``dst`` (which must not exist);
-    returns the new checkpoint directory. Every check happens before anything is written."""
+    """Write ``src`` resharded for TP=``tp`` as the run directory ``dst``; returns the new checkpoint
+    directory. Every check happens before anything is written. ``dst`` must not exist unless
+    ``force``; the whole run directory (checkpoint and ``latest``) is staged and published at once, so
+    with ``force`` an existing ``dst`` is replaced only once the new one is complete."""
     ckpt, meta, cfg = read_header(src)
     dst = Path(dst)
-    if dst.exists():
-        raise FileExistsError(f"{dst} exists; refusing to overwrite it")
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force to replace it)")
+    if dst.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
+        raise ValueError(f"{dst} holds the checkpoint {ckpt} being resharded; choose another destination")
     check_creatable(dst)
     new_cfg = config_at_tp_size(ckpt, meta, cfg, tp, "reshard")
     kinds = _files_by_kind(ckpt)
@@ -108,32 +112,29 @@ def reshard_checkpoint(
     state = read_train_state(ckpt)
     iteration = iteration_of(ckpt)
     name = iteration_dirname(iteration if iteration is not None else int((state or {}).get("iteration", 0)))
-    dst.mkdir(parents=True)
-    try:
-        with StagedDirectory(dst / name) as tmp:
-            _resplit_model(ckpt, tmp, new_cfg, tp, int(meta["padded_vocab_size"]))
-            if kept_optimizer:
-                count = _resplit_optimizer(ckpt, tmp, meta, cfg, tp)
-                log(f"optimizer state: {count} tensors resharded to TP={tp}")
-            elif kinds["optim"]:
-                log(
-                    f"optimizer state: left out ({len(kinds['optim'])} files, --no-optimizer); a run resumed "
-                    "from this checkpoint restarts its Adam moments"
-                )
-            if kinds["rng"]:
-                log(
-                    f"RNG states: left out ({len(kinds['rng'])} files, one per rank of the old layout); the "
-                    "trainer re-seeds from (seed, iteration)"
-                )
-            for unknown in kinds["unknown"]:
-                log(f"skipped unknown file {unknown}")
-            if state is not None:
-                state["has_optimizer"] = bool(state.get("has_optimizer")) and kept_optimizer
-                state["resharded_from"] = {"path": str(ckpt), "tp_size": meta["tp_size"]}
-                state["tp_size"] = tp
-                (tmp / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=1))
-        write_latest(dst, name)
-    except BaseException:
-        shutil.rmtree(dst, ignore_errors=True)
-        raise
+    with StagedDirectory(dst, overwrite=force) as run:
+        out = run / name
+        out.mkdir()
+        _resplit_model(ckpt, out, new_cfg, tp, int(meta["padded_vocab_size"]))
+        if kept_optimizer:
+            count = _resplit_optimizer(ckpt, out, meta, cfg, tp)
+            log(f"optimizer state: {count} tensors resharded to TP={tp}")
+        elif kinds["optim"]:
+            log(
+                f"optimizer state: left out ({len(kinds['optim'])} files, --no-optimizer); a run resumed "
+                "from this checkpoint restarts its Adam moments"
+            )
+        if kinds["rng"]:
+            log(
+                f"RNG states: left out ({len(kinds['rng'])} files, one per rank of the old layout); the "
+                "trainer re-seeds from (seed, iteration)"
+            )
+        for unknown in kinds["unknown"]:
+            log(f"skipped unknown file {unknown}")
+        if state is not None:
+            state["has_optimizer"] = bool(state.get("has_optimizer")) and kept_optimizer
+            state["resharded_from"] = {"path": str(ckpt), "tp_size": meta["tp_size"]}
+            state["tp_size"] = tp
+            (out / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=1))
+        write_latest(run, name)
     return dst / name

@@ -20,7 +20,9 @@ Modes, chosen by the config's ``launcher``:
     inside an allocation. The hostfile is written from ``SLURM_JOB_NODELIST`` (unless one is given)
     and the master is the first node. ``deepspeed_slurm: true`` uses DeepSpeed's own
     ``--launcher slurm`` (one srun task per GPU, started once); otherwise ``srun`` starts one
-    ``deepspeed --no_ssh`` per node, which needs no ssh between nodes.
+    ``deepspeed --no_ssh`` per node, which needs no ssh between nodes. A config's ``launcher: slurm``
+    outside an allocation runs as ``local`` with ``--num-gpus``, as ``pdsh`` with a hostfile (one
+    ``#`` line says so), and is refused naming those flags without either.
 ``torchrun``
     one machine: ``torchrun --nproc_per_node N``; inside a multi-node SLURM allocation, one
     ``torchrun`` per node through ``srun`` with a c10d rendezvous on the first node.
@@ -111,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             script=args.script,
             job_dir=args.job_dir,
             output_root=args.output_root,
+            launcher_from_command_line=args.launcher is not None,
         )
         if args.dry_run:
             _print_description(plan)
