@@ -229,6 +229,37 @@ def _mlp_kind(cfg: Config) -> str:
     return "SwiGLU" if cfg.act_fn_name == "silu" else f"gated {cfg.act_fn_name}"
 
 
+@dataclass
+class CheckpointTraffic:
+    """Bytes of one save (trainer checkpoint: ``checkpoint/training_state.py``). Every TP rank's files
+    hold its shard of each parameter (replicated ones included); the optimizer state is fp32 Adam
+    moments, plus fp32 master weights when training in bf16/fp16."""
+
+    model: int  # every model shard file
+    optimizer: int  # every optimizer file
+    written_per_rank: int  # the most one rank writes: its optimizer share, plus a model shard on DP rank 0
+    optimizer_per_rank: (
+        int  # its optimizer share (ZeRO: its partition; without ZeRO: ~1/DP of the parameters)
+    )
+    optimizer_sent_per_rank: int = (
+        0  # over the network to save the optimizer state: none (each rank writes its own)
+    )
+
+    @property
+    def total(self) -> int:
+        return self.model + self.optimizer
+
+
+def checkpoint_traffic(cfg: Config, vocab: int, dp: int) -> CheckpointTraffic:
+    """What one save writes and moves, from the config alone."""
+    per_tp_rank = parameters_per_gpu(cfg, vocab)
+    tp = cfg.model_parallel_size
+    width = 4 if cfg.params_dtype_name == "fp32" else 2
+    state = per_tp_rank * (8 + (4 if cfg.params_dtype_name != "fp32" else 0))
+    share = math.ceil(state / dp)
+    return CheckpointTraffic(tp * per_tp_rank * width, tp * state, share + per_tp_rank * width, share)
+
+
 def report(cfg: Config, vocab: int, dp: int) -> str:
     total = parameters_per_gpu(dataclasses.replace(cfg, model_parallel_size=1), vocab)  # the whole model
     embedding = vocab * cfg.hidden_size * (1 if cfg.tied_embeddings else 2)
@@ -273,6 +304,14 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
         lines.append(f"  sequence parallel on  {mem.activations_with_sp / GIB:8.2f} GiB")
     else:
         lines.append("  sequence parallel on  (acts only at TP > 1: the same)")
+    save = checkpoint_traffic(cfg, vocab, dp)
+    lines += [
+        f"checkpoint (one save): {save.total / GIB:8.2f} GiB: weights {save.model / GIB:.2f} GiB, "
+        f"optimizer state {save.optimizer / GIB:.2f} GiB",
+        f"  each rank writes   {save.optimizer_per_rank / GIB:8.2f} GiB of optimizer state (its share; "
+        f"DP rank 0 of each TP group also {(save.written_per_rank - save.optimizer_per_rank) / GIB:.2f} GiB of weights)",
+        f"  each rank sends    {save.optimizer_sent_per_rank:8d} B of optimizer state over the network (it writes its own ZeRO partition)",
+    ]
     return "\n".join(lines)
 
 

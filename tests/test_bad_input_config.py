@@ -228,3 +228,19 @@ def test_run_record_names_a_directory_it_cannot_write(tmp_path):
     blocker = write(tmp_path, "x", "blocker")
     with pytest.raises(CheckpointError, match=f"cannot write the run's record: {blocker}/logs"):
         RunRecord(tmp_path / "run", blocker / "logs").start({})
+
+
+def test_a_run_whose_sample_indexes_cannot_fit_is_refused_naming_train_iters(tmp_path):
+    """``train_iters: 10**15`` with real data: refused while planning (the indexes' lower bound exceeds
+    the cache disk), not a memory error deep in the index build."""
+    from megatron_stablelm.data import DataError
+    from megatron_stablelm.data.datasets import plan_splits
+    from tests.data_helpers import data_config, write_synthetic_shard
+
+    prefix = str(tmp_path / "shard")
+    write_synthetic_shard(prefix, [40] * 20, eod=0, vocab=100)
+    paths = dict(train_data_paths=[prefix], data_cache_dir=str(tmp_path / "cache"))
+    assert plan_splits(data_config(**paths), 100, scan_tokens=False)[0].num_samples == 50 * 4
+    with pytest.raises(DataError, match=r"train_iters=1000000000000000, .* GiB free"):
+        plan_splits(data_config(train_iters=10**15, **paths), 100, scan_tokens=False)
+    assert not (tmp_path / "cache").exists()

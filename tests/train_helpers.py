@@ -121,6 +121,7 @@ def train_worker(rank: int, world: int, cfg_values: dict, out_dir: str, options:
     logs: list[str] = []
     trainer = Trainer(cfg, make_data, padded_vocab=padded, log=logs.append, fault_hook=hook)
     record: dict[str, Any] = {}
+    traffic = _count_save_traffic(trainer) if options.get("count_save_traffic") else None
     try:
         trainer.setup()
         result = trainer.train()
@@ -136,12 +137,52 @@ def train_worker(rank: int, world: int, cfg_values: dict, out_dir: str, options:
     except NonFiniteAbort as err:
         record.update(exit_reason="nonfinite", error=str(err), state=trainer.state.as_dict())
     record["log"] = logs
+    if traffic is not None:
+        record["save_traffic"] = traffic
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     if options.get("save_weights") and record.get("exit_reason") != "nonfinite":
         full = _gather_canonical(trainer.model)
         if rank == 0:
             torch.save(full, Path(out_dir) / "weights.pt")
+
+
+_COLLECTIVES = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "gather",
+                "scatter", "reduce_scatter_tensor", "all_to_all_single", "send", "recv")  # fmt: skip
+
+
+def _count_save_traffic(trainer) -> dict[str, int]:
+    """Bytes handed to torch.distributed's collectives while ``trainer.save`` runs (ours and
+    DeepSpeed's, which calls the same module functions): what a save moves over the network."""
+    import torch.distributed as dist
+
+    counted = {"bytes": 0, "calls": 0}
+    saving = [False]
+
+    def counting(original):
+        def wrapped(*args, **kwargs):
+            if saving[0]:  # the data argument comes first, by position or by name (DeepSpeed's comm)
+                first = args[0] if args else next(iter(kwargs.values()))
+                tensors = first if isinstance(first, (list, tuple)) else [first]
+                counted["bytes"] += sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+                counted["calls"] += 1
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, counting(getattr(dist, name)))
+    save = trainer.save
+
+    def counting_save(reason: str):
+        saving[0] = True
+        try:
+            return save(reason)
+        finally:
+            saving[0] = False
+
+    trainer.save = counting_save
+    return counted
 
 
 class _NanGrad(torch.autograd.Function):

@@ -49,9 +49,11 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
@@ -243,7 +245,30 @@ def plan_splits(
         for src in plan.sources:
             if src.tokens == 0:  # megatron-core would loop forever counting epochs
                 raise DataError(f"data shard '{src.prefix}' has no tokens in the {plan.name} split")
+    _check_index_fits(cfg, plans)
     return plans
+
+
+# A lower bound on the index bytes per sample of a split: the blend's source and sample numbers plus
+# the source's shuffle entry (sample_order.py). The real figure is larger (document index, packing).
+INDEX_BYTES_PER_SAMPLE = 16
+
+
+def _check_index_fits(cfg: Config, plans: Sequence[SplitPlan | None]) -> None:
+    """Refuse a run whose sample indexes could not fit the disk that holds the index cache (e.g.
+    ``train_iters: 1000000000000000``), naming the sizes, instead of a memory error deep inside the
+    index build after minutes."""
+    total = sum(p.num_samples for p in plans if p is not None)
+    need = total * INDEX_BYTES_PER_SAMPLE
+    where = Path(index_cache_dir(cfg, plans)).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DataError(
+            f"train_iters={cfg.train_iters}, eval_iters={cfg.eval_iters}: {total:,} samples, whose indexes "
+            f"alone need more than {need / 2**30:,.0f} GiB, but {where} has {free / 2**30:,.0f} GiB free"
+        )
 
 
 @dataclass
