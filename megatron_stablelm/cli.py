@@ -11,6 +11,8 @@
   bad path, config, tokenizer, shard or task name) end in one ``error: ...`` line on stderr and exit
   status 2 instead of a traceback, and process groups the command started itself are torn down however
   it ends, while groups a caller started (a test running the command inside a TP=2 job) stay up.
+* Which errors are the user's: :data:`USER_ERRORS` for the tools, :func:`training_user_errors` for
+  ``train.py`` (narrower, see there).
 
 This module imports neither torch nor megatron-core, so a command checks its input in a fraction of a
 second before it loads anything heavy.
@@ -26,8 +28,27 @@ from megatron_stablelm.checkpoint.layout import CheckpointError
 
 # The errors a command reports as the user's (their messages name the file, key or value).
 # ConfigError, ConversionError, TokenizerError, ShardError, GenerationError and EvalTaskError are
-# ValueErrors; FileExistsError is a refusal to overwrite.
+# ValueErrors; FileExistsError is a refusal to overwrite. A tool's work is short and reads the user's
+# input throughout, so any ValueError is taken as bad input; training uses the narrower
+# :func:`training_user_errors`.
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def training_user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input to ``train.py`` (exit 2, one line) rather than a bug (a
+    traceback). Only this project's own error types (and a missing file): hours into a run a bare
+    ``ValueError`` comes from torch, DeepSpeed or megatron-core and needs its traceback, so
+    :data:`USER_ERRORS`' blanket ``ValueError`` would hide it. The data errors are added when the data
+    pipeline imports (``--synthetic-data`` runs without it)."""
+    from megatron_stablelm.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
+    try:
+        from megatron_stablelm.data import DataError, ShardError, TokenizerError
+    except ImportError:
+        return errors
+    return (*errors, DataError, ShardError, TokenizerError)
+
 
 OVERRIDE_HELP = (
     "config overrides, values read as YAML (e.g. --override train_iters=10 save=runs/x); "

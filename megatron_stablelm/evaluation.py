@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ from megatron_stablelm.generation import (
     generate,
     load_checkpoint_model,
     load_tokenizer,
-    max_positions,
 )
 from megatron_stablelm.kernels.cross_entropy import vocab_parallel_target_log_prob
+from megatron_stablelm.metrics import perplexity
 from megatron_stablelm.model import StableLMModel
 from megatron_stablelm.tokenizers import Tokenizer
 
@@ -158,7 +157,7 @@ def _summary(loss_sum: float, tokens: int) -> dict[str, Any]:
     if tokens == 0:
         return {"loss": None, "perplexity": None, "tokens": 0}
     loss = loss_sum / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": tokens}
 
 
 # ----------------------------------------------------------------------------- the trainer's validation
@@ -356,7 +355,7 @@ class MegatronLM(_LMBase):
             tokenizer = load_tokenizer(loaded.cfg, tokenizer)
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
-        self.max_length = int(max_length) if max_length is not None else max_positions(loaded.cfg)
+        self.max_length = int(max_length) if max_length is not None else loaded.cfg.max_positions
         self.max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
 

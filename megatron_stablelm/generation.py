@@ -25,6 +25,7 @@ from megatron_stablelm import parallel
 from megatron_stablelm.checkpoint import CheckpointError, load_into_model, read_header
 from megatron_stablelm.checkpoint.model_files import config_at_tp_size
 from megatron_stablelm.config import Config, ConfigError
+from megatron_stablelm.config.precision import SHORT_NAMES, torch_dtype
 from megatron_stablelm.model import InferenceCache, StableLMModel
 from megatron_stablelm.parallelize import parallelize
 from megatron_stablelm.tokenizers import load_tokenizer
@@ -38,13 +39,9 @@ __all__ = [
     "generate",
     "load_checkpoint_model",
     "load_tokenizer",
-    "max_positions",
     "resolve_device",
     "sample_next",
 ]
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16}
-_DTYPES.update(bfloat16=torch.bfloat16, fp16=torch.float16, float16=torch.float16)
 
 
 class GenerationError(ValueError):
@@ -85,11 +82,6 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def max_positions(cfg: Config) -> int:
-    """The longest sequence the model was built for (``max_position_embeddings``, else ``seq_length``)."""
-    return cfg.max_position_embeddings or cfg.seq_length
-
-
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, by default cuda:LOCAL_RANK when CUDA is available, else the CPU. A device this machine
     lacks is refused naming it here, before a model is built (torch would fail later, deep in the model
@@ -126,11 +118,11 @@ def load_checkpoint_model(
         tp_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_at_tp_size(ckpt, meta, cfg, tp_size, "run")
     vocab = int(meta["padded_vocab_size"])
-    torch_dtype = _DTYPES.get(dtype or meta.get("dtype", "float32"))
-    if torch_dtype is None:
-        raise ConfigError(f"unknown dtype {dtype or meta.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
+    name = dtype or meta.get("dtype", "float32")  # a checkpoint records torch's name of its dtype
+    if name not in SHORT_NAMES:
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(SHORT_NAMES)}")
     parallel.initialize(tp_size, backend="nccl" if device.type == "cuda" else "gloo")
-    model = parallelize(StableLMModel(cfg, vocab, dtype=torch_dtype), cfg)
+    model = parallelize(StableLMModel(cfg, vocab, dtype=torch_dtype(name)), cfg)
     try:
         load_into_model(ckpt, model, parallel.tp_rank(), parallel.tp_size())
     except CheckpointError:
@@ -215,7 +207,7 @@ def generate(
     when ``stop(new_ids)`` says so. ``vocab_limit`` (the tokenizer's size) keeps the padding rows of
     the embedding from ever being sampled. Call on every TP rank with the same arguments."""
     params = params or SamplingParams()
-    check_prompts(prompts, max_new_tokens, max_positions(model.cfg))
+    check_prompts(prompts, max_new_tokens, model.cfg.max_positions)
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from megatron_stablelm.checkpoint.model_files import check_safetensors_file
 from megatron_stablelm.config import Config, config_from_dict
+from megatron_stablelm.config.precision import SHORT_NAMES
 
 
 class ConversionError(ValueError):
@@ -200,7 +201,6 @@ _ACTIVATIONS_FROM_HF = {
     "swish": {"activation": "silu"},
     "relu": {"activation": "relu"},
 }
-_PRECISIONS_FROM_HF = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def architecture_for(cfg: Config) -> Architecture:
@@ -245,7 +245,7 @@ def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | No
         **{theirs: getattr(cfg, ours) for ours, theirs in SAME_VALUE_KEYS.items()},
         intermediate_size=cfg.ffn_hidden_size,
         hidden_act=HF_ACTIVATIONS[cfg.act_fn_name],
-        max_position_embeddings=cfg.max_position_embeddings or cfg.seq_length,
+        max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=cfg.tied_embeddings,
         partial_rotary_factor=cfg.rotary_pct,
         rope_theta=cfg.rotary_emb_base,
@@ -328,8 +328,8 @@ def _common_values(c) -> dict:
         gpt_j_residual=bool(c.use_parallel_residual),
     )
     dtype = str(c.dtype).removeprefix("torch.") if c.dtype is not None else None
-    if dtype in _PRECISIONS_FROM_HF:
-        values["precision"] = _PRECISIONS_FROM_HF[dtype]
+    if dtype in SHORT_NAMES:  # HF writes torch's name of the dtype
+        values["precision"] = SHORT_NAMES[dtype]
     return values
 
 

@@ -36,17 +36,19 @@ from pathlib import Path
 
 from megatron_stablelm.cli import add_config_arguments, overrides_from, parse_config_args, positive_int
 from megatron_stablelm.config import Config, ConfigError, load_config
+from megatron_stablelm.config.precision import bytes_per_value, optimizer_bytes_per_parameter
 
 GIB = 1024**3
 
 
 def resolve_vocab(cfg: Config, override: int | None = None) -> int:
-    """Padded vocab: command-line override, else the config's ``padded_vocab_size``, else the
-    tokenizer's size (when its ``vocab_file`` is present) padded by GPT-NeoX's rule."""
+    """Padded vocab: the command-line override, else :meth:`Config.padded_vocab` (the one rule:
+    ``padded_vocab_size``, else the tokenizer's size padded), reading the tokenizer only when the
+    rule needs it and its ``vocab_file`` is present."""
     if override is not None:
         return override
     if cfg.padded_vocab_size is not None:
-        return cfg.padded_vocab_size
+        return cfg.padded_vocab()
     if cfg.vocab_file and Path(cfg.vocab_file).is_file():
         from megatron_stablelm.tokenizers import build_tokenizer
 
@@ -95,11 +97,9 @@ def estimate_memory(cfg: Config, vocab: int, dp: int, flash: bool = True) -> Mem
     run under ZeRO). Pure arithmetic, so it answers at once for any size."""
     tp = cfg.model_parallel_size
     per_gpu_params = parameters_per_gpu(cfg, vocab)
-    dtype = cfg.params_dtype_name
-    width = 4 if dtype == "fp32" else 2
-    weights = per_gpu_params * width
-    gradients = per_gpu_params * width
-    optimizer_bytes = per_gpu_params * (8 + (4 if dtype != "fp32" else 0))
+    weights = per_gpu_params * bytes_per_value(cfg.params_dtype_name)
+    gradients = weights
+    optimizer_bytes = per_gpu_params * optimizer_bytes_per_parameter(cfg.params_dtype_name)
     if cfg.effective_zero_stage >= 1:
         optimizer_bytes /= dp
     if cfg.effective_zero_stage >= 2:
@@ -193,7 +193,7 @@ def activation_bytes(
     s, b = cfg.seq_length, micro_batch or cfg.train_micro_batch_size_per_gpu
     h, d, a, kv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.kv_heads
     ffn = cfg.ffn_hidden_size
-    w = 4 if cfg.params_dtype_name == "fp32" else 2
+    w = bytes_per_value(cfg.params_dtype_name)
     sb, t = s * b, tp
     t_sp = tp if sequence_parallel else 1
     if cfg.gpt_j_residual:
@@ -254,8 +254,8 @@ def checkpoint_traffic(cfg: Config, vocab: int, dp: int) -> CheckpointTraffic:
     """What one save writes and moves, from the config alone."""
     per_tp_rank = parameters_per_gpu(cfg, vocab)
     tp = cfg.model_parallel_size
-    width = 4 if cfg.params_dtype_name == "fp32" else 2
-    state = per_tp_rank * (8 + (4 if cfg.params_dtype_name != "fp32" else 0))
+    width = bytes_per_value(cfg.params_dtype_name)
+    state = per_tp_rank * optimizer_bytes_per_parameter(cfg.params_dtype_name)
     share = math.ceil(state / dp)
     return CheckpointTraffic(tp * per_tp_rank * width, tp * state, share + per_tp_rank * width, share)
 

@@ -1,6 +1,6 @@
-"""Model FLOPs per token, device peaks, MFU and peak memory: one definition for the training log
-(:mod:`megatron_stablelm.training.logging`) and ``tools/benchmark.py``, so the same step reports the
-same MFU in both.
+"""Model FLOPs per token, device peaks, MFU, peak memory and perplexity: one definition for the
+training log (:mod:`megatron_stablelm.training.logging`), ``tools/benchmark.py`` and the evaluation,
+so the same step reports the same MFU (and the same loss the same perplexity) in each.
 
 **The convention (primary, "strict"), used for every MFU this project prints unlabelled:**
 training FLOPs per token = ``6 × matmul parameters + 6 × layers × seq × heads × head_dim``.
@@ -29,6 +29,7 @@ only with the figure of its own convention.
 
 from __future__ import annotations
 
+import math
 import re
 import resource
 from typing import TYPE_CHECKING
@@ -67,6 +68,18 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "MI300X": {"bf16": 1307.0, "fp16": 1307.0, "fp32": 163.4},
     "MI250X": {"bf16": 383.0, "fp16": 383.0, "fp32": 47.9},
 }
+
+# Perplexity is exp(loss), with the loss capped here for every report (the training log, TensorBoard,
+# W&B, metrics.jsonl, tools/evaluate.py). 80 nats keeps the value finite in each of them: TensorBoard
+# stores scalars as float32, whose largest value is exp(88.7) (math.exp itself overflows only past
+# 709.78). Nothing is lost: a uniform guess over a 100k-token vocabulary is 11.5 nats, so a loss above
+# 80 is a diverged model whose perplexity means nothing, and the loss is always reported beside it.
+PERPLEXITY_MAX_LOSS = 80.0
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token loss in nats, capped at ``exp(PERPLEXITY_MAX_LOSS)`` (see there)."""
+    return math.exp(min(loss, PERPLEXITY_MAX_LOSS))
 
 
 def matmul_params_per_layer(cfg: Config) -> int:

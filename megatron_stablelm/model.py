@@ -48,10 +48,9 @@ from torch import nn
 
 from megatron_stablelm import kernels, parallel
 from megatron_stablelm.config import Config
+from megatron_stablelm.config.precision import torch_dtype
 from megatron_stablelm.parallelize import parallelize
 from megatron_stablelm.sharding import ShardSpec, model_splits
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _no_init(_: torch.Tensor) -> None:
@@ -663,7 +662,7 @@ def build_model(
     :func:`~megatron_stablelm.parallelize.parallelize` (``attention`` overrides the config's
     attention type; ``tp_group`` defaults to the current megatron-core TP group)."""
     if isinstance(dtype, str):
-        dtype = _DTYPES[dtype]
+        dtype = torch_dtype(dtype)
     model = StableLMModel(cfg, vocab_size, dtype=dtype, tp_group=tp_group)
     init_weights(model, cfg.seed if seed is None else seed)
     return parallelize(model, cfg, attention=attention)

@@ -18,7 +18,8 @@ Parameter names are untouched: checkpoints and HF conversion key on them, so a c
 rebinding a method or attribute on the instance (``model.run_layers``, ``attention.core``), never by a
 wrapper module that would add a name level.
 Tensor parallelism itself is not applied here: megatron-core's layers are built split, from the TP
-group given to the model's constructor.
+group given to the model's constructor; the process groups are :mod:`megatron_stablelm.parallel`'s
+(the name follows torchtitan's ``parallelize.py``, which applies its parallelisms the same way).
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def test_inspect_checkpoint(tmp_path, capsys, single_rank):
     src = checkpoint.resolve_checkpoint(run)
     info = describe_checkpoint(run)
     assert info["iteration"] == 10 and info["train_state"] is None and info["tp_size"] == 2
-    full = checkpoint.load_canonical_state_dict(src)
+    full = checkpoint.read_canonical_state_dict(src)
     assert info["parameters"] == sum(t.numel() for t in full.values())
     for name, t in full.items():
         entry = info["tensors"][name]

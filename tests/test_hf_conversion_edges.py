@@ -235,7 +235,7 @@ def test_tanh_gelu_and_padded_vocab_match_transformers_tp1_tp2(tmp_path, single_
     convert_from_hf(src509, tmp_path / "vocab509", tp=2)
     meta = checkpoint.read_meta(tmp_path / "vocab509")
     assert meta["tp_size"] == 2 and meta["padded_vocab_size"] % 2 == 0 and meta["padded_vocab_size"] > 509
-    state = checkpoint.load_canonical_state_dict(tmp_path / "vocab509")
+    state = checkpoint.read_canonical_state_dict(tmp_path / "vocab509")
     assert not torch.any(state["embedding.weight"][509:]) and not torch.any(state["output.weight"][509:])
     # and the export gives the HF model's shape back: 509 rows, the same tensors
     assert meta["vocab_size"] == 509

@@ -51,11 +51,10 @@ import torch
 
 from megatron_stablelm import metrics
 from megatron_stablelm.cli import USER_ERRORS, add_config_arguments, overrides_from, parse_config_args
+from megatron_stablelm.config.precision import TORCH_NAMES, torch_dtype
 
 if TYPE_CHECKING:
     from megatron_stablelm.config import Config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -353,7 +352,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-PRECISION_NAMES = {"fp32": "fp32", "bf16": "bfloat16", "fp16": "float16"}
 DEFAULT_OPTIMIZER = {"type": "Adam", "params": {"lr": 1.0e-4, "betas": [0.9, 0.95], "eps": 1.0e-8}}
 
 
@@ -363,7 +361,7 @@ def trainer_config(cfg, dtype_name: str) -> None:
     configs) gets Adam at lr 1e-4."""
     if dtype_name != cfg.params_dtype_name:
         cfg.bf16 = cfg.fp16 = None
-        cfg.precision = PRECISION_NAMES[dtype_name]
+        cfg.precision = dtype_name  # a short name is a valid `precision` value
     if not cfg.optimizer:
         cfg.optimizer = DEFAULT_OPTIMIZER
 
@@ -404,7 +402,7 @@ class Setup:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
+        return torch_dtype(self.dtype_name)
 
     @property
     def tokens_per_step(self) -> int:
@@ -627,7 +625,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-length", type=int)
     p.add_argument("--micro-batch", type=int)
     p.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="default: the config's precision on GPU, fp32 on CPU"
+        "--dtype", choices=sorted(TORCH_NAMES), help="default: the config's precision on GPU, fp32 on CPU"
     )
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--attention", help="attention type instead of the config's attention_config")

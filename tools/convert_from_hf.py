@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from megatron_stablelm import checkpoint, hf_conversion
-from megatron_stablelm.checkpoint.atomic import check_creatable
+from megatron_stablelm.checkpoint.atomic import check_destination
 from megatron_stablelm.cli import positive_int, run_command
 from megatron_stablelm.config import (
     ALIASES,
@@ -101,12 +101,8 @@ def convert_from_hf(
     """Write the HF model in ``hf_dir`` as the run directory ``out``, split for ``tp`` ranks. Every
     input (output path, config.json, tensor files and shapes, YAML files) is checked before
     megatron-core is imported or anything is written."""
-    hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force to replace it)")
-    if out.resolve() in (hf_dir.resolve(), *hf_dir.resolve().parents):
-        raise ValueError(f"{out} holds the HF model {hf_dir} being converted; choose another output")
-    check_creatable(out)
+    hf_dir = Path(hf_dir)
+    out = check_destination(out, hf_dir, force, f"the HF model {hf_dir} being converted", "output")
     hf_cfg, tensors = hf_conversion.read_hf_dir(hf_dir)
     norm_bias = hf_conversion.hf_norm_bias_used(hf_cfg, tensors)
     vocab = hf_conversion.hf_config_from_dict(hf_cfg).vocab_size

@@ -27,19 +27,15 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from megatron_stablelm import hf_conversion
 from megatron_stablelm.checkpoint import (
     StagedDirectory,
-    load_canonical_state_dict,
+    read_canonical_state_dict,
     read_header,
 )
-from megatron_stablelm.checkpoint.atomic import check_creatable
+from megatron_stablelm.checkpoint.atomic import check_destination
 from megatron_stablelm.cli import run_command
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from megatron_stablelm.config.precision import TORCH_NAMES, torch_dtype
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -128,12 +124,7 @@ def convert_to_hf(
     """Export ``checkpoint`` to ``out`` in ``dtype`` (default: the precision the checkpoint was trained
     in). ``force`` replaces an existing ``out``, only once the new directory is complete."""
     ckpt, meta, cfg = read_header(checkpoint)
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force to replace it)")
-    if out.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
-        raise ValueError(f"{out} holds the checkpoint {ckpt} being converted; choose another output")
-    check_creatable(out)
+    out = check_destination(out, ckpt, force, f"the checkpoint {ckpt} being converted", "output")
     if tokenizer_files is None:
         tokenizer_files = tokenizer_files_for(tokenizer, cfg)
     tokenizer_files = [Path(f) for f in tokenizer_files]
@@ -142,17 +133,16 @@ def convert_to_hf(
             raise ValueError(f"tokenizer file '{f}' does not exist")
     eod = _tokenizer_eod(tokenizer_files)
     hf_conversion.architecture_for(cfg)  # refuse early, before reading tensors
-    state = load_canonical_state_dict(ckpt)
+    state = read_canonical_state_dict(ckpt)
     # a model imported from HF and padded to split over TP goes back at the HF model's vocabulary size
     rows = meta.get("vocab_size", meta["padded_vocab_size"])
     state = {k: v[:rows] if k in hf_conversion.VOCAB_ROWS else v for k, v in state.items()}
-    torch_dtype = DTYPES[dtype or cfg.params_dtype_name]
     with StagedDirectory(out, overwrite=force) as tmp:
         eod_id = eod[1] if eod else None
-        hf_conversion.write_hf_dir(tmp, cfg, state, rows, torch_dtype, eod_id)
+        hf_conversion.write_hf_dir(tmp, cfg, state, rows, torch_dtype(dtype or cfg.params_dtype_name), eod_id)
         _copy_tokenizer(tokenizer_files, tmp)
         if eod is not None:
-            _write_tokenizer_config(tmp, eod, cfg.max_position_embeddings or cfg.seq_length)
+            _write_tokenizer_config(tmp, eod, cfg.max_positions)
     return out
 
 
@@ -181,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="default: the precision the checkpoint was trained in"
+        "--dtype", choices=sorted(TORCH_NAMES), help="default: the precision the checkpoint was trained in"
     )
     parser.add_argument(
         "--tokenizer", help="tokenizer.json or a directory of HF tokenizer files (default: the config's)"

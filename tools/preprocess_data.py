@@ -63,10 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     recipe.add_argument("--source", help="a recipe: a shipped source name or a recipe .yml file")
     recipe.add_argument("--list-sources", action="store_true", help="print the shipped recipes and exit")
     recipe.add_argument(
-        "--describe", action="store_true", help="print the recipe (download, layout) and exit"
+        "--describe", action="store_true", help="print the recipe (download, input files) and exit"
     )
     recipe.add_argument(
-        "--input-root", help="where the corpus was downloaded (the recipe's layout is under it)"
+        "--input-root", help="where the corpus was downloaded (the recipe's `files` globs are relative to it)"
     )
     recipe.add_argument("--output-root", help="writes OUTPUT_ROOT/<source>/<subset>.bin / .idx")
     recipe.add_argument("--subset", nargs="+", default=None, help="subsets (folders or set names) to select")

@@ -304,7 +304,7 @@ def _format_table(cold: dict, warm: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_config", nargs="?", help="a configs/data/*.yml file (paths and weights)")
     p.add_argument("--scale", type=float, default=0.1, help="fraction of --total-tokens to simulate")
@@ -329,6 +329,139 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the synthetic shards and caches")
     p.add_argument("--rank-run", help=argparse.SUPPRESS)
     p.add_argument("--prepare-run", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def read_mixture(data_config: str) -> tuple[list[str], list[float]]:
+    """The data config's ``train_data_paths`` and their weights (1 each when it gives none);
+    ConfigError naming the file when it has no paths or a weight count that does not match."""
+    from megatron_stablelm.config import ConfigError
+    from megatron_stablelm.config.loading import read_yaml
+
+    data = read_yaml(data_config)
+    paths = data.get("train_data_paths")
+    if not paths:
+        raise ConfigError(f"'{data_config}' has no train_data_paths")
+    weights = data.get("train_data_weights") or [1.0] * len(paths)
+    if len(weights) != len(paths):
+        raise ConfigError(f"'{data_config}': {len(weights)} train_data_weights for {len(paths)} paths")
+    return paths, weights
+
+
+def write_mixture(
+    paths: list[str], weights: list[float], work: str, tokens_total: float, seq_length: int
+) -> tuple[list[str], int]:
+    """One sparse uint16 shard per path (under ``work`` unless absolute) holding its weight's share
+    of ``tokens_total`` (at least one sample); (the shards' prefixes, their documents)."""
+    total_w = float(sum(weights))
+    prefixes, docs = [], 0
+    for i, (path, w) in enumerate(zip(paths, weights)):
+        prefix = path if os.path.isabs(path) else os.path.join(work, path)
+        mean, sigma = doc_length_params(path)
+        lengths = synthetic_lengths(max(int(tokens_total * w / total_w), seq_length), mean, sigma, seed=i)
+        write_sparse_shard(prefix, lengths, np.uint16)
+        prefixes.append(prefix)
+        docs += lengths.size
+        del lengths
+    return prefixes, docs
+
+
+def run_spec(
+    args: argparse.Namespace, prefixes: list[str], weights: list[float], work: str, iters: int
+) -> dict:
+    """What each rank process reads: the run's config (one GPU, ``--global-batch`` as accumulation),
+    the tokenizer's size and the cold start's build workers."""
+    return {
+        "vocab_size": 65_536,  # uint16 ids are all < 65,536: plan_splits skips the id scan
+        "build_workers": args.build_workers,
+        "config": {
+            "seq_length": args.seq_length,
+            "train_iters": iters,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": args.global_batch,
+            "eval_iters": 0,
+            "train_data_paths": prefixes,
+            "train_data_weights": [float(w) for w in weights],
+            "data_cache_dir": os.path.join(work, "index-cache"),
+            "seed": 1234,
+        },
+    }
+
+
+def report_cold_and_warm(spec_path: str, cache_dir: str) -> tuple[dict, dict]:
+    """One rank's start-up on an empty cache, then again on what it built; the table printed."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cold = _run_rank(spec_path)
+    warm = _run_rank(spec_path)
+    print(_format_table(cold, warm))
+    slowest = max(cold["per_source_s"])
+    print(
+        f"per-source index builds (cold): sum {sum(cold['per_source_s']):.1f} s, slowest source "
+        f"{slowest:.1f} s"
+    )
+    print(f"(imports before the timed phases: cold {cold['import_s']:.1f} s, warm {warm['import_s']:.1f} s)")
+    return cold, warm
+
+
+def report_prepared(spec_path: str, cache_dir: str, workers: int) -> dict:
+    """tools/prepare_data_cache.py's build on an empty cache, then one rank's start-up on it."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    prep = _run_rank(spec_path, "--prepare-run", str(workers))
+    after = _run_rank(spec_path)
+    print(
+        f"tools/prepare_data_cache.py with {workers} workers: {prep['wall_s']:.1f} s "
+        f"(slowest source {max(prep['per_source_s']):.1f} s); the start after it: "
+        f"{after['total']:.2f} s (per-source index {after['phases']['per-source index']:.2f} s, "
+        f"blend {after['phases']['blended index']:.2f} s)"
+    )
+    return {"prepare": prep, "start": after}
+
+
+def report_scan(work: str, scan_gb: float, total_tokens: float) -> None:
+    """The token-id scan's speed on ``scan_gb`` of int32 data, extrapolated to the whole mixture."""
+    rate, again = measure_scan(work, scan_gb)
+    full_gb = total_tokens * 4 / 1e9
+    print(
+        f"token-id scan of int32 shards (Arcade100k-sized vocabularies): {rate:.2f} GB/s on sparse "
+        f"files; the whole {total_tokens:,.0f}-token mixture is {full_gb:,.0f} GB -> "
+        f"{full_gb / rate / 60:,.1f} min at that speed, once per shard version on one rank "
+        f"(rank 0 or the prepare tool); a later start reads the record: {again * 1e3:.1f} ms per shard"
+    )
+
+
+def simulate(args: argparse.Namespace, paths: list[str], weights: list[float], work: str) -> None:
+    """Steps 1 to 4 of the module docstring, in ``work``; the last line printed is the JSON of all."""
+    tokens_total = args.scale * args.total_tokens
+    t0 = time.perf_counter()
+    prefixes, docs = write_mixture(paths, weights, work, tokens_total, args.seq_length)
+    t_write = time.perf_counter() - t0
+    samples = math.ceil(args.epochs * tokens_total / args.seq_length)
+    iters = math.ceil(samples / args.global_batch)
+    spec = run_spec(args, prefixes, weights, work, iters)
+    spec_path = os.path.join(work, "spec.json")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        json.dump(spec, f)
+    print(
+        f"synthetic mixture: {len(prefixes)} shards, {tokens_total:,.0f} tokens, {docs:,} documents "
+        f"(scale {args.scale:g} of {args.total_tokens:,.0f}); {iters:,} steps x {args.global_batch} = "
+        f"{iters * args.global_batch:,} samples of {args.seq_length} ({args.epochs:g} epochs); written in "
+        f"{t_write:.1f} s",
+        flush=True,
+    )
+    cache_dir = spec["config"]["data_cache_dir"]
+    cold, warm = report_cold_and_warm(spec_path, cache_dir)
+    prepared = (
+        report_prepared(spec_path, cache_dir, args.prepare_workers) if args.prepare_workers > 0 else None
+    )
+    if args.scan_gb > 0:
+        report_scan(work, args.scan_gb, args.total_tokens)
+    print(
+        json.dumps({"scale": args.scale, "documents": docs, "cold": cold, "warm": warm, "prepared": prepared})
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     if args.rank_run and args.prepare_run:
         print(json.dumps(_prepare_run(args.rank_run, args.prepare_run)))
@@ -341,107 +474,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_workers is not None and args.build_workers < 1:
         p.error("--build-workers must be at least 1")
     from megatron_stablelm.config import ConfigError
-    from megatron_stablelm.config.loading import read_yaml
 
     try:
-        data = read_yaml(args.data_config)
+        paths, weights = read_mixture(args.data_config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    paths = data.get("train_data_paths")
-    if not paths:
-        print(f"error: '{args.data_config}' has no train_data_paths", file=sys.stderr)
-        return 2
-    weights = data.get("train_data_weights") or [1.0] * len(paths)
-    if len(weights) != len(paths):
-        print(
-            f"error: '{args.data_config}': {len(weights)} train_data_weights for {len(paths)} paths",
-            file=sys.stderr,
-        )
-        return 2
-    total_w = float(sum(weights))
     work = os.path.abspath(args.work_dir)
     os.makedirs(work, exist_ok=True)
     try:
-        tokens_total = args.scale * args.total_tokens
-        t0 = time.perf_counter()
-        prefixes, docs = [], 0
-        for i, (path, w) in enumerate(zip(paths, weights)):
-            prefix = path if os.path.isabs(path) else os.path.join(work, path)
-            mean, sigma = doc_length_params(path)
-            lengths = synthetic_lengths(
-                max(int(tokens_total * w / total_w), args.seq_length), mean, sigma, seed=i
-            )
-            write_sparse_shard(prefix, lengths, np.uint16)
-            prefixes.append(prefix)
-            docs += lengths.size
-            del lengths
-        t_write = time.perf_counter() - t0
-        samples = math.ceil(args.epochs * tokens_total / args.seq_length)
-        iters = math.ceil(samples / args.global_batch)
-        spec = {
-            "vocab_size": 65_536,  # uint16 ids are all < 65,536: plan_splits skips the id scan
-            "build_workers": args.build_workers,
-            "config": {
-                "seq_length": args.seq_length,
-                "train_iters": iters,
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": args.global_batch,
-                "eval_iters": 0,
-                "train_data_paths": prefixes,
-                "train_data_weights": [float(w) for w in weights],
-                "data_cache_dir": os.path.join(work, "index-cache"),
-                "seed": 1234,
-            },
-        }
-        spec_path = os.path.join(work, "spec.json")
-        with open(spec_path, "w", encoding="utf-8") as f:
-            json.dump(spec, f)
-        print(
-            f"synthetic mixture: {len(prefixes)} shards, {tokens_total:,.0f} tokens, {docs:,} documents "
-            f"(scale {args.scale:g} of {args.total_tokens:,.0f}); {iters:,} steps x {args.global_batch} = "
-            f"{iters * args.global_batch:,} samples of {args.seq_length} ({args.epochs:g} epochs); written in "
-            f"{t_write:.1f} s",
-            flush=True,
-        )
-        shutil.rmtree(spec["config"]["data_cache_dir"], ignore_errors=True)
-        cold = _run_rank(spec_path)
-        warm = _run_rank(spec_path)
-        print(_format_table(cold, warm))
-        slowest = max(cold["per_source_s"])
-        print(
-            f"per-source index builds (cold): sum {sum(cold['per_source_s']):.1f} s, slowest source "
-            f"{slowest:.1f} s"
-        )
-        print(
-            f"(imports before the timed phases: cold {cold['import_s']:.1f} s, warm {warm['import_s']:.1f} s)"
-        )
-        prepared = None
-        if args.prepare_workers > 0:
-            shutil.rmtree(spec["config"]["data_cache_dir"], ignore_errors=True)
-            prep = _run_rank(spec_path, "--prepare-run", str(args.prepare_workers))
-            after = _run_rank(spec_path)
-            prepared = {"prepare": prep, "start": after}
-            print(
-                f"tools/prepare_data_cache.py with {args.prepare_workers} workers: {prep['wall_s']:.1f} s "
-                f"(slowest source {max(prep['per_source_s']):.1f} s); the start after it: "
-                f"{after['total']:.2f} s (per-source index {after['phases']['per-source index']:.2f} s, "
-                f"blend {after['phases']['blended index']:.2f} s)"
-            )
-        if args.scan_gb > 0:
-            rate, again = measure_scan(work, args.scan_gb)
-            full_gb = args.total_tokens * 4 / 1e9
-            print(
-                f"token-id scan of int32 shards (Arcade100k-sized vocabularies): {rate:.2f} GB/s on sparse "
-                f"files; the whole {args.total_tokens:,.0f}-token mixture is {full_gb:,.0f} GB -> "
-                f"{full_gb / rate / 60:,.1f} min at that speed, once per shard version on one rank "
-                f"(rank 0 or the prepare tool); a later start reads the record: {again * 1e3:.1f} ms per shard"
-            )
-        print(
-            json.dumps(
-                {"scale": args.scale, "documents": docs, "cold": cold, "warm": warm, "prepared": prepared}
-            )
-        )
+        simulate(args, paths, weights, work)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,8 +30,8 @@ from megatron_stablelm.lazy import lazy_attributes
 # command which only reports a bad path or a bad config does not pay for importing torch.
 _MODEL_FILES = {
     "iter_canonical_tensors",
-    "load_canonical_state_dict",
     "load_into_model",
+    "read_canonical_state_dict",
     "read_config",
     "read_header",
     "read_meta",
@@ -54,8 +54,8 @@ __all__ = [
     "iter_canonical_tensors",
     "iteration_dirname",
     "iteration_of",
-    "load_canonical_state_dict",
     "load_into_model",
+    "read_canonical_state_dict",
     "read_config",
     "read_header",
     "read_meta",

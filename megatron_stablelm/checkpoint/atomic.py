@@ -69,6 +69,22 @@ def check_creatable(final: str | Path) -> None:
         raise CheckpointError(f"cannot create {final}: {parent} is not writable")
 
 
+def check_destination(
+    final: str | Path, source: str | Path, force: bool, source_name: str, another: str
+) -> Path:
+    """The checks of a command that writes ``final`` from ``source``, before it reads anything:
+    ``final`` must not exist unless ``force`` (the writer replaces it only once the new one is
+    complete), must not hold ``source`` (replacing it would delete the input) and must be creatable.
+    ``source_name`` ("the checkpoint X being converted") and ``another`` ("output") word the refusal."""
+    final, source = Path(final), Path(source)
+    if final.exists() and not force:
+        raise FileExistsError(f"{final} exists; refusing to overwrite it (use --force to replace it)")
+    if final.resolve() in (source.resolve(), *source.resolve().parents):
+        raise ValueError(f"{final} holds {source_name}; choose another {another}")
+    check_creatable(final)
+    return final
+
+
 def remove_stale_staging(root: Path) -> None:
     """Remove staging directories a killed writer left in ``root`` (call only while holding the run)."""
     for path in root.iterdir():

@@ -35,12 +35,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def config_splits(cfg: Config) -> dict[str, ShardSpec]:
-    """How each tensor of ``cfg``'s model splits over TP, read off a meta-device model's layers.
-    Imported here, not at the top: readers of a checkpoint's header must not pay for megatron-core."""
-    from megatron_stablelm.model import config_splits as model_config_splits
+def _model_splits(cfg: Config) -> dict[str, ShardSpec]:
+    """:func:`megatron_stablelm.model.config_splits`, imported on first use: readers of a
+    checkpoint's header must not pay for megatron-core."""
+    from megatron_stablelm.model import config_splits
 
-    return model_config_splits(cfg)
+    return config_splits(cfg)
 
 
 def _split(splits: dict[str, ShardSpec], name: str) -> ShardSpec:
@@ -76,7 +76,7 @@ def write_model_files(
     save_file(tensors, str(shard), metadata={"format": "pt"})
     if tp_rank != 0:
         return [shard]
-    splits = config_splits(cfg)
+    splits = _model_splits(cfg)
     meta = {
         "format_version": MODEL_FORMAT,
         "tp_size": tp_size,
@@ -116,7 +116,7 @@ def save_canonical_model(
     vocab_size: int | None = None,
 ) -> None:
     """Split whole-model tensors for ``tp_size`` ranks and save them (conversion tools)."""
-    splits = config_splits(cfg)
+    splits = _model_splits(cfg)
     shards = [
         {name: splits[name].split(t, rank, tp_size).clone() for name, t in full.items()}
         for rank in range(tp_size)
@@ -232,7 +232,7 @@ def tensor_splits(meta: dict, cfg: Config) -> dict[str, ShardSpec]:
     existed) as the model built from the checkpoint's config splits it."""
     if "splits" in meta:
         return {name: _spec_from_json(value) for name, value in meta["splits"].items()}
-    return config_splits(cfg)
+    return _model_splits(cfg)
 
 
 def iter_canonical_tensors(
@@ -248,7 +248,8 @@ def iter_canonical_tensors(
         yield name, splits[name].merge([h.get_tensor(name) for h in handles])
 
 
-def load_canonical_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+def read_canonical_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All whole-model tensors in memory; :func:`iter_canonical_tensors` yields one at a time."""
     return dict(iter_canonical_tensors(directory))
 
 

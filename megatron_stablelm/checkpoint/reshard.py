@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_stablelm.checkpoint.atomic import StagedDirectory, check_creatable, write_latest
+from megatron_stablelm.checkpoint.atomic import StagedDirectory, check_destination, write_latest
 from megatron_stablelm.checkpoint.layout import (
     TRAIN_STATE_FILE,
     CheckpointError,
@@ -93,12 +93,7 @@ def reshard_checkpoint(
     ``force``; the whole run directory (checkpoint and ``latest``) is staged and published at once, so
     with ``force`` an existing ``dst`` is replaced only once the new one is complete."""
     ckpt, meta, cfg = read_header(src)
-    dst = Path(dst)
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} exists; refusing to overwrite it (use --force to replace it)")
-    if dst.resolve() in (ckpt.resolve(), *ckpt.resolve().parents):
-        raise ValueError(f"{dst} holds the checkpoint {ckpt} being resharded; choose another destination")
-    check_creatable(dst)
+    dst = check_destination(dst, ckpt, force, f"the checkpoint {ckpt} being resharded", "destination")
     new_cfg = config_at_tp_size(ckpt, meta, cfg, tp, "reshard")
     kinds = _files_by_kind(ckpt)
     if kinds["unknown"] and not skip_unknown:

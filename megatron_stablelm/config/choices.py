@@ -7,6 +7,8 @@ run, and the error message lists exactly what is allowed.
 
 from __future__ import annotations
 
+from megatron_stablelm.config.precision import SHORT_NAMES
+
 NORMS = ("layernorm",)
 # GPT-NeoX's gated activations: the MLP is gated with this activation and sized by GPT-NeoX's rule.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
@@ -32,9 +34,8 @@ LR_DECAY_STYLES = (
 )
 # ``attention_config`` entries: GPT-NeoX's names ("global", "flash") and this framework's kernels.
 ATTENTION_TYPES = ("flash", "sdpa", "math", "global", "flash_attn", "flex")
-BF16_NAMES = ("bf16", "bfloat16")
-FP16_NAMES = ("fp16", "float16")
-PRECISIONS = ("fp32", "float32", *FP16_NAMES, *BF16_NAMES)
+# ``precision``: both spellings of each (config/precision.py owns the names and their dtypes)
+PRECISIONS = tuple(SHORT_NAMES)
 # ``optimizer.type`` (case-insensitive): all are Adam with decoupled weight decay, as in GPT-NeoX.
 ADAM_TYPES = ("adam", "adamw", "fusedadam", "fused_adam", "apex_adam")
 ADAM_IMPLS = ("auto", "torch", "torch_fused", "apex")

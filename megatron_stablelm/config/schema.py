@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from megatron_stablelm.config.adam import AdamSettings, read_adam_block
 from megatron_stablelm.config.choices import (
     ARCHITECTURE_KEYS,
-    BF16_NAMES,
-    FP16_NAMES,
     GATED_ACTIVATIONS,
     GATED_MLP_TYPES,
 )
 from megatron_stablelm.config.errors import ConfigError
+from megatron_stablelm.config.precision import SHORT_NAMES, torch_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -328,19 +327,13 @@ class Config:
             return "bf16"
         if self.fp16 and self.fp16.get("enabled", True):
             return "fp16"
-        if self.precision in BF16_NAMES:
-            return "bf16"
-        if self.precision in FP16_NAMES:
-            return "fp16"
-        return "fp32"
+        return SHORT_NAMES.get(self.precision, "fp32")
 
     @property
     def params_dtype(self) -> torch.dtype:
         """The torch dtype of :attr:`params_dtype_name` (torch is imported only here, so reading a
         config, as the launcher does, never needs it)."""
-        import torch
-
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.params_dtype_name]
+        return torch_dtype(self.params_dtype_name)
 
     @property
     def sequence_parallel_requested(self) -> bool:

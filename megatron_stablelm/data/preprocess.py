@@ -451,6 +451,18 @@ def _raise_bad(error: str) -> None:
     raise BadInputError(error + " (use --skip-bad-lines to skip such lines)")
 
 
+def _add_result(
+    result: Result, keys: Sequence[str], writers: Mapping[str, StreamingShardWriter], stats: PreprocessStats
+) -> None:
+    """One chunk's documents to the writer of each key, counted in ``stats``; a malformed record in
+    it raises (the workers report it instead of raising, so it surfaces in input order)."""
+    if result[4]:
+        _raise_bad(result[4])
+    _count(stats, result)
+    for key, (flat, lengths) in zip(keys, result[0]):
+        writers[key].add_documents(flat, lengths)
+
+
 def _count(stats: PreprocessStats, result: Result) -> None:
     per_key, nbytes, bad, filtered, _ = result
     stats.bytes += nbytes
@@ -519,11 +531,7 @@ def preprocess(
         pool = _Pool(workers, (tokenizer_type, vocab_file, keys, append_eod, skip_bad_lines, select))
         items = ((c,) for path in files for c in _iter_chunks(path, keys, select, reader))
         for (result,) in pool.ordered(items):
-            if result[4]:
-                _raise_bad(result[4])
-            _count(stats, result)
-            for key, (flat, lengths) in zip(keys, result[0]):
-                writers[key].add_documents(flat, lengths)
+            _add_result(result, keys, writers, stats)
             bar.update(stats, time.perf_counter() - t0)
         for key, writer in writers.items():
             if writer.num_tokens == 0 and not allow_empty:
@@ -644,27 +652,9 @@ def preprocess_targets(
     tokenizer = build_tokenizer(tokenizer_type=tokenizer_type, vocab_file=vocab_file)
     dtype = token_dtype(tokenizer.vocab_size)
     keys = tuple(jsonl_keys)
-    index, n_jobs = shard
     stats = PreprocessStats(outputs={t.name: ", ".join(t.outputs.values()) for t in targets})
-    work: list[tuple[Target, str, dict]] = []
-    job_number = 0
-    for t in targets:
-        settings = _settings(tokenizer_type, vocab_file, keys, append_eod, skip_bad_lines, t)
-        done = _target_done(t, settings)
-        if done:
-            log(f"{t.name}: already merged from these inputs ({', '.join(t.outputs.values())}); skipped")
-        for path in t.files:
-            mine = job_number % n_jobs == index
-            job_number += 1
-            if not mine or done:
-                continue
-            expected = {**settings, **_input_id(path)}
-            if all(piece_is_done(t.piece(k, path), expected) for k in keys):
-                stats.pieces_skipped += 1
-            else:
-                work.append((t, path, expected))
-    if stats.pieces_skipped:
-        log(f"{stats.pieces_skipped} pieces already done; {len(work)} to do")
+    settings = [_settings(tokenizer_type, vocab_file, keys, append_eod, skip_bad_lines, t) for t in targets]
+    work = _pieces_to_do(targets, settings, keys, shard, stats, log)
     if len({t.select for t in targets}) > 1:
         raise ValueError("the targets of one run must share one selection (a recipe has one)")
     select = targets[0].select if targets else None
@@ -675,54 +665,11 @@ def preprocess_targets(
         if work
         else None
     )
-    writers: dict[str, StreamingShardWriter] = {}
-    locks: list[PieceLock] = []
     try:
-
-        def items() -> Iterator[tuple]:
-            for j, (t, path, _) in enumerate(work):
-                try:
-                    for chunk in _iter_chunks(path, keys, t.select, reader):
-                        yield ("chunk", j, chunk)
-                except BadInputError as err:  # raised in order, after the pieces before it
-                    yield ("error", j, err, None)
-                    return
-                yield ("end", j, None)
-
-        current = -1
-        for kind, j, *rest in pool.ordered(items()) if pool else ():
-            t, path, expected = work[j]
-            if j != current:
-                current = j
-                for k in keys:
-                    locks.append(PieceLock(t.piece(k, path)).acquire())
-                for k in keys:
-                    remove_stale_temporaries(t.piece(k, path))
-                writers = _open_writers({k: t.piece(k, path) for k in keys}, dtype)
-            if kind == "error":
-                raise rest[0]
-            if kind == "end":
-                for writer in writers.values():
-                    writer.finalize()
-                for writer in writers.values():
-                    record = {**expected, "tokens": writer.num_tokens, "documents": writer.num_documents}
-                    write_marker(writer.prefix + ".done", record)
-                writers = {}
-                _release(locks)
-                stats.pieces_done += 1
-                continue
-            result = rest[0]
-            if result[4]:
-                _raise_bad(result[4])
-            _count(stats, result)
-            for key, (flat, lengths) in zip(keys, result[0]):
-                writers[key].add_documents(flat, lengths)
-            bar.update(stats, time.perf_counter() - t0)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        _release(locks)
-        raise
+        if pool is not None:
+            _write_pieces(
+                work, pool, keys, dtype, reader, stats, lambda: bar.update(stats, time.perf_counter() - t0)
+            )
     finally:
         if pool is not None:
             pool.close()
@@ -741,6 +688,116 @@ def preprocess_targets(
             log=log,
         )
     return stats
+
+
+# A piece to write: its target, its input file, and what its ``.done`` marker must record.
+_Piece = tuple[Target, str, dict]
+
+
+def _pieces_to_do(
+    targets: Sequence[Target],
+    settings: Sequence[dict],
+    keys: Sequence[str],
+    shard: tuple[int, int],
+    stats: PreprocessStats,
+    log: Callable[[str], None],
+) -> list[_Piece]:
+    """This job's share of the pieces (piece ``j``, numbered over all targets in order, belongs to
+    job ``j % n`` of ``shard=(i, n)``), less those already done: every piece of a target merged from
+    the same inputs and settings, and each piece whose markers match its input and the settings."""
+    index, n_jobs = shard
+    work: list[_Piece] = []
+    job_number = 0
+    for t, target_settings in zip(targets, settings):
+        done = _target_done(t, target_settings)
+        if done:
+            log(f"{t.name}: already merged from these inputs ({', '.join(t.outputs.values())}); skipped")
+        for path in t.files:
+            mine = job_number % n_jobs == index
+            job_number += 1
+            if not mine or done:
+                continue
+            expected = {**target_settings, **_input_id(path)}
+            if all(piece_is_done(t.piece(k, path), expected) for k in keys):
+                stats.pieces_skipped += 1
+            else:
+                work.append((t, path, expected))
+    if stats.pieces_skipped:
+        log(f"{stats.pieces_skipped} pieces already done; {len(work)} to do")
+    return work
+
+
+def _piece_items(work: Sequence[_Piece], keys: Sequence[str], reader: str) -> Iterator[tuple]:
+    """The pool's input: each piece's chunks tagged with its number, then an ``end`` item; a piece
+    whose input is malformed ends the stream with an ``error`` item instead (raised in order, after
+    the pieces before it were written)."""
+    for j, (t, path, _) in enumerate(work):
+        try:
+            for chunk in _iter_chunks(path, keys, t.select, reader):
+                yield ("chunk", j, chunk)
+        except BadInputError as err:
+            yield ("error", j, err, None)
+            return
+        yield ("end", j, None)
+
+
+def _start_piece(
+    t: Target, path: str, keys: Sequence[str], dtype: type, locks: list[PieceLock]
+) -> dict[str, StreamingShardWriter]:
+    """Writers of one piece (a key each), opened under its locks (added to ``locks``, so that the
+    caller releases them however the piece ends) after what a killed writer left is removed."""
+    for k in keys:
+        locks.append(PieceLock(t.piece(k, path)).acquire())
+    for k in keys:
+        remove_stale_temporaries(t.piece(k, path))
+    return _open_writers({k: t.piece(k, path) for k in keys}, dtype)
+
+
+def _finish_piece(writers: Mapping[str, StreamingShardWriter], expected: dict) -> None:
+    """Publish a complete piece: its files, then its ``.done`` marker (what a re-run checks)."""
+    for writer in writers.values():
+        writer.finalize()
+    for writer in writers.values():
+        record = {**expected, "tokens": writer.num_tokens, "documents": writer.num_documents}
+        write_marker(writer.prefix + ".done", record)
+
+
+def _write_pieces(
+    work: Sequence[_Piece],
+    pool: _Pool,
+    keys: Sequence[str],
+    dtype: type,
+    reader: str,
+    stats: PreprocessStats,
+    progress: Callable[[], None],
+) -> None:
+    """Tokenize and write every piece of ``work`` in order, one at a time. On any error the piece
+    being written is removed and its locks released; the pieces finished before it keep their
+    markers."""
+    writers: dict[str, StreamingShardWriter] = {}
+    locks: list[PieceLock] = []
+    current = -1
+    try:
+        for kind, j, *rest in pool.ordered(_piece_items(work, keys, reader)):
+            t, path, expected = work[j]
+            if j != current:
+                current = j
+                writers = _start_piece(t, path, keys, dtype, locks)
+            if kind == "error":
+                raise rest[0]
+            if kind == "end":
+                _finish_piece(writers, expected)
+                writers = {}
+                _release(locks)
+                stats.pieces_done += 1
+                continue
+            _add_result(rest[0], keys, writers, stats)
+            progress()
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        _release(locks)
+        raise
 
 
 def merge_targets(

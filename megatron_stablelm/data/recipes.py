@@ -13,7 +13,8 @@ Keys of a recipe (unknown keys are refused, naming the file):
 ``source``           the name (``--source NAME``); the output folder
 ``description``      one line
 ``download``         the commands that fetch it into ``RAW/<source>`` (printed by ``--describe``)
-``layout``           globs under ``--input-root``; ``{subset}`` stands for a subset folder
+``files``            globs under ``--input-root`` (how the download is laid out); ``{subset}`` stands
+                     for a subset folder
 ``format``           allowed file kinds: ``parquet``, ``jsonl``, ``jsonl.zst``, ``jsonl.gz``
 ``text_field``       the field/column holding the document text
 ``metadata_fields``  the other fields a record carries (documentation)
@@ -37,7 +38,7 @@ from megatron_stablelm.data.preprocess import Selection, Target
 __all__ = ["RECIPE_DIR", "Recipe", "available_sources", "load_recipe", "recipe_targets"]
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
-_KEYS = {"source", "description", "download", "layout", "format", "text_field", "metadata_fields", "subsets"}
+_KEYS = {"source", "description", "download", "files", "format", "text_field", "metadata_fields", "subsets"}
 _SUBSET_KEYS = {"by", "field", "output", "names", "closed", "default", "default_exclude"}
 _FORMATS = {
     "parquet": (".parquet",),
@@ -55,7 +56,7 @@ class Recipe:
     source: str
     description: str
     download: str
-    layout: tuple[str, ...]
+    files: tuple[str, ...]
     formats: tuple[str, ...]
     text_field: str
     metadata_fields: tuple[str, ...]
@@ -77,7 +78,7 @@ class Recipe:
         lines = [
             f"{self.source}: {self.description}",
             f"  recipe: {self.path}",
-            f"  layout under --input-root: {', '.join(self.layout)}  ({', '.join(self.formats)})",
+            f"  files under --input-root: {', '.join(self.files)}  ({', '.join(self.formats)})",
             f"  text field: {self.text_field!r}; metadata: {', '.join(self.metadata_fields) or '-'}",
             f"  subsets: {how}",
         ]
@@ -130,7 +131,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     unknown = sorted(set(raw) - _KEYS)
     if unknown:
         raise DataError(f"recipe '{path}': unknown key {unknown[0]!r} (keys: {', '.join(sorted(_KEYS))})")
-    for key in ("source", "layout", "text_field", "format"):
+    for key in ("source", "files", "text_field", "format"):
         if key not in raw:
             raise DataError(f"recipe '{path}': missing key {key!r}")
     source = raw["source"]
@@ -145,10 +146,10 @@ def load_recipe(name_or_path: str) -> Recipe:
     by = subsets.get("by", "none")
     if by not in ("none", "directory", "field"):
         raise DataError(f"recipe '{path}': subsets.by is {by!r}, expected none, directory or field")
-    layout = _strings(path, "layout", raw["layout"])
-    if (by == "directory") != all("{subset}" in g for g in layout):
+    files = _strings(path, "files", raw["files"])
+    if (by == "directory") != all("{subset}" in g for g in files):
         raise DataError(
-            f"recipe '{path}': layout {list(layout)} must use {{subset}} in every glob exactly when "
+            f"recipe '{path}': files {list(files)} must use {{subset}} in every glob exactly when "
             f"subsets.by is directory"
         )
     formats = _strings(path, "format", raw["format"])
@@ -166,7 +167,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         source=source,
         description=str(raw.get("description", "")),
         download=str(raw.get("download", "")),
-        layout=layout,
+        files=files,
         formats=formats,
         text_field=text_field,
         metadata_fields=_strings(path, "metadata_fields", raw.get("metadata_fields", [])),
@@ -193,7 +194,7 @@ def _check_known(recipe: Recipe, name: str) -> None:
 def _glob_files(recipe: Recipe, root: str, subset: str | None) -> list[str]:
     """The files of one subset (or of the whole corpus), sorted, each checked against ``format``."""
     files: set[str] = set()
-    for pattern in recipe.layout:
+    for pattern in recipe.files:
         if subset is not None:
             pattern = pattern.replace("{subset}", glob.escape(subset))
         files.update(
@@ -208,7 +209,7 @@ def _glob_files(recipe: Recipe, root: str, subset: str | None) -> list[str]:
     where = os.path.join(root, subset) if subset is not None else root
     if not files:
         raise DataError(
-            f"{recipe.source}: no input files under '{where}' matching {', '.join(recipe.layout)} "
+            f"{recipe.source}: no input files under '{where}' matching {', '.join(recipe.files)} "
             f"(see: tools/preprocess_data.py --source {recipe.source} --describe)"
         )
     return sorted(files)

@@ -318,6 +318,75 @@ def _shared(shape: tuple[int, ...], dtype: type, path: str | None) -> np.ndarray
     return np.frombuffer(buf, dtype=dtype, count=math.prod(shape)).reshape(shape)
 
 
+def _length_reader(
+    documents: DocumentRange | np.ndarray, sequence_lengths: np.ndarray
+) -> tuple[int, int, Callable[[int, int], np.ndarray]]:
+    """(documents, first sequence id, ``lengths(lo, hi)``: the lengths of documents ``[lo, hi)``). A
+    :class:`DocumentRange` reads a slice of ``sequence_lengths``; an explicit array is gathered once."""
+    if isinstance(documents, DocumentRange):
+        n, first = len(documents), documents.begin
+
+        def lengths(lo: int, hi: int) -> np.ndarray:
+            return sequence_lengths[first + lo : first + hi]
+
+        return n, first, lengths
+    picked = sequence_lengths[documents]
+
+    def picked_lengths(lo: int, hi: int) -> np.ndarray:
+        return picked[lo:hi]
+
+    return int(documents.size), 0, picked_lengths
+
+
+def _index_arrays(
+    n: int,
+    num_epochs: int,
+    num_samples: int,
+    largest: int,
+    paths: Sequence[str] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three zeroed outputs with megatron-core's dtypes (the sample index in int32 unless a
+    position or an offset needs int64; the shuffle in uint32 unless the sample count needs int64)."""
+    row_dtype = np.int32 if max(num_epochs * n, largest) <= np.iinfo(np.int32).max else np.int64
+    shuffle_dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
+    doc_path, row_path, shuffle_path = paths if paths is not None else (None, None, None)
+    return (
+        _shared((num_epochs * n,), np.int32, doc_path),
+        _shared((num_samples + 1, 2), row_dtype, row_path),
+        _shared((num_samples,), shuffle_dtype, shuffle_path),
+    )
+
+
+def _fill_rows_past_the_end(
+    documents: DocumentRange | np.ndarray,
+    sequence_lengths: np.ndarray,
+    document_index: np.ndarray,
+    rows: np.ndarray,
+    total: int,
+    seq_length: int,
+    extra: int,
+) -> None:
+    """The rows past the last token (the kept partial sample): megatron-core's helper stops on the
+    last document, at its length minus the extra token."""
+    k_first = max(1, (total - extra) // seq_length + 1)
+    rows[k_first:, 0] = document_index.size - 1
+    last = (
+        int(document_index[-1])
+        if isinstance(documents, DocumentRange)
+        else int(documents[int(document_index[-1])])
+    )
+    rows[k_first:, 1] = int(sequence_lengths[last]) - extra
+
+
+def _shuffle_epochs(runner: _Runner, rows: np.ndarray, num_samples: int, n: int, num_epochs: int) -> None:
+    """Permute the samples that start in each epoch among themselves (row positions only move
+    forward, so each epoch's samples are one range)."""
+    bounds = [_first_row_at(rows, num_samples, e * n) for e in range(num_epochs)] + [num_samples]
+    for epoch in range(num_epochs):
+        lo, hi = bounds[epoch], bounds[epoch + 1]
+        _permute(runner, _Block((_SAMPLES, epoch), "shuffle", lo, hi - lo, lo, packs=False))
+
+
 def build_indices(
     documents: DocumentRange | np.ndarray,
     sequence_lengths: np.ndarray,
@@ -338,19 +407,9 @@ def build_indices(
     ``workers`` processes build the pieces (the result does not depend on it). With ``paths`` (three
     ``.npy`` paths) the arrays are written there as memory maps and returned as such.
     """
-    if isinstance(documents, DocumentRange):
-        n, first = len(documents), documents.begin
-
-        def lengths(lo: int, hi: int) -> np.ndarray:
-            return sequence_lengths[first + lo : first + hi]
-    else:
+    if not isinstance(documents, DocumentRange):
         documents = np.asarray(documents)
-        n, first = int(documents.size), 0
-        picked = sequence_lengths[documents]
-
-        def lengths(lo: int, hi: int) -> np.ndarray:
-            return picked[lo:hi]
-
+    n, first, lengths = _length_reader(documents, sequence_lengths)
     extra = int(add_extra_token)
     tokens_per_epoch = sum(
         int(lengths(lo, min(n, lo + CHUNK)).sum(dtype=np.int64)) for lo in range(0, n, CHUNK)
@@ -358,12 +417,7 @@ def build_indices(
     total = num_epochs * tokens_per_epoch
     num_samples = sample_count(total, seq_length, drop_last_partial_sequence, add_extra_token)
     largest = int(sequence_lengths.max()) if len(sequence_lengths) else 0
-    row_dtype = np.int32 if max(num_epochs * n, largest) <= np.iinfo(np.int32).max else np.int64
-    shuffle_dtype = np.uint32 if num_samples < np.iinfo(np.uint32).max - 1 else np.int64
-    doc_path, row_path, shuffle_path = paths if paths is not None else (None, None, None)
-    document_index = _shared((num_epochs * n,), np.int32, doc_path)
-    rows = _shared((num_samples + 1, 2), row_dtype, row_path)
-    shuffle = _shared((num_samples,), shuffle_dtype, shuffle_path)
+    document_index, rows, shuffle = _index_arrays(n, num_epochs, num_samples, largest, paths)
     workers = workers if num_epochs * n >= _PARALLEL_MIN else 1
     _JOB.clear()
     # plain ndarray views of the maps: numpy's fast in-place shuffle takes only exact ndarrays
@@ -378,25 +432,14 @@ def build_indices(
     )
     try:
         with _Runner(workers) as runner:
-            for epoch in range(num_epochs):
+            for epoch in range(num_epochs):  # each epoch's documents, and the samples packed of them
                 block = _Block((_DOCUMENTS, epoch), "documents", epoch * n, n, first, packs=True)
                 _permute(runner, block, epoch * tokens_per_epoch)
             if not drop_last_partial_sequence and n and num_samples * seq_length + extra > total:
-                # rows past the last token (the kept partial sample): megatron-core's helper stops
-                # on the last document, at its length minus the extra token
-                k_first = max(1, (total - extra) // seq_length + 1)
-                rows[k_first:, 0] = document_index.size - 1
-                last = (
-                    int(document_index[-1])
-                    if isinstance(documents, DocumentRange)
-                    else int(documents[int(document_index[-1])])
+                _fill_rows_past_the_end(
+                    documents, sequence_lengths, document_index, rows, total, seq_length, extra
                 )
-                rows[k_first:, 1] = int(sequence_lengths[last]) - extra
-            # the samples that start in each epoch (row positions only move forward)
-            bounds = [_first_row_at(rows, num_samples, e * n) for e in range(num_epochs)] + [num_samples]
-            for epoch in range(num_epochs):
-                lo, hi = bounds[epoch], bounds[epoch + 1]
-                _permute(runner, _Block((_SAMPLES, epoch), "shuffle", lo, hi - lo, lo, packs=False))
+            _shuffle_epochs(runner, rows, num_samples, n, num_epochs)
     finally:
         _JOB.clear()
     if not isinstance(documents, DocumentRange) and n:  # positions -> sequence ids
