@@ -6,7 +6,8 @@ Works as one process (CPU or one GPU), under ``torchrun --nproc-per-node N train
 ``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT`` are read by torch.distributed. The backend is NCCL on
 GPU and gloo on CPU unless ``distributed_backend`` says otherwise.
 
-Exit codes: 0 finished, or saved and stopped on SIGTERM/SIGINT (or SIGTERM before training started);
+Exit codes: 0 finished (or nothing left to train: said in one line, nothing written), or saved and stopped
+on SIGTERM/SIGINT (or SIGTERM before training started);
 2 bad config/checkpoint/data (reported before the first step; nothing is written); 3 stopped after
 ``max_nonfinite_steps`` non-finite steps, or no step of the run applied an update; 4 the hang watchdog
 found no progress for ``watchdog_timeout`` seconds (stacks in ``hang_rank<R>.txt``); 130 Ctrl-C before training started, or a second Ctrl-C
@@ -16,6 +17,7 @@ found no progress for ``watchdog_timeout`` seconds (stacks in ``hang_rank<R>.txt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -40,12 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _tokenizer_and_vocab(cfg, synthetic: bool):
     """(tokenizer or None, padded vocabulary). Synthetic data needs no tokenizer when the config gives
     ``padded_vocab_size``."""
-    from megatron_stablelm.config import ConfigError
-
     if synthetic and not cfg.vocab_file:
-        if cfg.padded_vocab_size is None:
-            raise ConfigError("--synthetic-data needs padded_vocab_size (or a tokenizer vocab_file)")
-        return None, cfg.padded_vocab(None)
+        return None, cfg.padded_vocab(None)  # ConfigError when the config gives no padded_vocab_size
     from megatron_stablelm.data import build_tokenizer
 
     tokenizer = build_tokenizer(cfg)
@@ -83,19 +81,6 @@ def _data_factory(cfg, tokenizer, padded: int, synthetic: bool):
         )
 
     return make_data
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (exit 2, one line) rather than a bug (traceback)."""
-    from megatron_stablelm.checkpoint import CheckpointError
-    from megatron_stablelm.config import ConfigError
-
-    errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FileNotFoundError)
-    try:
-        from megatron_stablelm.data import DataError, ShardError, TokenizerError
-    except ImportError:  # the data pipeline is optional for --synthetic-data
-        return errors
-    return (*errors, DataError, ShardError, TokenizerError)
 
 
 def _check_shards(cfg, vocab_size: int) -> None:
@@ -173,14 +158,17 @@ def _check_inputs(args: argparse.Namespace, rank: int, world: int):
 
 
 def _check_run_resources(cfg, dp_size: int, rank: int) -> None:
-    """The directories the run will write (``save`` on every rank, which all write their shards there;
-    the log and TensorBoard directories on rank 0, their only writer) can be created, and the model
-    fits its device (``inspect.check_fits``; it imports torch, which the data checks import next
-    anyway). ConfigError naming the key, directory or sizes."""
-    from megatron_stablelm.checkpoint.run_directory import unwritable_reason
+    """``save`` is not held by a live run (its lock, probed: the trainer takes it later), the
+    directories the run will write (``save`` on every rank, which all write their shards there; the log
+    and TensorBoard directories on rank 0, their only writer) can be created, and the model fits its
+    device (``inspect.check_fits``; it imports torch, which the data checks import next anyway).
+    ConfigError naming the key, directory, holder or sizes."""
+    from megatron_stablelm.checkpoint.run_directory import in_use_reason, unwritable_reason
     from megatron_stablelm.config import ConfigError
     from megatron_stablelm.inspect import check_fits, device_memory
 
+    if cfg.save and (busy := in_use_reason(cfg.save)):
+        raise ConfigError(f"key 'save': {busy}")
     directories = {"save": "save", "log_dir": "log", "tensorboard_dir": "TensorBoard"}
     for key, name in directories.items() if rank == 0 else [("save", "save")]:
         directory = getattr(cfg, key)
@@ -188,6 +176,29 @@ def _check_run_resources(cfg, dp_size: int, rank: int) -> None:
             raise ConfigError(f"key '{key}': {directory}: the {name} directory is not writable ({why})")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
     check_fits(cfg, cfg.padded_vocab_size or 0, dp_size, *device_memory(local_rank))
+
+
+def _nothing_left(cfg, resume) -> str | None:
+    """The line that ends a start whose checkpoint has already reached ``train_iters`` (the README's
+    command run again once finished), or None. Such a start ends here, before anything is built or
+    written: the run directory, ``summary.json`` included, keeps describing the run, not this start."""
+    from megatron_stablelm.checkpoint.selection import _start_iteration
+
+    info = resume.checkpoint
+    if info is None or _start_iteration(cfg, info, resume.own_progress) < cfg.train_iters:
+        return None
+    return (
+        f"[train.py] nothing left to train: {info.path} is at iteration {info.iteration} and train_iters is "
+        f"{cfg.train_iters}; nothing was written (raise train_iters to train further)"
+    )
+
+
+def _rank_or_zero() -> int:
+    """This process's rank as the launcher says, 0 where it says nothing sensible (reported later)."""
+    try:
+        return _launch_position()[0]
+    except LaunchError:
+        return 0
 
 
 def _train(args: argparse.Namespace, stop) -> int:
@@ -204,7 +215,9 @@ def _train(args: argparse.Namespace, stop) -> int:
     except ConfigError as err:
         return _fail(str(err), 2)
 
-    user_errors = _user_errors()
+    from megatron_stablelm.cli import training_user_errors
+
+    user_errors = training_user_errors()
     try:  # the tokenizer and every shard's header, still before megatron-core and DeepSpeed
         tokenizer, padded = _tokenizer_and_vocab(cfg, args.synthetic_data)
         if not args.synthetic_data:
@@ -214,6 +227,10 @@ def _train(args: argparse.Namespace, stop) -> int:
         resume = plan_resume(cfg, padded)  # where the run starts: checked complete, and this model's
     except user_errors as err:
         return _fail(str(err), 2)
+    if (done := _nothing_left(cfg, resume)) is not None:
+        if rank == 0:
+            print(done, flush=True)
+        return 0
 
     from megatron_stablelm.parallel import adopt_slurm_environment
     from megatron_stablelm.training.loop import NonFiniteAbort, Trainer
@@ -258,10 +275,14 @@ def _train(args: argparse.Namespace, stop) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from megatron_stablelm.signals import StopBeforeTraining, StopRequest
+    from megatron_stablelm.training.run_record import capture_output
 
     stop = StopRequest().install()  # before anything heavy: a signal during start-up stops quietly
+    # rank 0's printed lines become the run's train.log (held in memory until the run's record starts)
+    console = capture_output() if _rank_or_zero() == 0 else contextlib.nullcontext()
     try:
-        return _train(args, stop)
+        with console:
+            return _train(args, stop)
     except StopBeforeTraining as stopped:
         print(
             f"[train.py] {stopped.signal_name} before training started: stopped; nothing was written",
@@ -270,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         _teardown()
         return 0 if stopped.signal_name == "SIGTERM" else 130
+    finally:
+        stop.uninstall()
 
 
 if __name__ == "__main__":

@@ -5,15 +5,15 @@ and print the verdict table. Every subcommand writes one JSON file (into the res
 prints a line or a table; none of them trains. ``varlen-data`` writes the inputs of the packed-document
 run instead: a small BPE tokenizer and one shard of documents with web-like lengths.
 
-    python benchmarks/gpu_checks.py train-summary RUN STDOUT OUT.json [--skip 5]
+    python benchmarks/gpu_checks.py train-summary RUN OUT.json [--skip 5]
     python benchmarks/gpu_checks.py compare-losses REFERENCE_RUN RESUMED_RUN FROM_ITER OUT.json [--rtol R]
         [--sigterm-exit CODE --checkpoint NAME --resume-exit CODE]
     python benchmarks/gpu_checks.py logits CHECKPOINT HF_DIR OUT.json [--seq 1024]
     python benchmarks/gpu_checks.py verdict RESULTS_DIR
     python benchmarks/gpu_checks.py varlen-data DIR OUT.json [--tokens N]
 
-Runs are run directories (``save``), or the trainer's ``metrics.jsonl`` itself;
-STDOUT is the captured output of ``deepspeed ... train.py`` (the trainer's log lines).
+Runs are run directories (``save``), or the trainer's ``metrics.jsonl`` itself (its name, like every
+name in a run directory, from ``megatron_stablelm/training/run_record.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
+
+from megatron_stablelm.training.run_record import METRICS_FILE
 
 # bf16 on GPU: the resumed run restores fp32 master weights, Adam moments, RNG and data position, so
 # it recomputes the same steps; what can still differ is the order of floating-point reductions in
@@ -46,7 +47,7 @@ RESUME_SPREAD_FACTOR = 2.0
 
 def train_records(run: Path) -> list[dict]:
     """The trainer's ``{"kind": "train", ...}`` lines of ``RUN/metrics.jsonl``."""
-    path = run if run.is_file() else run / "metrics.jsonl"
+    path = run if run.is_file() else run / METRICS_FILE
     lines = path.read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     return [r for r in records if r.get("kind") == "train"]
@@ -57,23 +58,24 @@ def losses_by_iteration(run: Path) -> dict[int, float]:
     return {int(r["iteration"]): float(r["loss"]) for r in train_records(run)}
 
 
-LINE = re.compile(r"iter (\d+)/\d+ .*TFLOP/s/GPU ([\d.]+) .*mem ([\d.]+)GiB")
-
-
-def train_summary(run: Path, stdout: Path, skip: int) -> dict:
-    """Medians over the iterations after ``skip`` (warm-up, allocator growth): tokens/s and MFU from
-    ``metrics.jsonl``, TFLOP/s and peak memory from the trainer's own log line."""
+def train_summary(run: Path, skip: int) -> dict:
+    """Medians over the iterations after ``skip`` (warm-up, allocator growth) of the trainer's own
+    figures in ``metrics.jsonl`` (tokens/s, MFU, TFLOP/s per GPU), and the largest peak memory."""
     records = [r for r in train_records(run) if r["iteration"] > skip]
-    parsed = [m.groups() for m in map(LINE.search, stdout.read_text().splitlines()) if m]
-    parsed = [(int(i), float(t), float(g)) for i, t, g in parsed if int(i) > skip]
-    mfus = [r["mfu"] for r in records if r.get("mfu") is not None]
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
     return {
         "iterations": len(records),
         "last_iteration": max((r["iteration"] for r in records), default=0),
-        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records) if records else None,
-        "mfu": statistics.median(mfus) if mfus else None,
-        "tflops_per_gpu": statistics.median(t for _, t, _ in parsed) if parsed else None,
-        "peak_mem_gib": max((g for _, _, g in parsed), default=None),
+        "tokens_per_s": median("tokens_per_s"),
+        "mfu": median("mfu"),
+        "tflops_per_gpu": median("tflops_per_gpu"),
+        "peak_mem_gib": max(
+            (r["peak_memory_gib"] for r in records if r.get("peak_memory_gib")), default=None
+        ),
         "final_loss": records[-1]["loss"] if records else None,
     }
 
@@ -328,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("train-summary")
-    s.add_argument("run", type=Path), s.add_argument("stdout", type=Path), s.add_argument("out", type=Path)
+    s.add_argument("run", type=Path), s.add_argument("out", type=Path)
     s.add_argument("--skip", type=int, default=5)
     s.add_argument("--micro-batch", type=int)
     c = sub.add_parser("compare-losses")
@@ -355,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     vd.add_argument("--tokens", type=int, default=4_000_000)
     args = p.parse_args(argv)
     if args.command == "train-summary":
-        _write(args.out, {**train_summary(args.run, args.stdout, args.skip), "micro_batch": args.micro_batch})
+        _write(args.out, {**train_summary(args.run, args.skip), "micro_batch": args.micro_batch})
     elif args.command == "compare-losses":
         _write(args.out, _loss_check(args))
     elif args.command == "logits":

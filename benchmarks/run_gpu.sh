@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the GPU measurements of Stable LM 2 1.6B at sequence 4096 on one GPU (TP=1):
-#   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/)
+#   bash benchmarks/run_gpu.sh [STEP ...]     (from the repository root; results in benchmarks/out/, a
+#   session's files kept in benchmarks/results/gpu-DATE-DEVICE/)
 # Steps, in order of importance (default: all): info hf profile cudnn flashce tests reference recompute
 # docs kernels, then the trainer steps (issue 18): trainer_profile trainer_bench layernorm trainer_flashce sdpa_flash trainer_docs
 # trainer_docs_flex trainer_docs_profile train train_recompute_large train_norecompute train_varlen resume rerun
@@ -156,8 +157,10 @@ if want trainer_docs_profile; then
 fi
 # 9.-12. train.py through the real deepspeed launcher (NCCL, bf16, ZeRO-1 as the config says) on
 # synthetic tokens. Run directories (checkpoints: ~20 GB each with the fp32 optimizer state) stay in
-# $RUNS, outside the archive; their metrics.jsonl, the logs and the summaries go into $RES.
+# $RUNS, outside the archive; their metrics files, the logs and the summaries go into $RES.
 RUNS=${RUNS:-/tmp/gpu_runs}
+# the name of a run's metrics file, from its one owner (the figures are read from it, not from the log)
+METRICS=$($PY -c "from megatron_stablelm.training.run_record import METRICS_FILE; print(METRICS_FILE)")
 TRAIN_ITERS=${TRAIN_ITERS:-30}
 STOP_AT=${STOP_AT:-15}
 TRAIN_OVR=(log_interval=1 steps_per_print=0 eval_interval=0
@@ -212,14 +215,14 @@ train_run() {  # train_run NAME LIMIT_S [KEY=VALUE ...]: one run in $RUNS/NAME, 
     fi
     code=$?
     echo "exit status $code" >> "$RES/$name.log"
-    cp "$RUNS/$name/metrics.jsonl" "$RES/$name.metrics.jsonl" 2> /dev/null
+    cp "$RUNS/$name/$METRICS" "$RES/$name.$METRICS" 2> /dev/null
     return $code
 }
-summarize() {  # summarize NAME MICRO_BATCH: figures from the trainer's own log into $RES/NAME.json
-    if [ -f "$RUNS/$1/metrics.jsonl" ]; then
-        $PY benchmarks/gpu_checks.py train-summary "$RUNS/$1" "$RES/$1.log" "$RES/$1.json" --micro-batch "$2"
+summarize() {  # summarize NAME MICRO_BATCH: the trainer's own figures (its metrics file) into $RES/NAME.json
+    if [ -f "$RUNS/$1/$METRICS" ]; then
+        $PY benchmarks/gpu_checks.py train-summary "$RUNS/$1" "$RES/$1.json" --micro-batch "$2"
     else
-        echo "$1: no metrics.jsonl (the run failed); the end of $RES/$1.log:" && tail -n 5 "$RES/$1.log"
+        echo "$1: no $METRICS (the run failed); the end of $RES/$1.log:" && tail -n 5 "$RES/$1.log"
     fi
     rm -rf "${RUNS:?}/$1"/iter_* # keep the disk for the next checkpoint
     pack
@@ -292,8 +295,8 @@ resume_check() {  # SIGTERM at iteration STOP_AT, checkpoint, exit 0, resume, lo
     train_cmd "$run" load="$run"
     run_until_last_iter "$(lim 200)" "$RES/resume_second.log" # its checkpoint stays the SIGTERM one
     resumed=$?
-    cp "$run/metrics.jsonl" "$RES/resume.metrics.jsonl" 2> /dev/null
-    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.metrics.jsonl" "$run" "${ckpt#iter_}" \
+    cp "$run/$METRICS" "$RES/resume.$METRICS" 2> /dev/null
+    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.$METRICS" "$run" "${ckpt#iter_}" \
         "$RES/sigterm_resume.json" --sigterm-exit "$code" --checkpoint "${ckpt:-none}" --resume-exit "$resumed"
 }
 if want resume; then
@@ -305,7 +308,7 @@ if want rerun; then  # the run-to-run spread of two uninterrupted runs: the yard
     echo "=== rerun (uninterrupted, same as 'train')"
     train_run train_rerun 540
     rm -rf "${RUNS:?}/train_rerun"
-    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.metrics.jsonl" "$RES/train_rerun.metrics.jsonl" 0 \
+    $PY benchmarks/gpu_checks.py compare-losses "$RES/train_recompute.$METRICS" "$RES/train_rerun.$METRICS" 0 \
         "$RES/rerun.json"
     pack
 fi
@@ -324,4 +327,67 @@ if want verdict; then
     $PY benchmarks/gpu_checks.py verdict "$RES" | tee "$RES/verdict.txt"
     pack
 fi
-echo "results in $RES; copy the figures into benchmarks/RESULTS.md"
+# ---------------------------------------------------------------- FP8 GEMMs (issue 27 part 2)
+# Run only when named: bash benchmarks/run_gpu.sh fp8_1_6b fp8_12b fp8_report. train.py (the deepspeed launcher,
+# bf16, ZeRO-1, synthetic tokens, $FP8_ITERS iterations from the same seed and batches) in bf16 against
+# fp8=tensorwise and fp8=rowwise (torchao's recipes, megatron_stablelm/kernels/fp8.py):
+#   fp8_1_6b  Stable LM 2 1.6B at seq 4096, no recompute, micro-batch FP8_MICRO_BATCH (4) x accumulation 2;
+#   fp8_12b   Stable LM 2 12B's layer shape (hidden 5120, 32 query / 8 KV heads, QK-norm, MLP 13824, vocabulary
+#             100352) at TP 1, full recompute as its config, micro-batch 1 x accumulation 2, with as many layers as
+#             fit: FP8_12B_LAYERS ("12 10 8") tried in bf16 until one neither runs out of memory nor is
+#             refused by train.py's estimate; the FP8 runs take the same count (in fp8_12b_layers.txt);
+#   fp8_report  benchmarks/fp8_report.py: tokens/s, MFU on the bf16 peak, peak memory, the loss of every
+#             iteration and its largest difference from bf16 -> fp8_report.{txt,json}.
+# torchao travels as a wheel in .whl/ (../shared/gpu/fetch-wheels.sh fetches torchao==0.18.0 with the others).
+FP8_ITERS=${FP8_ITERS:-$TRAIN_ITERS}
+[ "$REHEARSAL" = 1 ] && FP8_ITERS=${REHEARSAL_FP8_ITERS:-12}
+want_named() {  # like want, but only when the step is named on the command line
+    [[ " $STEPS_WANTED " == *" $1 "* ]] && want "$1"
+}
+fp8_prepare() {  # torchao importable (from .whl/ when the image lacks it), or say why not
+    $PY -c "import torchao" 2> /dev/null && return 0
+    local wheel
+    wheel=$(ls .whl/torchao-*.whl 2> /dev/null | head -n 1)
+    if [ -n "$wheel" ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheel"
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
+    $PY -c "import torchao" 2> /dev/null || { echo "=== fp8: torchao missing (no .whl/torchao-*.whl): skipped"; return 1; }
+}
+fp8_run() {  # fp8_run MODEL PRECISION MICRO_BATCH [KEY=VALUE ...]: one comparison run, fp8_MODEL_PRECISION
+    local name=fp8_$1_$2 precision=$2 mb=$3
+    shift 3
+    echo "=== $name"
+    [ "$precision" = bf16 ] || set -- "$@" fp8="$precision"
+    TRAIN_ITERS=$FP8_ITERS train_run "$name" 400 train_micro_batch_size_per_gpu="$mb" "$@"
+}
+if want_named fp8_1_6b && fp8_prepare; then
+    for precision in bf16 tensorwise rowwise; do
+        fp8_run 1_6b "$precision" "${FP8_MICRO_BATCH:-4}" checkpoint_activations=false
+        summarize "fp8_1_6b_$precision" "${FP8_MICRO_BATCH:-4}"
+    done
+fi
+if want_named fp8_12b && fp8_prepare; then
+    if [ "$REHEARSAL" = 1 ]; then
+        CFG12=configs/tiny/stablelm-2-12b.yml LAYERS_12B=${FP8_12B_LAYERS:-3 2}
+    else
+        CFG12=configs/stablelm-2-12b.yml LAYERS_12B=${FP8_12B_LAYERS:-12 10 8}
+    fi
+    OVR_12B=(model_parallel_size=1 partition_activations=false gradient_accumulation_steps=2)
+    for layers in $LAYERS_12B; do
+        CFG=$CFG12 fp8_run 12b bf16 1 "${OVR_12B[@]}" num_layers="$layers" "attention_config=[[[flash], $layers]]" && break
+        grep -qE "out of memory|OutOfMemoryError|would run out of memory" "$RES/fp8_12b_bf16.log" || break
+        cp "$RES/fp8_12b_bf16.log" "$RES/fp8_12b_bf16_${layers}layers.oom.log" # the next try overwrites it
+    done
+    echo "$layers" > "$RES/fp8_12b_layers.txt"
+    summarize fp8_12b_bf16 1
+    for precision in tensorwise rowwise; do
+        CFG=$CFG12 fp8_run 12b "$precision" 1 "${OVR_12B[@]}" num_layers="$layers" "attention_config=[[[flash], $layers]]"
+        summarize "fp8_12b_$precision" 1
+    done
+fi
+if want_named fp8_report; then
+    $PY benchmarks/fp8_report.py "$RES" | tee "$RES/fp8_report.txt"
+    pack
+fi
+echo "results in $RES; copy the figures into benchmarks/RESULTS.md and the files into benchmarks/results/gpu-DATE-DEVICE/"

@@ -3,6 +3,10 @@
 Ranks are laid out as megatron-core does: consecutive ranks form a tensor-parallel group (so TP stays
 inside a node), data parallelism runs across them. One process without any launcher gets a
 single-rank gloo group, so the same model code runs in a notebook, a test and on a cluster.
+
+This module says which processes work together (the groups); :mod:`megatron_stablelm.parallelize`,
+despite the similar name, says how one built model runs (attention backend, recomputation) and
+starts no process group.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -66,6 +71,16 @@ def initialize(tensor_parallel_size: int = 1, backend: str | None = None, timeou
     """Start torch.distributed (from the launcher's environment, or a single local rank) and build the
     TP/DP groups. Idempotent for the same TP size. ``backend`` 'nccl' on a machine without CUDA runs
     on gloo (:func:`usable_backend`)."""
+    if not torch.cuda.is_available():
+        # megatron-core's TP linears warn on every rank (twice under sequence parallelism) that
+        # CUDA_DEVICE_MAX_CONNECTIONS should be 1 to overlap their communication with CUDA kernels: a
+        # CUDA setting, meaningless without CUDA (with it the warning stays, and the launcher sets it)
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+    # torch 2.13 deprecates the collectives megatron-core's TP layers and DeepSpeed's ZeRO call
+    # (all_gather_into_tensor, reduce_scatter_tensor): a note to those libraries, not to the operator
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     if not dist.is_initialized():
         backend = usable_backend(backend)
         timeout = datetime.timedelta(minutes=timeout_minutes)

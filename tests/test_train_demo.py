@@ -65,6 +65,8 @@ def test_demo_trains_and_exports(tmp_path):
     assert last < first - 1.0, (first, last)  # ln(2048) ≈ 7.6 at the start
     assert "[valid] iteration 20" in result.stdout and "[test] iteration 40" in result.stdout
     assert "MFU" in result.stdout and "tok/s" in result.stdout
+    log = (run / "train.log").read_text()  # every printed line, the data mixture report included
+    assert "data mixture (train): " in log and "[train.py] done at iteration 40" in log
     ckpt = resolve_checkpoint(run)
     assert ckpt.name == "iter_0000040"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_stablelm.checkpoint import resolve_checkpoint
+from megatron_stablelm.training.run_record import HEADER_MARK
 from tests.train_helpers import (
     REPO,
     run_ranks,
@@ -28,6 +30,8 @@ from tests.train_helpers import (
 )
 
 pytestmark = pytest.mark.slow
+
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d( |$)")  # a train.log line's time
 
 
 # ----------------------------------------------------------------------------- non-finite steps
@@ -116,7 +120,7 @@ def _start(cfg: Path, overrides: list[str], **env: str) -> _Reader:
     return _Reader(proc)
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_cleanly(tmp_path, monkeypatch, capsys):
     cfg = write_config(tmp_path / "tiny.yml", tiny_dict(train_iters=100000, save=str(tmp_path / "ckpt")))
     run = _start(cfg, [])
     run.wait_for("iter 3/")
@@ -127,12 +131,38 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = resolve_checkpoint(tmp_path / "ckpt")
     iteration = int(saved.name.split("_")[1])
     assert iteration >= 3 and (saved / "train_state.json").is_file()
-    resumed = run_train(cfg, overrides=[f"train_iters={iteration + 2}", f"load={tmp_path / 'ckpt'}"])
+    finish = [f"train_iters={iteration + 2}", f"load={tmp_path / 'ckpt'}"]
+    resumed = run_train(cfg, overrides=finish)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert (
         f"iteration {iteration}, " in resumed.stdout
         and f"done at iteration {iteration + 2}" in resumed.stdout
     )
+    # train.log: each start under its own header, every printed line stamped, train.py's last line too
+    log = (tmp_path / "ckpt" / "train.log").read_text().split(HEADER_MARK)[1:]
+    assert len(log) == 2 and all(" | host " in start.splitlines()[0] for start in log)
+    for start, printed in zip(log, (out, resumed.stdout)):
+        lines = start.splitlines()[1:]
+        assert all(STAMP.match(line) for line in lines), start
+        # (the same lines; around the SIGTERM the handler's line may land before the one it interrupted)
+        assert sorted(line[20:] for line in lines) == sorted(printed.strip().splitlines())
+    assert "SIGTERM received" in log[0] and f"[train.py] done at iteration {iteration + 2}" in log[1]
+
+    # the same command once more: nothing left to train, said in one line; the run's record (its
+    # summary above all) keeps describing the run. In this process: it ends before anything heavy.
+    import train
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+    before = tree_digest(tmp_path / "ckpt")
+    assert train.main([str(cfg), "--synthetic-data", "--override", *finish]) == 0
+    said = capsys.readouterr()  # (after the config's notes)
+    assert [line for line in said.out.splitlines() if not line.startswith("[config]")] == [
+        f"[train.py] nothing left to train: {saved.parent / f'iter_{iteration + 2:07d}'} is at iteration "
+        f"{iteration + 2} and train_iters is {iteration + 2}; nothing was written (raise train_iters to train "
+        "further)"
+    ], said
+    assert tree_digest(tmp_path / "ckpt") == before
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):

@@ -110,7 +110,8 @@ def test_second_run_on_the_same_save_directory_is_refused(trained, tmp_path):
         first.wait_for("iter 4/")
         second = run_train(cfg, overrides=["train_iters=100000"])
         assert second.returncode == 2, second.stdout + second.stderr
-        assert "is in use by another training run" in _error_line(second)
+        line = _error_line(second)  # refused before set-up, naming the directory and the live run
+        assert f"{run} is in use by another training run (pid {first.proc.pid} on " in line, line
         assert "iter " not in second.stdout
     finally:
         first.proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ generated DeepSpeed config, model FLOPs, and the pre-flight checks that must fai
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import pytest
@@ -283,3 +284,68 @@ def test_real_tensorboard_and_wandb_offline(monkeypatch, tmp_path):
     losses = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert losses == [(1, 4.0), (2, 3.0), (3, 2.5)]
     assert "train/mfu" in events.Tags()["scalars"]
+
+
+def _launch_free_env(monkeypatch) -> None:
+    """train.main in this process as a one-process start: no launcher variables around."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "MASTER_ADDR"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_a_save_directory_held_by_a_live_run_is_refused_before_anything_heavy(tmp_path, monkeypatch, capsys):
+    """The run-directory lock is probed by train.py before megatron-core or DeepSpeed is imported (the
+    trainer's own claim came after ~18 s of set-up), and the refusal names the directory and its holder."""
+    import time
+
+    import train
+    from megatron_stablelm.checkpoint.run_directory import RunDirectoryLock
+    from tests.train_helpers import write_config
+
+    _launch_free_env(monkeypatch)
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "tiny.yml", tiny_dict(train_iters=2, save=str(run)))
+    held = RunDirectoryLock(run).acquire()  # the live run: this process
+
+    def set_up(*_args):
+        raise AssertionError("the start went on past the fail-fast checks")
+
+    monkeypatch.setattr(train, "_tokenizer_and_vocab", set_up)  # the next step, and all after it
+    heavy = ("deepspeed", "megatron.core")
+    before = {m for m in sys.modules if m.startswith(heavy)}
+    try:
+        start = time.perf_counter()
+        code = train.main([str(cfg), "--synthetic-data"])
+        seconds = time.perf_counter() - start
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"{run} is in use by another training run (pid {os.getpid()} on " in err[0], err
+    assert {m for m in sys.modules if m.startswith(heavy)} == before  # refused before importing them
+    assert seconds < 5, seconds
+    assert sorted(p.name for p in run.iterdir()) == []  # the holder's note went with its lock
+
+
+def test_deepspeed_start_compiles_and_waits_on_nothing(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend loads its shared-memory op (serving inference only) unless it is marked
+    incompatible: it compiled it into the per-user torch extension cache (31-106 s whenever another
+    environment had built it last) and waited forever on a lock a killed build left there. With a stale
+    lock in a private extension directory, the op is now skipped at once and nothing is built."""
+    import threading
+
+    from megatron_stablelm.training.deepspeed_setup import import_deepspeed
+
+    build_dir = tmp_path / "torch_extensions" / "deepspeed_shm_comm"
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()  # a build killed half-way: torch's FileBaton waits for it forever
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import_deepspeed()
+    from deepspeed.comm.torch import build_shm_op
+
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(build_shm_op()), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert result == [None], "DeepSpeed built or waited for its shared-memory op"
+    assert sorted(p.name for p in build_dir.iterdir()) == ["lock"]  # nothing compiled

@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_stablelm.cli import run_command
-
-METRICS_FILE = "metrics.jsonl"
+from megatron_stablelm.training.run_record import METRICS_FILE
 
 # panel title -> (record kind, field)
 PANELS: dict[str, tuple[str, str]] = {

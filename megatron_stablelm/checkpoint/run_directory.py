@@ -7,21 +7,61 @@ other's checkpoints).
 
 The lock is ``fcntl.flock`` on the run directory itself (no lock file to go stale): the kernel
 releases it when the holding process dies, however it dies, so a killed job never blocks the next one.
+The holder writes who it is (pid, host, start time) into ``.lock_holder`` beside it, only so that a
+refused start can name it; the file means nothing while the lock is free. ``train.py`` asks
+(:func:`in_use_reason`) before anything heavy, so a start against a live run's directory is refused
+in a second rather than after set-up.
 (On network file systems that do not implement ``flock`` the lock call fails with a clear message; set
 ``MEGATRON_STABLELM_NO_RUN_LOCK=1`` there to run without it, at your own risk.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from megatron_stablelm.checkpoint.layout import CheckpointError
 
 _NO_LOCK_ENV = "MEGATRON_STABLELM_NO_RUN_LOCK"
+HOLDER_FILE = ".lock_holder"
+
+
+def _in_use_message(root: Path) -> str:
+    """The refusal of a directory another run holds, naming the holder when it wrote itself down."""
+    try:
+        holder = (root / HOLDER_FILE).read_text().strip() or "holder unknown"
+    except OSError:
+        holder = "holder unknown"
+    return (
+        f"{root} is in use by another training run ({holder}); give this run its own `save` directory, "
+        "or stop the other one"
+    )
+
+
+def in_use_reason(root: str | Path) -> str | None:
+    """Why ``root`` cannot be claimed now (another process holds its lock), or None. A probe: a shared
+    lock, released at once, so that probing ranks never refuse each other and no lock is kept that the
+    trainer would then fail to take. Whatever else goes wrong is left to the claim itself."""
+    root = Path(root)
+    if os.environ.get(_NO_LOCK_ENV) or not root.is_dir():
+        return None
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return _in_use_message(root) if err.errno in (errno.EAGAIN, errno.EACCES) else None
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return None
 
 
 class RunDirectoryLock:
@@ -49,21 +89,25 @@ class RunDirectoryLock:
         except OSError as err:
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise CheckpointError(
-                    f"{self.root} is in use by another training run (it holds the directory's lock); give "
-                    "this run its own `save` directory, or stop the other one"
-                ) from None
+                raise CheckpointError(_in_use_message(self.root)) from None
             raise CheckpointError(
                 f"{self.root}: cannot lock the run directory ({err.strerror}); set {_NO_LOCK_ENV}=1 on file "
                 "systems without flock"
             ) from None
         self._fd = fd
+        try:  # who holds it, for a refused start to name (nothing depends on it)
+            holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            (self.root / HOLDER_FILE).write_text(holder + "\n")
+        except OSError:
+            pass
         return self
 
     def release(self, remove_if_created_empty: bool = False) -> None:
         """Give the directory up; with ``remove_if_created_empty``, also remove it if this run created it
         and wrote nothing there (a run that failed to start leaves no empty directory behind)."""
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                (self.root / HOLDER_FILE).unlink(missing_ok=True)
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
         if remove_if_created_empty and self._created and not any(self.root.iterdir()):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from torch.profiler import record_function
 
 from megatron_stablelm.config import BatchLayout, Config
 from megatron_stablelm.config.choices import ZERO_KEYS_DROPPED
+from megatron_stablelm.training.deepspeed_setup import import_deepspeed
 from megatron_stablelm.training.optimizer import adam_step, build_optimizer, materialize_state, set_adam_step
 
 
@@ -92,31 +92,9 @@ def deepspeed_config(cfg: Config, layout: BatchLayout) -> dict[str, Any]:
     return ds
 
 
-def _announce_cpu_op_build(device: torch.device) -> None:
-    """On CPU, DeepSpeed compiles its shared-memory communication op the first time it starts on a
-    machine (about a minute, needs g++, and prints nothing until done; a file lock serialises
-    concurrent runs): say so instead of a silent minute."""
-    if device.type != "cpu" or int(os.environ.get("RANK", "0")) != 0:
-        return
-    from torch.utils.cpp_extension import _get_build_directory
-
-    try:
-        built = any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
-    except (OSError, RuntimeError):  # no extension directory yet
-        built = False
-    if not built:
-        print(
-            "[setup] DeepSpeed is compiling its CPU communication op (once per machine, about a minute)",
-            flush=True,
-        )
-
-
 def _deepspeed_initialize(cfg: Config, model: torch.nn.Module, optimizer, layout: BatchLayout):
     """``deepspeed.initialize`` with our config and the megatron-core ``mpu``; returns the engine."""
-    import deepspeed
-
-    _announce_cpu_op_build(next(model.parameters()).device)
-
+    deepspeed = import_deepspeed()  # quiet, and nothing compiled (deepspeed_setup.py)
     os.environ.setdefault("LOCAL_RANK", "0")
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -57,13 +57,14 @@ from megatron_stablelm.checkpoint.training_state import (
     save_training_checkpoint,
 )
 from megatron_stablelm.config import BatchLayout, Config, ConfigError, validate_config, validate_layout
+from megatron_stablelm.config.precision import bytes_per_value, optimizer_bytes_per_parameter
 from megatron_stablelm.metrics import flops_per_token, peak_tflops
 from megatron_stablelm.model import build_model, canonical_shapes
-from megatron_stablelm.signals import StopRequest
+from megatron_stablelm.signals import STOP_FILE_REASON, StopRequest
 from megatron_stablelm.training.engine import TrainingEngine
 from megatron_stablelm.training.faults import Faults
 from megatron_stablelm.training.logging import MetricsLogger, StepRecord
-from megatron_stablelm.training.run_record import RunRecord
+from megatron_stablelm.training.run_record import RunLog, RunRecord, active_run_log
 from megatron_stablelm.training.schedules import schedule_from_config
 from megatron_stablelm.training.spikes import (
     SpikeGuard,
@@ -188,7 +189,9 @@ class Trainer:
         self.fault_hook = fault_hook
         self.stop = stop  # None: train() installs its own handlers for its duration
         self.record: RunRecord | None = None  # rank 0's files beside the checkpoints
-        self._early_lines: list[str] | None = []  # logged before the record starts (None: no record)
+        # train.log's lines, held until the record starts: train.py's capture of everything printed,
+        # or else this trainer's own lines (None once there is no record to keep them for)
+        self.run_log: RunLog | None = active_run_log() or RunLog()
         self.state = TrainState()
         self._step_seconds = 0.0
         self.checkpoint: CheckpointInfo | None = None
@@ -201,12 +204,10 @@ class Trainer:
             self._emit(message)
 
     def _emit(self, line: str) -> None:
-        """Print a line (rank 0) and keep it in the run's log file once the run directory is claimed."""
+        """Print a line (rank 0) and keep it for the run's log file (a capture has it once printed)."""
         self._log(line)
-        if self.record is not None:
-            self.record.log(line)
-        elif self._early_lines is not None:
-            self._early_lines.append(line)
+        if self.run_log is not None and not self.run_log.captures_output:
+            self.run_log.line(line)
 
     @property
     def rank(self) -> int:
@@ -348,13 +349,12 @@ class Trainer:
         """Once setup has succeeded (a run that fails to start leaves the run directory as it was):
         the run's files beside its checkpoints, with everything logged so far."""
         if not self.cfg.save or self.rank != 0:
-            self._early_lines = None
+            if self.run_log is not None:
+                self.run_log.close()
+            self.run_log = None
             return
         self.record = RunRecord(self.cfg.save, self.cfg.log_dir)
-        self.record.start(self.cfg.to_dict())
-        for line in self._early_lines or []:
-            self.record.log(line)
-        self._early_lines = None
+        self.record.start(self.cfg.to_dict(), self.run_log)
         self.metrics.sink = lambda values: self.record.metrics("train", values)
 
     def _claim_save_directory(self) -> None:
@@ -380,8 +380,7 @@ class Trainer:
         """Size of one checkpoint: weights in the training dtype, fp32 Adam moments, and fp32 master
         weights when training in lower precision (from shapes alone, on the meta device)."""
         numel = sum(math.prod(shape) for shape in canonical_shapes(self.cfg, self.padded_vocab).values())
-        weight = 4 if self.prec == "fp32" else 2
-        return numel * (weight + 8 + (0 if self.prec == "fp32" else 4))
+        return numel * (bytes_per_value(self.prec) + optimizer_bytes_per_parameter(self.prec))
 
     def _resume(self, info: CheckpointInfo) -> None:
         saved = load_training_state(info, self.engine)
@@ -520,7 +519,7 @@ class Trainer:
         loss = float(totals[0] / totals[1].clamp(min=1))
         if self.watchdog is not None:
             self.watchdog.beat(f"{name} evaluation at iteration {self.state.iteration}")
-        result = {"iteration": self.state.iteration, "loss": loss, "ppl": math.exp(min(loss, 80.0))}
+        result = {"iteration": self.state.iteration, "loss": loss, "ppl": metrics.perplexity(loss)}
         self.log(f"[{name}] iteration {self.state.iteration} | loss {loss:.4f} | ppl {result['ppl']:.3f}")
         self.metrics.scalars({f"{name}/loss": loss, f"{name}/ppl": result["ppl"]}, self.state.iteration)
         if self.record is not None:
@@ -618,7 +617,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """Whether any rank was asked to stop (every rank must leave the loop at the same step)."""
-        return self._any_rank(self.stop.signal_name is not None)
+        return self._any_rank(self.stop.requested() is not None)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> RunResult:
@@ -641,7 +640,7 @@ class Trainer:
             started = time.perf_counter()
             while self.state.iteration < self.cfg.train_iters:
                 if self._iteration(result):
-                    result.exit_reason = (self.stop.signal_name or "SIGTERM").lower()
+                    result.exit_reason = (self.stop.requested() or "SIGTERM").lower()
                     break
             else:
                 self._finish(result)
@@ -660,8 +659,12 @@ class Trainer:
         """The end-of-run summary: printed, and kept in the run directory (``summary.json``).
         Throughput and MFU count the training steps' time only; ``seconds`` (the whole loop) also holds
         checkpoint saves and evaluations (a 1.6B save with its fp32 optimizer state takes ~40 s on a
-        GPU: counted in, 16 steps would read as 6% MFU instead of 44%), reported beside it."""
+        GPU: counted in, 16 steps would read as 6% MFU instead of 44%), reported beside it. The summary
+        describes the run: a start that trained nothing (``train_iters`` already reached) keeps it."""
         steps = self.state.iteration - self.start_iteration
+        if not steps and self.record is not None and self.record.summary_path.is_file():
+            self.log(f"[train] nothing trained by this start: {self.record.summary_path} left as it was")
+            return
         tokens = steps * self.layout.global_batch * self.cfg.seq_length
         step_seconds = self._step_seconds
         tok_s = tokens / step_seconds if step_seconds > 0 and steps else 0.0
@@ -731,10 +734,12 @@ class Trainer:
         self._collect_save(wait=False)
         if not self._stop_agreed():
             return False
-        name = self.stop.signal_name or "a stop signal on another rank"
+        name = self.stop.requested() or "a stop signal on another rank"
+        if name == STOP_FILE_REASON:
+            name = f"the stop file {self.stop.stop_file}"
         self.log(f"[train] {name} received: saving at iteration {it} and exiting")
         if self._last_saved != it:
-            self._save_into(result, (self.stop.signal_name or "stop").lower())
+            self._save_into(result, (self.stop.requested() or "stop").lower())
         self._collect_save(wait=True)
         return True
 
