@@ -18,8 +18,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
+
+# A stop request that needs no signal: the file ``stop`` in the job directory the launcher names
+# (``MEGATRON_STABLELM_JOB_DIR``). ``launch/slurm/train.sbatch`` creates it on SLURM's time-limit warning
+# (a signal to the batch script alone: delivered through DeepSpeed's or torchrun's launchers, a signal
+# can kill ranks in the middle of a save), and an operator can ``touch`` it to stop a run cleanly.
+JOB_DIR_ENV = "MEGATRON_STABLELM_JOB_DIR"
+STOP_FILE = "stop"
+STOP_FILE_REASON = "stop_file"
 
 
 class StopBeforeTraining(BaseException):
@@ -39,6 +48,17 @@ class StopRequest:
         self.signal_name: str | None = None
         self.training = False
         self._previous: dict[int, object] = {}
+        job_dir = os.environ.get(JOB_DIR_ENV)
+        self.stop_file = Path(job_dir) / STOP_FILE if job_dir else None
+
+    def requested(self) -> str | None:
+        """Why this process should stop at the next step boundary: the signal's name, ``stop_file``
+        when the job directory's stop file exists, or None."""
+        if self.signal_name is not None:
+            return self.signal_name
+        if self.stop_file is not None and self.stop_file.exists():
+            return STOP_FILE_REASON
+        return None
 
     def install(self) -> StopRequest:
         for sig in HANDLED:

@@ -75,7 +75,7 @@ def run_plan(plan: LaunchPlan) -> int:
         def forward(signum: int, _frame: object) -> None:
             if proc.poll() is not None:
                 return
-            workers = [pid for pid in _descendants(proc.pid) if script and script in _command_line(pid)]
+            workers = [pid for pid in _descendants(proc.pid) if script and _runs_script(pid, script)]
             for pid in workers:
                 _signal_quietly(pid, signum)
             if not workers:
@@ -116,12 +116,23 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _command_line(pid: int) -> str:
+def _runs_script(pid: int, script: str) -> bool:
+    """Whether process ``pid`` is a Python interpreter running ``script`` itself, not a launcher that
+    merely names it among its arguments (DeepSpeed's runner and ``launch`` module, torchrun): those
+    handle a SIGTERM by killing their workers, possibly in the middle of a save."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+            argv = fh.read().decode(errors="replace").split("\0")
     except OSError:
-        return ""
+        return False
+    for arg in argv[1:]:  # the interpreter's options come before the program
+        if arg in ("-m", "-c"):
+            return False
+        if not arg.startswith("-"):
+            return Path(arg).name == Path(script).name and (
+                arg == script or Path(arg).resolve() == Path(script).resolve()
+            )
+    return False
 
 
 def _signal_quietly(pid: int, signum: int) -> None:

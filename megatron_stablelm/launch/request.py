@@ -23,8 +23,8 @@ from megatron_stablelm.launch.hostfile import (
     slurm_gpus_per_node,
     slurm_nodelist,
 )
+from megatron_stablelm.signals import JOB_DIR_ENV
 
-JOB_DIR_ENV = "MEGATRON_STABLELM_JOB_DIR"
 # train.py lives at the repository root, next to this package.
 DEFAULT_SCRIPT = Path(__file__).resolve().parents[2] / "train.py"
 # Prefixes of variables copied to ranks that DeepSpeed starts on other hosts.
