@@ -182,10 +182,8 @@ def _nothing_left(cfg, resume) -> str | None:
     """The line that ends a start whose checkpoint has already reached ``train_iters`` (the README's
     command run again once finished), or None. Such a start ends here, before anything is built or
     written: the run directory, ``summary.json`` included, keeps describing the run, not this start."""
-    from megatron_stablelm.checkpoint.selection import _start_iteration
-
     info = resume.checkpoint
-    if info is None or _start_iteration(cfg, info, resume.own_progress) < cfg.train_iters:
+    if info is None or resume.start_iteration(cfg) < cfg.train_iters:
         return None
     return (
         f"[train.py] nothing left to train: {info.path} is at iteration {info.iteration} and train_iters is "

@@ -233,6 +233,11 @@ class ResumePlan:
     line: str
     start_over: StartOver | None = None
 
+    def start_iteration(self, cfg: Config) -> int:
+        """The iteration the run continues from (0: a fresh start, weights only, or a fine-tune leaving
+        ``load``)."""
+        return _start_iteration(cfg, self.checkpoint, self.own_progress)
+
 
 def _start_iteration(cfg: Config, info: CheckpointInfo | None, own_progress: bool) -> int:
     if info is None or info.train_state is None or (cfg.finetune and not own_progress):
