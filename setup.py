@@ -23,6 +23,10 @@ setup(
         "transformers>=4.45",
         "tokenizers>=0.20",
         "tiktoken>=0.7",
+        # SPMTokenizer (GPT-NeoX's SentencePiece tokenizer, the Llama configs); protobuf reads a .model's
+        # pieces when the export converts it into a tokenizer.json
+        "sentencepiece>=0.2",
+        "protobuf>=3.20",
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy>=1.26",
@@ -37,6 +41,9 @@ setup(
         "wandb": ["wandb>=0.17"],
         "tensorboard": ["tensorboard>=2.15"],
         "plot": ["matplotlib>=3.8"],
+        # FP8 GEMMs (`fp8: tensorwise | rowwise`): torchao's float8 recipes. It has no dependencies, so it
+        # pulls no other torch; the 0.18 line is what megatron_stablelm/kernels/fp8.py is tested with.
+        "fp8": ["torchao>=0.18,<0.19"],
         "dev": [
             "pytest>=8",
             "ruff>=0.6",
@@ -46,6 +53,8 @@ setup(
             "matplotlib>=3.8",
             # the Triton kernels' tests run in Triton's interpreter on CPU (tests/conftest.py)
             "triton>=3.4",
+            # tests/test_fp8.py: torchao's FP8 casts and GEMMs run on CPU too
+            "torchao>=0.18,<0.19",
         ],
     },
 )

@@ -88,9 +88,12 @@ def _check_shards(cfg, vocab_size: int) -> None:
     ``.idx`` header and size, the ``.bin`` size it implies), before the heavy imports. The results
     are remembered in this process (keyed by each file's size and mtime), so the data building
     (``plan_splits``) reuses them instead of checking again; the full check (pointers, token ids) runs
-    there, once per shard version and on one rank (``megatron_stablelm/data/indexed.py``)."""
+    there, once per shard version and on one rank (``megatron_stablelm/data/indexed.py``). Shards that
+    do not exist yet are listed all at once first, each with the recipe command that makes it."""
     from megatron_stablelm.data import check_shard
+    from megatron_stablelm.data.recipes import check_shards_present
 
+    check_shards_present(cfg)
     prefixes = [cfg.data_path] if cfg.data_path else []
     for split in ("train", "valid", "test"):
         prefixes += getattr(cfg, f"{split}_data_paths") or []

@@ -18,6 +18,7 @@
 # and bring .whl along; this script installs them into /tmp/site when megatron-core is missing.
 # REHEARSAL=1 runs the same steps on this CPU machine instead (the tiny config, gloo, fp32, sequence 32,
 # a few iterations), to find a broken step before device time is spent on it; its figures mean nothing.
+# FP8 GEMMs against bf16 (issue 27), run only when named: fp8_1_6b fp8_12b fp8_report (at the end of this file).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RES=${RES:-benchmarks/out}

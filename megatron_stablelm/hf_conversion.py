@@ -6,6 +6,9 @@ zero-filled biases HF always has, refusing what cannot be represented — is gen
 
 * ``StableLmForCausalLM``: Alpha v2, 3B-4E1T, Stable LM 2 (1.6B, 12B).
 * ``GPTNeoXForCausalLM``: StableLM-Base-Alpha v1 (GeLU MLP, fused QKV with bias, two LayerNorms).
+* ``LlamaForCausalLM``: every ``norm: rmsnorm`` model (GPT-NeoX's Llama, Llama 2, Code Llama and Llemma
+  configs): RMSNorm, gated MLP, full rotary with any theta, GQA, tied or untied head, optional
+  attention / MLP biases.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from safetensors.torch import save_file
 
 from megatron_stablelm.checkpoint.model_files import check_safetensors_file
 from megatron_stablelm.config import Config, config_from_dict
+from megatron_stablelm.config.choices import HF_ACTIVATION_NAMES
 from megatron_stablelm.config.precision import SHORT_NAMES
 
 
@@ -176,40 +180,108 @@ GPT_NEOX = Architecture(
     # `transformers` calls the head lm_head in memory but saves it as embed_out, as GPT-NeoX always has.
     disk_names=(("lm_head.weight", "embed_out.weight"),),
 )
-ARCHITECTURES = {a.hf_class: a for a in (STABLELM, GPT_NEOX)}
+LLAMA = Architecture(
+    hf_class="LlamaForCausalLM",
+    model_type="llama",
+    keys=(
+        _km("embedding.weight", "model.embed_tokens.weight"),
+        _km("layers.{i}.input_norm.weight", f"{L}.input_layernorm.weight"),
+        _km("layers.{i}.post_attention_norm.weight", f"{L}.post_attention_layernorm.weight"),
+        _km(
+            "layers.{i}.attention.qkv.weight",
+            *(f"{L}.self_attn.{p}_proj.weight" for p in "qkv"),
+            transform=QKV_SPLIT,
+        ),
+        _km(
+            "layers.{i}.attention.qkv.bias",
+            *(f"{L}.self_attn.{p}_proj.bias" for p in "qkv"),
+            transform=QKV_SPLIT,
+        ),
+        _km("layers.{i}.attention.dense.weight", f"{L}.self_attn.o_proj.weight"),
+        _km("layers.{i}.attention.dense.bias", f"{L}.self_attn.o_proj.bias"),
+        _km(
+            "layers.{i}.mlp.fc1.weight",
+            f"{L}.mlp.gate_proj.weight",
+            f"{L}.mlp.up_proj.weight",
+            transform=GATE_UP,
+        ),
+        _km(
+            "layers.{i}.mlp.fc1.bias",
+            f"{L}.mlp.gate_proj.bias",
+            f"{L}.mlp.up_proj.bias",
+            transform=GATE_UP,
+        ),
+        _km("layers.{i}.mlp.fc2.weight", f"{L}.mlp.down_proj.weight"),
+        _km("layers.{i}.mlp.fc2.bias", f"{L}.mlp.down_proj.bias"),
+        _km("final_norm.weight", "model.norm.weight"),
+        _km("output.weight", "lm_head.weight"),
+    ),
+    zero_fill=(),  # RMSNorm has no bias; every bias Llama has is switched by a flag we set
+    ignore_on_import=(r"\.rotary_emb\.inv_freq$",),
+)
+ARCHITECTURES = {a.hf_class: a for a in (STABLELM, GPT_NEOX, LLAMA)}
 
 
 # ---------------------------------------------------------------------------------------------- configs
-# Config keys whose value HF stores unchanged under another name (or the same one).
+# Config keys whose value HF stores unchanged under another name (or the same one): those of every
+# class, then each class's own (Llama has no LayerNorm and no hidden dropout, the others no RMSNorm).
 SAME_VALUE_KEYS = {
     "num_layers": "num_hidden_layers",
     "hidden_size": "hidden_size",
     "num_attention_heads": "num_attention_heads",
-    "layernorm_epsilon": "layer_norm_eps",
     "init_method_std": "initializer_range",
-    "hidden_dropout": "hidden_dropout",
     "attention_dropout": "attention_dropout",
 }
-# Our ``act_fn_name`` → HF ``hidden_act``, and the HF names we read back (``gelu_new`` is the same tanh
-# approximation written out by hand).
-HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
-_ACTIVATIONS_FROM_HF = {
+_LAYERNORM_CLASS_KEYS = {"layernorm_epsilon": "layer_norm_eps", "hidden_dropout": "hidden_dropout"}
+CLASS_VALUE_KEYS = {
+    "StableLmForCausalLM": _LAYERNORM_CLASS_KEYS,
+    "GPTNeoXForCausalLM": _LAYERNORM_CLASS_KEYS,
+    "LlamaForCausalLM": {"rms_norm_epsilon": "rms_norm_eps"},
+}
+
+
+def value_keys(arch: Architecture) -> dict[str, str]:
+    """Our key → HF key of every value ``arch``'s ``config.json`` stores unchanged."""
+    return {**SAME_VALUE_KEYS, **CLASS_VALUE_KEYS[arch.hf_class]}
+
+
+# Our ``act_fn_name`` → the HF ``hidden_act`` an export writes (unless the config keeps the name it was
+# imported with in ``hf_hidden_act``), and every HF name we read back (``gelu_new`` and ``gelu_fast``
+# are the tanh approximation written out by hand: the same function up to rounding).
+HF_ACTIVATIONS = {ours: names[0] for ours, names in HF_ACTIVATION_NAMES.items()}
+_ACT_FN_OF_HF = {name: ours for ours, names in HF_ACTIVATION_NAMES.items() for name in names}
+_ACTIVATION_KEYS = {  # our config keys for each act_fn_name
     "gelu": {"activation": "gelu", "bias_gelu_fusion": False},
-    "gelu_pytorch_tanh": {"activation": "gelu", "bias_gelu_fusion": True},
-    "gelu_new": {"activation": "gelu", "bias_gelu_fusion": True},
+    "gelu_tanh": {"activation": "gelu", "bias_gelu_fusion": True},
     "silu": {"activation": "silu"},
-    "swish": {"activation": "silu"},
     "relu": {"activation": "relu"},
 }
 
 
+def hf_hidden_act(cfg: Config) -> str:
+    """The ``hidden_act`` an export writes: the name the model was imported with, else the usual one."""
+    return cfg.hf_hidden_act or HF_ACTIVATIONS[cfg.act_fn_name]
+
+
 def architecture_for(cfg: Config) -> Architecture:
-    """StableLM HF class for gated MLPs; GPT-NeoX's for the Alpha v1 GeLU MLP. Refuses what neither
-    class can represent, naming the key."""
-    if cfg.is_gated_mlp:
+    """Llama's HF class for RMSNorm models; StableLM's for gated MLPs with LayerNorm; GPT-NeoX's for the
+    Alpha v1 GeLU MLP. Refuses what the class cannot represent, naming the key."""
+    if cfg.norm == "rmsnorm":
+        problems = {
+            "activation": not cfg.is_gated_mlp
+            and "LlamaForCausalLM's MLP is gated (activation: swiglu, or mlp_type: llama)",
+            "rotary_pct": cfg.rotary_dim != cfg.head_dim
+            and "LlamaForCausalLM rotates the whole head (rotary_pct: 1)",
+            "gpt_j_residual": cfg.gpt_j_residual and "LlamaForCausalLM's residual is sequential",
+            "qk_norm": cfg.qk_norm and "LlamaForCausalLM has no QK-norm",
+            "use_qkv_bias": cfg.qkv_bias != cfg.dense_bias
+            and "LlamaForCausalLM has one attention_bias flag for Q/K/V and the output projection",
+        }
+        arch = LLAMA
+    elif cfg.is_gated_mlp:
         problems = {
             "activation": cfg.act_fn_name != "silu" and "StableLmForCausalLM's gated MLP uses silu",
-            "use_bias_in_mlp": cfg.use_bias_in_mlp and "StableLmForCausalLM has no MLP biases",
+            "use_bias_in_mlp": cfg.mlp_bias and "StableLmForCausalLM has no MLP biases",
             "use_bias_in_attn_linear": cfg.dense_bias and "StableLmForCausalLM's o_proj has no bias",
             "use_bias_in_qk_norm": cfg.qk_norm
             and cfg.use_bias_in_qk_norm
@@ -224,7 +296,7 @@ def architecture_for(cfg: Config) -> Architecture:
             "num_kv_heads": cfg.kv_heads != cfg.num_attention_heads and "GPTNeoXForCausalLM has no GQA",
             "qk_norm": cfg.qk_norm and "GPTNeoXForCausalLM has no QK-norm",
             "gpt_j_tied": cfg.gpt_j_tied and "GPTNeoXForCausalLM has two LayerNorms per layer",
-            "use_bias_in_mlp": not cfg.use_bias_in_mlp and "GPTNeoXForCausalLM's MLP always has biases",
+            "use_bias_in_mlp": not cfg.mlp_bias and "GPTNeoXForCausalLM's MLP always has biases",
             "use_qkv_bias": cfg.qkv_bias != cfg.dense_bias
             and "GPTNeoXForCausalLM has one attention_bias flag for QKV and the output projection",
         }
@@ -235,25 +307,36 @@ def architecture_for(cfg: Config) -> Architecture:
     return arch
 
 
-def hf_config(cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | None = None):
-    """The ``transformers`` config object for ``cfg``."""
-    from transformers import GPTNeoXConfig, StableLmConfig
+def hf_config(
+    cfg: Config, vocab_size: int, dtype: torch.dtype, eod_id: int | None = None, bos_id: int | None = None
+):
+    """The ``transformers`` config object for ``cfg``. ``eod_id`` becomes ``eos_token_id`` (and
+    ``bos_token_id``, unless ``bos_id`` is given)."""
+    from transformers import GPTNeoXConfig, LlamaConfig, StableLmConfig
 
     arch = architecture_for(cfg)
     common = dict(
         vocab_size=vocab_size,
-        **{theirs: getattr(cfg, ours) for ours, theirs in SAME_VALUE_KEYS.items()},
+        **{theirs: getattr(cfg, ours) for ours, theirs in value_keys(arch).items()},
         intermediate_size=cfg.ffn_hidden_size,
-        hidden_act=HF_ACTIVATIONS[cfg.act_fn_name],
+        hidden_act=hf_hidden_act(cfg),
         max_position_embeddings=cfg.max_positions,
         tie_word_embeddings=cfg.tied_embeddings,
-        partial_rotary_factor=cfg.rotary_pct,
-        rope_theta=cfg.rotary_emb_base,
         architectures=[arch.hf_class],
         torch_dtype=dtype,
     )
     if eod_id is not None:
-        common.update(bos_token_id=eod_id, eos_token_id=eod_id)
+        common.update(bos_token_id=eod_id if bos_id is None else bos_id, eos_token_id=eod_id)
+    if arch is LLAMA:
+        return LlamaConfig(
+            num_key_value_heads=cfg.kv_heads,
+            head_dim=cfg.head_dim,
+            attention_bias=cfg.dense_bias,
+            mlp_bias=cfg.mlp_bias,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_emb_base},
+            **common,
+        )
+    common.update(partial_rotary_factor=cfg.rotary_pct, rope_theta=cfg.rotary_emb_base)
     if arch is STABLELM:
         return StableLmConfig(
             num_key_value_heads=cfg.kv_heads,
@@ -292,9 +375,9 @@ def _architecture_of(hf: dict) -> Architecture:
 def hf_config_from_dict(hf: dict):
     """``transformers``' own config object for a ``config.json`` dict, so every absent key takes the
     value ``transformers`` gives it (rotary fraction, epsilon, old-style ``rope_scaling`` ...)."""
-    from transformers import GPTNeoXConfig, StableLmConfig
+    from transformers import GPTNeoXConfig, LlamaConfig, StableLmConfig
 
-    cls = GPTNeoXConfig if _architecture_of(hf) is GPT_NEOX else StableLmConfig
+    cls = {GPT_NEOX: GPTNeoXConfig, STABLELM: StableLmConfig, LLAMA: LlamaConfig}[_architecture_of(hf)]
     try:
         return cls.from_dict(hf)
     except (TypeError, ValueError, StrictDataclassError) as err:
@@ -303,30 +386,33 @@ def hf_config_from_dict(hf: dict):
         ) from None
 
 
-def _common_values(c) -> dict:
-    """Our config keys for what both HF classes share, read off ``transformers``' config object."""
+def _common_values(c, arch: Architecture) -> dict:
+    """Our config keys for what the HF classes share, read off ``transformers``' config object."""
     rope = dict(c.rope_parameters or {})
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(
             f"config.json: rope_scaling/rope_parameters type {rope['rope_type']!r} is not supported "
             "(only default RoPE); refusing rather than converting a model that computes otherwise"
         )
-    if c.hidden_act not in _ACTIVATIONS_FROM_HF:
+    if c.hidden_act not in _ACT_FN_OF_HF:
         raise ConversionError(
             f"config.json: hidden_act {c.hidden_act!r} is not supported; expected one of "
-            f"{sorted(_ACTIVATIONS_FROM_HF)}"
+            f"{sorted(_ACT_FN_OF_HF)}"
         )
+    act_fn = _ACT_FN_OF_HF[c.hidden_act]
     values = dict(
-        **{ours: getattr(c, theirs) for ours, theirs in SAME_VALUE_KEYS.items()},
+        **{ours: getattr(c, theirs) for ours, theirs in value_keys(arch).items()},
         seq_length=c.max_position_embeddings,
         max_position_embeddings=c.max_position_embeddings,
         intermediate_size=c.intermediate_size,
-        **_ACTIVATIONS_FROM_HF[c.hidden_act],
+        **_ACTIVATION_KEYS[act_fn],
         rotary_pct=float(rope.get("partial_rotary_factor", 1.0)),
         rotary_emb_base=float(rope["rope_theta"]),
         no_weight_tying=not c.tie_word_embeddings,
-        gpt_j_residual=bool(c.use_parallel_residual),
+        gpt_j_residual=bool(getattr(c, "use_parallel_residual", False)),
     )
+    if c.hidden_act != HF_ACTIVATIONS[act_fn]:
+        values["hf_hidden_act"] = c.hidden_act  # e.g. gelu_new: written back as it was read
     dtype = str(c.dtype).removeprefix("torch.") if c.dtype is not None else None
     if dtype in SHORT_NAMES:  # HF writes torch's name of the dtype
         values["precision"] = SHORT_NAMES[dtype]
@@ -338,9 +424,27 @@ def config_from_hf(hf: dict, norm_bias: bool, overrides: dict | None = None) -> 
     ``norm_bias``: whether the checkpoint's LayerNorm biases carry information (HF StableLM always
     stores them, zero for Stable LM 2 12B)."""
     c = hf_config_from_dict(hf)
-    values = _common_values(c)
+    arch = _architecture_of(hf)
+    values = _common_values(c, arch)
     values.update(padded_vocab_size=c.vocab_size, use_bias_in_norms=norm_bias)
-    if _architecture_of(hf) is STABLELM:
+    if arch is LLAMA:
+        heads, kv = c.num_attention_heads, c.num_key_value_heads
+        if c.head_dim != c.hidden_size // heads:
+            raise ConversionError(
+                f"config.json: head_dim {c.head_dim} is not hidden_size / num_attention_heads "
+                f"({c.hidden_size} / {heads}); the framework derives the head size from them"
+            )
+        values.update(
+            norm="rmsnorm",
+            use_bias_in_norms=False,
+            mlp_type="gated",
+            num_kv_heads=kv,
+            attention_head_type="multihead" if kv == heads else "groupedquery",
+            use_bias_in_attn_linear=bool(c.attention_bias),
+            use_bias_in_mlp=bool(c.mlp_bias),
+            hidden_dropout=0.0,  # LlamaForCausalLM has none
+        )
+    elif arch is STABLELM:
         kv, heads = c.num_key_value_heads, c.num_attention_heads
         values.update(
             mlp_type="gated",
@@ -487,10 +591,9 @@ VOCAB_ROWS = ("embedding.weight", "output.weight")  # canonical tensors with one
 
 
 def padded_import_vocab(cfg: Config, vocab: int, tp: int) -> int:
-    """Embedding rows of an imported model: the HF vocabulary when it splits over ``tp`` ranks, else
-    the trainer's padding (a multiple of ``make_vocab_size_divisible_by`` × TP)."""
-    if vocab % tp == 0:
-        return vocab
+    """Embedding rows of an imported model: the trainer's padding of the HF vocabulary (a multiple of
+    ``make_vocab_size_divisible_by`` × TP, 128 × TP by default), so the checkpoint splits over any TP
+    size its heads allow, whatever TP it was imported at; the export cuts the rows back to the HF size."""
     return dataclasses.replace(cfg, padded_vocab_size=None, model_parallel_size=tp).padded_vocab(vocab)
 
 
@@ -551,10 +654,11 @@ def write_hf_dir(
     vocab_size: int,
     dtype: torch.dtype = torch.float32,
     eod_id: int | None = None,
+    bos_id: int | None = None,
 ) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``AutoModelForCausalLM.from_pretrained`` loads."""
     directory = Path(directory)
     tensors = {k: v.to(dtype).contiguous() for k, v in to_hf_state_dict(cfg, ours, vocab_size).items()}
     directory.mkdir(parents=True, exist_ok=True)
-    hf_config(cfg, vocab_size, dtype, eod_id).save_pretrained(directory)
+    hf_config(cfg, vocab_size, dtype, eod_id, bos_id).save_pretrained(directory)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

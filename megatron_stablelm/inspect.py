@@ -82,12 +82,12 @@ def parameters_per_gpu(cfg: Config, vocab: int) -> int:
     counted at once (tests/test_inspect.py checks it against the meta model's shapes and splits)."""
     tp, h, d = cfg.model_parallel_size, cfg.hidden_size, cfg.head_dim
     a, kv, ffn = cfg.num_attention_heads, cfg.kv_heads, cfg.ffn_hidden_size
-    norm = h * (2 if cfg.use_bias_in_norms else 1)
+    norm = h * (2 if cfg.norm_bias else 1)
     split = (a + 2 * kv) * d * (h + cfg.qkv_bias) + a * d * h  # QKV (+ bias), attention output
-    split += (2 if cfg.is_gated_mlp else 1) * ffn * (h + cfg.use_bias_in_mlp) + ffn * h  # fc1 (+ bias), fc2
+    split += (2 if cfg.is_gated_mlp else 1) * ffn * (h + cfg.mlp_bias) + ffn * h  # fc1 (+ bias), fc2
     if cfg.qk_norm:
-        split += (a + kv) * d * (2 if cfg.use_bias_in_qk_norm else 1)
-    replicated = norm * (1 if cfg.gpt_j_tied else 2) + h * (cfg.dense_bias + cfg.use_bias_in_mlp)
+        split += (a + kv) * d * (2 if cfg.qk_norm_bias else 1)
+    replicated = norm * (1 if cfg.gpt_j_tied else 2) + h * (cfg.dense_bias + cfg.mlp_bias)
     embeddings = vocab * h * (1 if cfg.tied_embeddings else 2)
     return cfg.num_layers * (split // tp + replicated) + embeddings // tp + norm
 
@@ -270,18 +270,18 @@ def report(cfg: Config, vocab: int, dp: int) -> str:
     biases = [
         f"qkv={cfg.qkv_bias}",
         f"attn_out={cfg.dense_bias}",
-        f"mlp={cfg.use_bias_in_mlp}",
-        f"norms={cfg.use_bias_in_norms}",
+        f"mlp={cfg.mlp_bias}",
+        f"norms={cfg.norm_bias}",
     ]
     lines = [
         f"config:              {', '.join(cfg.config_files) or '<dict>'}",
         f"layers × hidden:     {cfg.num_layers} × {cfg.hidden_size}",
         f"attention:           {cfg.num_attention_heads} heads, {cfg.kv_heads} KV heads, head dim {cfg.head_dim}"
-        f"{', per-head QK LayerNorm' if cfg.qk_norm else ''}",
+        f"{(', per-head QK ' + ('RMSNorm' if cfg.norm == 'rmsnorm' else 'LayerNorm')) if cfg.qk_norm else ''}",
         f"rotary:              {cfg.rotary_dim}/{cfg.head_dim} dims ({cfg.rotary_pct:.0%}), base {cfg.rotary_emb_base:g}",
         f"mlp:                 {_mlp_kind(cfg)} width {cfg.ffn_hidden_size}",
         f"residual:            {residual}",
-        f"norm:                {cfg.norm}, eps {cfg.layernorm_epsilon:g}",
+        f"norm:                {cfg.norm}, eps {cfg.norm_epsilon:g}",
         f"biases:              {', '.join(biases)}",
         f"embeddings:          {'tied' if cfg.tied_embeddings else 'untied'}",
         f"sequence length:     {cfg.seq_length}",

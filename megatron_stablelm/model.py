@@ -1,6 +1,7 @@
 """The StableLM transformer, on megatron-core's tensor-parallel layers.
 
-One class covers every StableLM generation; the config picks the variant:
+One class covers every StableLM generation (and the Llama family GPT-NeoX's configs express); the
+config picks the variant:
 
 ==========================  ======================================================================
 Alpha v1 (GPT-NeoX)         GeLU MLP with biases, fused QKV with bias, two LayerNorms, parallel residual
@@ -8,6 +9,7 @@ Alpha v2                    SwiGLU, one shared LayerNorm (``gpt_j_tied``), paral
 3B-4E1T                     SwiGLU, sequential residual, LayerNorm with bias, no linear biases
 Stable LM 2 1.6B            as 3B-4E1T plus Q/K/V-only biases (``use_qkv_bias``)
 Stable LM 2 12B             GQA, per-head QK LayerNorm, parallel residual with one LayerNorm, no biases
+Llama family (NeoX YAMLs)   RMSNorm (``norm: rmsnorm``), SwiGLU, full rotary, GQA, no biases, untied head
 ==========================  ======================================================================
 
 Activations are sequence-first ``[s, b, h]`` inside (megatron-core's convention); the public
@@ -49,6 +51,7 @@ from torch import nn
 from megatron_stablelm import kernels, parallel
 from megatron_stablelm.config import Config
 from megatron_stablelm.config.precision import torch_dtype
+from megatron_stablelm.kernels import fp8 as fp8_kernels
 from megatron_stablelm.parallelize import parallelize
 from megatron_stablelm.sharding import ShardSpec, model_splits
 
@@ -64,13 +67,22 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     same parameters instead: the same math, no communication either way.
 
     ``fused_parts``: how many independent blocks its output rows hold (2 for ``[gate | up]``); each
-    block is split across ranks on its own (read by :mod:`megatron_stablelm.sharding`)."""
+    block is split across ranks on its own (read by :mod:`megatron_stablelm.sharding`).
+
+    ``fp8``: the FP8 recipe its GEMMs run while training (set by
+    :func:`~megatron_stablelm.parallelize.apply_fp8`; :mod:`megatron_stablelm.kernels.fp8`), or None."""
+
+    fp8: str | None = None
 
     def __init__(self, *args, fused_parts: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fused_parts = fused_parts
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None):
+        if self.fp8 is not None and self.training:
+            weight = self.weight if weight is None else weight
+            out = fp8_kernels.column_parallel(x, weight, self.fp8, self.tp_group, self.sequence_parallel)
+            return _add_bias(self, out)
         if self.tp_group.size() > 1:  # with sequence parallelism megatron-core all-gathers x along dim 0
             return super().forward(x, weight=weight)
         weight = self.weight if weight is None else weight
@@ -81,14 +93,27 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear, with the same single-rank shortcut as
-    :class:`ColumnParallelLinear` (at TP=1 there is nothing to all-reduce)."""
+    :class:`ColumnParallelLinear` (at TP=1 there is nothing to all-reduce), and its ``fp8``."""
+
+    fp8: str | None = None
 
     def forward(self, x: torch.Tensor):
+        if self.fp8 is not None and self.training:
+            out = fp8_kernels.row_parallel(x, self.weight, self.fp8, self.tp_group, self.sequence_parallel)
+            return _add_bias(self, out)
         if self.tp_group.size() > 1:  # all-reduce, or with sequence parallelism reduce-scatter (dim 0)
             return super().forward(x)
         if self.skip_bias_add:
             return F.linear(x, self.weight), self.bias
         return F.linear(x, self.weight, self.bias), None
+
+
+def _add_bias(layer: ColumnParallelLinear | RowParallelLinear, out: torch.Tensor):
+    """``(output, bias)`` as megatron-core's linears return it: the bias added, or handed back with
+    ``skip_bias_add``."""
+    if layer.skip_bias_add or layer.bias is None:
+        return out, layer.bias if layer.skip_bias_add else None
+    return out + layer.bias, None
 
 
 class LayerNorm(nn.Module):
@@ -102,6 +127,33 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` in one pass (the sequential-residual block)."""
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """GPT-NeoX's ``norm: rmsnorm`` (Llama's): a weight and no bias, ``rms_norm_epsilon``."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` in one pass (the sequential-residual block)."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def make_norm(cfg: Config, size: int, dtype: torch.dtype) -> LayerNorm | RMSNorm:
+    """The config's norm (``norm``, its epsilon, LayerNorm's bias) over ``size`` features."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(size, cfg.norm_epsilon, dtype)
+    return LayerNorm(size, cfg.norm_epsilon, cfg.norm_bias, dtype)
 
 
 class PerHeadLayerNorm(nn.Module):
@@ -118,6 +170,28 @@ class PerHeadLayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.per_head_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class PerHeadRMSNorm(nn.Module):
+    """QK-norm with ``norm: rmsnorm``: one RMSNorm per head (weights ``[local heads, head_dim]``, split
+    over TP by heads)."""
+
+    tp_param_splits = types.MappingProxyType({"weight": ShardSpec(0)})
+
+    def __init__(self, heads: int, head_dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(heads, head_dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.per_head_rms_norm(x, self.weight, self.eps)
+
+
+def make_per_head_norm(cfg: Config, heads: int, dtype: torch.dtype) -> PerHeadLayerNorm | PerHeadRMSNorm:
+    """The config's norm for each of ``heads`` heads (QK-norm)."""
+    if cfg.norm == "rmsnorm":
+        return PerHeadRMSNorm(heads, cfg.head_dim, cfg.norm_epsilon, dtype)
+    return PerHeadLayerNorm(heads, cfg.head_dim, cfg.norm_epsilon, cfg.qk_norm_bias, dtype)
 
 
 class _SplitQKV(torch.autograd.Function):
@@ -225,9 +299,8 @@ class Attention(nn.Module):
         self.qkv = build.column(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:
-            eps, bias, dtype = cfg.layernorm_epsilon, cfg.use_bias_in_qk_norm, build.mp.params_dtype
-            self.q_norm = PerHeadLayerNorm(self.heads, self.head_dim, eps, bias, dtype)
-            self.k_norm = PerHeadLayerNorm(self.kv_heads, self.head_dim, eps, bias, dtype)
+            self.q_norm = make_per_head_norm(cfg, self.heads, build.mp.params_dtype)
+            self.k_norm = make_per_head_norm(cfg, self.kv_heads, build.mp.params_dtype)
         self.dense = build.row(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.dense_bias)
 
     def forward(
@@ -269,7 +342,7 @@ class MLP(nn.Module):
         self.gated = cfg.is_gated_mlp
         width = cfg.ffn_hidden_size
         self.act_name = cfg.act_fn_name
-        bias = cfg.use_bias_in_mlp
+        bias = cfg.mlp_bias
         if self.gated:
             self.fc1 = build.column(cfg.hidden_size, 2 * width, bias=bias, fused_parts=2)
         else:
@@ -301,10 +374,10 @@ class TransformerLayer(nn.Module):
 
     def __init__(self, cfg: Config, build: LayerFactory) -> None:
         super().__init__()
-        dtype, eps, bias = build.mp.params_dtype, cfg.layernorm_epsilon, cfg.use_bias_in_norms
+        dtype = build.mp.params_dtype
         self.parallel_residual = cfg.gpt_j_residual
-        self.input_norm = LayerNorm(cfg.hidden_size, eps, bias, dtype)
-        self.post_attention_norm = None if cfg.gpt_j_tied else LayerNorm(cfg.hidden_size, eps, bias, dtype)
+        self.input_norm = make_norm(cfg, cfg.hidden_size, dtype)
+        self.post_attention_norm = None if cfg.gpt_j_tied else make_norm(cfg, cfg.hidden_size, dtype)
         self.attention = Attention(cfg, build)
         self.mlp = MLP(cfg, build)
         self.hidden_dropout = cfg.hidden_dropout
@@ -326,8 +399,7 @@ class TransformerLayer(nn.Module):
         if self.parallel_residual:
             mlp_in = normed if self.post_attention_norm is None else self.post_attention_norm(x)
             return x + attn + self._drop(self.mlp(mlp_in))
-        norm = self.post_attention_norm
-        mlp_in, x = kernels.add_layer_norm(attn, x, norm.weight, norm.bias, norm.eps)
+        mlp_in, x = self.post_attention_norm.add_norm(attn, x)
         return x + self._drop(self.mlp(mlp_in))
 
 
@@ -437,7 +509,7 @@ class StableLMModel(nn.Module):
             reduce_scatter_embeddings=self.sequence_parallel,
         )  # fmt: skip
         self.layers = nn.ModuleList(TransformerLayer(cfg, build) for _ in range(cfg.num_layers))
-        self.final_norm = LayerNorm(cfg.hidden_size, cfg.layernorm_epsilon, cfg.use_bias_in_norms, dtype)
+        self.final_norm = make_norm(cfg, cfg.hidden_size, dtype)
         self.output = build.column(
             cfg.hidden_size, vocab_size, bias=False, skip_weight_param_allocation=cfg.tied_embeddings
         )

@@ -13,6 +13,9 @@ place, from the config (as torchtitan's ``parallelize.py`` does for its models):
   in backward (GPT-NeoX's meaning of the key, and Megatron-LM's "uniform" method). A chunk of 1 keeps
   the least; a larger chunk keeps fewer inputs but holds a whole chunk's activations while it is
   recomputed. Only ``model.run_layers`` is replaced on the instance.
+* FP8 GEMMs (``fp8``): the QKV, attention output and MLP linears of every layer run their GEMMs in
+  FP8 with torchao's recipe while training (:mod:`megatron_stablelm.kernels.fp8`); an attribute of
+  each linear, so parameters, checkpoints and evaluation are untouched.
 
 Parameter names are untouched: checkpoints and HF conversion key on them, so a choice is applied by
 rebinding a method or attribute on the instance (``model.run_layers``, ``attention.core``), never by a
@@ -50,6 +53,8 @@ def parallelize(model: StableLMModel, cfg: Config, *, attention: str | None = No
         apply_selective_recompute(model)
     if cfg.checkpoint_activations and cfg.checkpoint_num_layers:
         apply_full_recompute(model, cfg.checkpoint_num_layers)
+    if cfg.fp8 is not None:
+        apply_fp8(model, cfg.fp8)
     return model
 
 
@@ -71,6 +76,17 @@ def apply_selective_recompute(model: StableLMModel) -> None:
     """Recompute QK-norm, rotary and attention in backward instead of keeping their intermediates."""
     for layer in model.layers:
         layer.attention.core = kernels.recompute_attention_core
+
+
+def apply_fp8(model: StableLMModel, recipe: str | None) -> None:
+    """Run the GEMMs of every layer's QKV, attention output and MLP linears in FP8 with torchao's
+    ``recipe`` (``tensorwise`` / ``rowwise``; None: back to the compute dtype) while training. The
+    embedding and the LM head stay in the compute dtype. torchao and the device are checked at the
+    first FP8 GEMM (:mod:`megatron_stablelm.kernels.fp8`), so a tool that only reads a checkpoint
+    trained this way never needs them."""
+    for layer in model.layers:
+        for linear in (layer.attention.qkv, layer.attention.dense, layer.mlp.fc1, layer.mlp.fc2):
+            linear.fp8 = recipe
 
 
 def apply_full_recompute(model: StableLMModel, chunk: int) -> None:

@@ -1,12 +1,14 @@
 """Tokenizers selected by the config's ``tokenizer_type`` / ``vocab_file``, all loaded from local files.
 
-Two kinds are supported, the two the StableLM family was trained with:
+Three kinds are supported, the two the StableLM family was trained with and GPT-NeoX's SentencePiece one:
 
 * ``TiktokenTokenizer`` (Arcade100k, Stable LM 2): a tiktoken ``Encoding`` built from a ``.tiktoken``
   ranks file (one ``base64(token_bytes) rank`` per line) with the cl100k split pattern changed to split
   every digit on its own, and the special tokens appended after the ranks.
 * ``HFTokenizer`` (GPT-NeoX-20B, StableLM-3B-4E1T / Alpha): a ``tokenizer.json`` read by the
   ``tokenizers`` library.
+* ``SPMTokenizer`` (GPT-NeoX's Llama family configs): a SentencePiece ``.model`` read by the
+  ``sentencepiece`` package, as GPT-NeoX reads it (see :class:`SPMTokenizer` for its end-of-document id).
 
 Both expose what the data pipeline and megatron-core's datasets need, duck-typed the same way:
 ``vocab_size``, ``eod``, ``pad``, ``unique_identifiers``, ``encode`` / ``encode_batch`` and
@@ -32,10 +34,12 @@ __all__ = [
     "ARCADE100K_PATTERN",
     "ARCADE100K_SPECIAL_TOKENS",
     "HFTokenizer",
+    "SPMTokenizer",
     "TiktokenTokenizer",
     "Tokenizer",
     "TokenizerError",
     "build_tokenizer",
+    "hf_tokenizer_from_sentencepiece",
     "hf_tokenizer_from_tiktoken",
     "load_tiktoken_ranks",
     "tokenizer_in_directory",
@@ -304,22 +308,108 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+# ------------------------------------------------------------------------------------------ SentencePiece
+# The piece GPT-NeoX's SentencePiece tokenizer takes as its end-of-document token.
+SPM_EOD_PIECE = "<|endoftext|>"
+
+
+class SPMTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` through the ``sentencepiece`` package, as GPT-NeoX's ``SPMTokenizer``
+    reads it: ids are ``SentencePieceProcessor.encode``'s (no BOS or EOS added), the vocabulary is the
+    model's piece count, and the end-of-document id is ``piece_to_id("<|endoftext|>")``. A model
+    without that piece (Llama's, Code Llama's) answers with its unknown piece's id (``<unk>``, 0):
+    that is the id GPT-NeoX appends after every document of such a model, kept here so that shards
+    preprocessed by GPT-NeoX and by this framework hold the same ids (:attr:`eod_is_unknown` says so)."""
+
+    def __init__(self, vocab_file: str | os.PathLike) -> None:
+        try:
+            import sentencepiece
+        except ImportError:
+            raise TokenizerError(
+                "tokenizer_type SPMTokenizer needs the sentencepiece package: pip install sentencepiece"
+            ) from None
+        self.vocab_file = str(vocab_file)
+        self.name = Path(self.vocab_file).stem
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=self.vocab_file)
+        except (OSError, RuntimeError) as err:  # the library's error does not always name the file
+            raise TokenizerError(f"{self.vocab_file}: not a SentencePiece model ({err})") from None
+        self._eod = int(self._sp.piece_to_id(SPM_EOD_PIECE))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._sp.get_piece_size())
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eod_is_unknown(self) -> bool:
+        """The model has no ``<|endoftext|>`` piece: documents end with the unknown piece, as in GPT-NeoX."""
+        return self._sp.id_to_piece(self._eod) != SPM_EOD_PIECE
+
+    @property
+    def bos_id(self) -> int:
+        """The model's own beginning-of-sequence id (-1 when it has none)."""
+        return int(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-sequence id an exported model stops at: ``<|endoftext|>`` when the model has it
+        (the end-of-document token it was trained with), else the model's own EOS piece (``</s>``)."""
+        return self._eod if not self.eod_is_unknown or self._sp.eos_id() < 0 else int(self._sp.eos_id())
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self._sp.encode(list(texts))]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def hf_tokenizer_from_sentencepiece(path: str | os.PathLike) -> Any:
+    """A ``tokenizers.Tokenizer`` encoding like the SentencePiece model at ``path`` (its normaliser,
+    dummy prefix, byte fallback, BPE merges from the piece scores or unigram scores), built by
+    ``transformers``' own SentencePiece converter, so ``AutoTokenizer`` loads it without
+    ``sentencepiece``. No BOS is added, as the framework trains."""
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    extractor = SentencePieceExtractor(str(path))
+    vocab = extractor.extract(None)["vocab"]
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(extractor.proto, vocab, legacy=True)
+    if tokenizer is None:
+        raise TokenizerError(f"{path}: transformers cannot convert this SentencePiece model")
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------- export / import
 def tokenizer_in_directory(directory: str | os.PathLike) -> tuple[str, Path] | None:
     """``(tokenizer_type, file)`` of the tokenizer a model directory holds: a ``.tiktoken`` ranks file
-    (Arcade100k, the form the framework trains with), else a ``tokenizer.json``; None if neither."""
+    (Arcade100k, the form the framework trains with), else a ``tokenizer.json``, else a SentencePiece
+    ``tokenizer.model``; None if none."""
     directory = Path(directory)
     ranks = sorted(directory.glob("*.tiktoken"))
     if ranks:
         return "TiktokenTokenizer", ranks[0]
     if (directory / "tokenizer.json").is_file():
         return "HFTokenizer", directory / "tokenizer.json"
+    if (directory / "tokenizer.model").is_file():
+        return "SPMTokenizer", directory / "tokenizer.model"
     return None
+
+
+def tokenizer_type_of_file(path: str | os.PathLike) -> str:
+    """The ``tokenizer_type`` of a tokenizer file, from its suffix."""
+    suffix = Path(path).suffix
+    return {".tiktoken": "TiktokenTokenizer", ".model": "SPMTokenizer"}.get(suffix, "HFTokenizer")
 
 
 def load_tokenizer(cfg: Any, path: str | os.PathLike | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint's user: ``path`` (a ``tokenizer.json``, a ``.tiktoken`` ranks file,
-    or a directory holding one) when given, else the checkpoint config's ``tokenizer_type``/``vocab_file``."""
+    a SentencePiece ``.model``, or a directory holding one) when given, else the checkpoint config's ``tokenizer_type``/``vocab_file``."""
     if path is None:
         if not cfg.vocab_file:
             raise TokenizerError(
@@ -330,12 +420,14 @@ def load_tokenizer(cfg: Any, path: str | os.PathLike | None = None) -> Tokenizer
     if path.is_dir():
         found = tokenizer_in_directory(path)
         if found is None:
-            raise TokenizerError(f"tokenizer directory '{path}' holds no tokenizer.json or .tiktoken file")
+            raise TokenizerError(
+                f"tokenizer directory '{path}' holds no tokenizer.json, .tiktoken or tokenizer.model file"
+            )
         kind, path = found
     elif not path.is_file():
         raise TokenizerError(f"tokenizer file '{path}' does not exist")
     else:
-        kind = "TiktokenTokenizer" if path.suffix == ".tiktoken" else "HFTokenizer"
+        kind = tokenizer_type_of_file(path)
     return build_tokenizer(tokenizer_type=kind, vocab_file=str(path))
 
 
@@ -383,10 +475,12 @@ def build_tokenizer(
         )
     if not vocab_file:
         raise TokenizerError(f"key 'vocab_file' is required for tokenizer_type {tokenizer_type}")
-    if tokenizer_type == "HFTokenizer":
+    if tokenizer_type in ("HFTokenizer", "SPMTokenizer"):
         if not os.path.isfile(vocab_file):
-            raise TokenizerError(f"vocab_file '{vocab_file}' does not exist (tokenizer_type HFTokenizer)")
-        return HFTokenizer(vocab_file)
+            raise TokenizerError(
+                f"vocab_file '{vocab_file}' does not exist (tokenizer_type {tokenizer_type})"
+            )
+        return HFTokenizer(vocab_file) if tokenizer_type == "HFTokenizer" else SPMTokenizer(vocab_file)
     if not os.path.isfile(vocab_file) and os.sep not in vocab_file and not vocab_file.endswith(".tiktoken"):
         return TiktokenTokenizer(vocab_file)  # a built-in encoding name; fails clearly if not cached
     if not os.path.isfile(vocab_file):

@@ -34,6 +34,24 @@ def tiny_tokenizer_files() -> dict[str, str]:
     return train_bpe_tokenizer(texts, out, vocab_size=400, min_frequency=1, write_tiktoken=True)
 
 
+@functools.cache
+def tiny_sentencepiece_model(eod_piece: bool = False) -> str:
+    """A SentencePiece BPE ``.model`` shaped like Llama's (byte fallback, identity normalisation,
+    ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, no ``<|endoftext|>``), 400 pieces (256 of them bytes), trained once per test session
+    in well under a second; ``eod_piece`` adds GPT-NeoX's ``<|endoftext|>`` as a user-defined piece."""
+    import sentencepiece
+
+    rng = random.Random(1)
+    out = Path(tempfile.mkdtemp(prefix="tiny_spm_"))
+    (out / "corpus.txt").write_text("\n".join(random_text(rng, 60) for _ in range(300)), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(out / "corpus.txt"), model_prefix=str(out / "tokenizer"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, user_defined_symbols=["<|endoftext|>"] if eod_piece else [], minloglevel=2,
+    )  # fmt: skip
+    return str(out / "tokenizer.model")
+
+
 def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for t in texts:

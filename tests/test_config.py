@@ -117,7 +117,7 @@ MINIMAL = "num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nseq_length: 3
             "num_attention_heads: 8\nnum_kv_heads: 2\nattention_head_type: groupedquery\nmodel_parallel_size: 4\n",
             r"num_kv_heads=2 is not divisible by the tensor-parallel size 4",
         ),
-        ("norm: rmsnorm\n", r"key 'norm': unknown value 'rmsnorm'"),
+        ("norm: scalenorm\n", r"key 'norm': unknown value 'scalenorm'"),
         ("activation: tanh\n", r"key 'activation': unknown value 'tanh'"),
         ("pos_emb: alibi\n", r"key 'pos_emb': unknown value 'alibi'"),
         ("attention_head_type: sparse\n", r"key 'attention_head_type': unknown value 'sparse'"),

@@ -87,7 +87,7 @@ def raw(tmp_path_factory) -> tuple[Path, dict]:
         rows = [{"content": t, "max_stars_repo_name": "a/b", "max_stars_count": 3} for t in part]
         write_records(root / "starcoder" / lang / "train-00000-of-00001.parquet", rows)
         exp["starcoder"][lang] = part
-    # CulturaX: parquet per language code, `text`; the default is Stable LM 2's six languages.
+    # CulturaX: parquet per language code, `text`; the default is Stable LM 2's seven languages.
     exp["culturax"] = {}
     for lang in ("de", "en", "es", "fr", "it", "nl", "pt"):
         part = texts(2)
@@ -120,7 +120,7 @@ def test_shipped_recipes(capsys):
         "culturax": ("text", "directory"),
     }
     assert load_recipe("pile").subset_field == "meta.pile_set_name"
-    assert load_recipe("culturax").default == ("de", "es", "fr", "it", "nl", "pt")
+    assert load_recipe("culturax").default == ("en", "de", "es", "fr", "it", "nl", "pt")
     assert _tool().main(["--source", "redpajama", "--describe"]) == 0
     assert "urls.txt" in capsys.readouterr().out
 
@@ -132,7 +132,7 @@ def test_shipped_recipes(capsys):
         ("redpajama", [], ["arxiv", "common_crawl", "wikipedia"]),
         ("redpajama", ["--subset", "wikipedia", "arxiv"], ["wikipedia", "arxiv"]),
         ("starcoder", ["--subset", "rust"], ["rust"]),
-        ("culturax", [], ["de", "es", "fr", "it", "nl", "pt"]),
+        ("culturax", [], ["en", "de", "es", "fr", "it", "nl", "pt"]),
     ],
 )
 def test_recipe_end_to_end(tmp_path, raw, tok_file, source, extra, outputs):
@@ -465,3 +465,105 @@ f.flush()
 print("locked", flush=True)
 time.sleep(120)
 """
+
+
+# ------------------------------------------------------------------------------------- recipes to mixture
+MIXTURE = ROOT / "configs" / "data" / "stablelm-2-1_6b.yml"
+
+
+def _readme_recipe_commands() -> list[list[str]]:
+    """The ``tools/preprocess_data.py --source`` commands of the README's "Prepare the Stable LM 2 data"
+    block, as argument lists (``$TOK`` dropped: the tokenizer does not change which shards are made)."""
+    import shlex
+
+    section = (ROOT / "README.md").read_text().split("### Prepare the Stable LM 2 data", 1)[1]
+    block = section.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = []
+    for line in block.splitlines():
+        words = shlex.split(line.split("#", 1)[0].replace("$TOK", ""))
+        if "tools/preprocess_data.py" in words and "--input-root" in words:
+            commands.append(words[words.index("tools/preprocess_data.py") + 1 :])
+    return commands
+
+
+def _downloaded(root: Path, recipe, mixture_subsets: set[str]) -> Path:
+    """``RAW/<source>`` as the recipe's own download command leaves it: its ``--include "SUBSET/*"``
+    folders when it names some (comments aside), else every known subset (or, for an open list, the ones the mixture
+    names plus one more); one input file in each, named to match the recipe's ``files``."""
+    import re
+
+    commands = [line for line in recipe.download.splitlines() if not line.lstrip().startswith("#")]
+    included = re.findall(r'"([^"/]+)/\*"', "\n".join(commands))
+    subsets = included or sorted(
+        set(recipe.names) | mixture_subsets | ({"extra"} if not recipe.closed else set())
+    )
+    pattern = recipe.files[0].replace("**/", "").replace("*", "part")
+    for subset in subsets if recipe.subsets_by == "directory" else [None]:
+        name = pattern.replace("{subset}", subset) if subset else pattern
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    return root
+
+
+def _prefixes_made(argv: list[str], tmp_path: Path, mixture: list[str]) -> set[str]:
+    """The output prefixes ``tools/preprocess_data.py ARGV`` writes (its own argument parser, the
+    recipe's selection), from downloads laid out by :func:`_downloaded`."""
+    args = _tool()._parser().parse_args(argv)
+    recipe = load_recipe(args.source)
+    named = {Path(p).name for p in mixture if Path(p).parent.name == recipe.source}
+    raw = _downloaded(tmp_path / args.input_root, recipe, named)
+    targets = recipe_targets(recipe, str(raw), args.output_root, args.subset, args.exclude_subset)
+    return {prefix for target in targets for prefix in target.outputs.values()}
+
+
+def test_readme_recipe_commands_make_every_shard_the_mixture_names(tmp_path):
+    """Following the README: the recipes' downloads and the ``--source`` commands, run from the
+    directory where ``data`` is the output root, write every prefix configs/data/stablelm-2-1_6b.yml
+    trains on (CulturaX's default selection includes English, the mixture's second-largest weight)."""
+    import yaml
+
+    mixture = yaml.safe_load(MIXTURE.read_text())["train_data_paths"]
+    commands = _readme_recipe_commands()
+    assert {argv[argv.index("--source") + 1] for argv in commands} == set(available_sources())
+    made: set[str] = set()
+    for argv in commands:
+        made |= _prefixes_made(argv, tmp_path, mixture)
+    assert not set(mixture) - made, f"the README's commands never make {sorted(set(mixture) - made)}"
+
+
+def test_missing_shards_listed_at_once_with_the_commands_that_make_them(tmp_path, capsys):
+    """tools/mixture_report.py (and ``check_shards_present``, which train.py calls before anything
+    heavy) names every missing prefix in one error, each with a recipe command; that command, run as
+    printed, makes exactly that prefix."""
+    import yaml
+
+    from megatron_stablelm.config import load_config
+    from megatron_stablelm.data import DataError
+    from megatron_stablelm.data.mixture import with_data_root
+    from megatron_stablelm.data.recipes import check_shards_present, missing_shards
+    from tests.data_helpers import write_synthetic_shard
+    from tools.mixture_report import main as mixture_main
+
+    data = tmp_path / "data"
+    present = ["refinedweb/refinedweb", "culturax/de"]
+    for name in present:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic_shard(str(data / name), [20, 30], eod=0, vocab=100)
+    configs = [str(ROOT / "configs" / "stablelm-2-1_6b.yml"), str(MIXTURE)]
+    assert mixture_main([*configs, "--data-root", str(tmp_path), "--dp-size", "8"]) == 2
+    err = capsys.readouterr().err
+    mixture = yaml.safe_load(MIXTURE.read_text())["train_data_paths"]
+    absent = [str(tmp_path / p) for p in mixture if p.split("/", 1)[1] not in present]
+    assert err.startswith(f"error: {len(absent)} of the shards the config names do not exist")
+    lines = err.splitlines()[1:]
+    assert [line.split(": ", 1)[0].strip() for line in lines] == absent
+    for line in lines:
+        prefix, command = (part.strip() for part in line.split(": ", 1))
+        argv = command.split()
+        assert argv[:2] == ["python", "tools/preprocess_data.py"] and "$TOK" in argv
+        argv = [a for a in argv[2:] if a != "$TOK"]
+        assert prefix in _prefixes_made(argv, tmp_path / "cmd", [prefix]), line
+    cfg = with_data_root(load_config(configs, report_ignored=False), str(tmp_path))
+    assert missing_shards(cfg) == absent
+    with pytest.raises(DataError, match="culturax/en: python tools/preprocess_data.py --source culturax"):
+        check_shards_present(cfg)

@@ -81,7 +81,8 @@ def test_mixture_report_cli(tmp_path, capsys):
         yaml.safe_dump({**config, "train_data_paths": [str(tmp_path / "gone")], "train_data_weights": [1]})
     )
     assert _tool("mixture_report").main([str(path)]) == 2  # bad input: exit 2, as every tool
-    assert "gone.idx" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'gone'}: no corpus recipe writes this name" in err and "do not exist" in err
 
 
 def test_single_data_path_is_split_without_overlap(tmp_path):

@@ -1,6 +1,7 @@
 """HF conversion never guesses: every disagreement is refused naming the key, absent ``config.json``
-keys mean what they mean to ``transformers``, GPT-NeoX's tanh GeLU round-trips, vocabularies that do
-not split over TP are padded, bf16 checkpoints export as bf16, tokenizers travel both ways, and
+keys mean what they mean to ``transformers``, GPT-NeoX's tanh GeLU round-trips (``gelu_new`` and
+``gelu_fast`` keep their names), vocabularies are padded on import as training pads them (a model
+imported at TP 1 runs at TP 2), bf16 checkpoints export as bf16, tokenizers travel both ways, and
 ``--force`` replaces an output only once the new one is complete."""
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _yaml(path: Path, arch: str, **overrides) -> str:
     [
         ({"activation": "relu"}, "act_fn_name", "'relu'", "'gelu'"),
         ({"bias_gelu_fusion": True}, "act_fn_name", "'gelu_tanh'", "'gelu'"),
-        ({"layernorm_epsilon": 1.0e-6}, "layernorm_epsilon", "1e-06", "1e-05"),
+        ({"layernorm_epsilon": 1.0e-6}, "norm_epsilon", "1e-06", "1e-05"),
         ({"rotary_emb_base": 500.0}, "rotary_emb_base", "500.0", "10000.0"),
         ({"rotary_pct": 0.5}, "rotary_dim", "8", "4"),
         ({"gpt_j_residual": False}, "gpt_j_residual", "False", "True"),
@@ -121,8 +122,8 @@ def test_rope_scaling_is_refused_never_ignored(tmp_path, rope):
 
 
 def test_unknown_hidden_act_is_refused():
-    hf = {"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "hidden_act": "gelu_fast"}
-    with pytest.raises(hf_conversion.ConversionError, match="hidden_act 'gelu_fast'"):
+    hf = {"model_type": "gpt_neox", "hidden_size": 64, "num_attention_heads": 4, "hidden_act": "quick_gelu"}
+    with pytest.raises(hf_conversion.ConversionError, match="hidden_act 'quick_gelu'"):
         hf_conversion.config_from_hf(hf, norm_bias=True)
 
 
@@ -197,7 +198,7 @@ def _tanh_case(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
 def _tp2_worker(rank: int, world: int, work: str) -> None:
     parallel.initialize(2)
     work_dir = Path(work)
-    for case in ("tanh", "vocab509"):
+    for case in ("tanh", "vocab509", "vocab509tp1"):
         run = work_dir / case
         model = build_model(checkpoint.read_config(run), checkpoint.read_meta(run)["padded_vocab_size"])
         checkpoint.load_into_model(run, model.eval(), rank, world)
@@ -233,6 +234,12 @@ def test_tanh_gelu_and_padded_vocab_match_transformers_tp1_tp2(tmp_path, single_
     tokens509 = _tokens(509, seed=2)
     torch.save(tokens509, tmp_path / "vocab509.tokens.pt")
     convert_from_hf(src509, tmp_path / "vocab509", tp=2)
+    # imported at TP=1, the same model must run at TP=2: padded as training pads, to 128 × TP rows
+    torch.save(tokens509, tmp_path / "vocab509tp1.tokens.pt")
+    assert (
+        checkpoint.read_meta(convert_from_hf(src509, tmp_path / "vocab509tp1", tp=1))["padded_vocab_size"]
+        == 512
+    )
     meta = checkpoint.read_meta(tmp_path / "vocab509")
     assert meta["tp_size"] == 2 and meta["padded_vocab_size"] % 2 == 0 and meta["padded_vocab_size"] > 509
     state = checkpoint.read_canonical_state_dict(tmp_path / "vocab509")
@@ -249,6 +256,7 @@ def test_tanh_gelu_and_padded_vocab_match_transformers_tp1_tp2(tmp_path, single_
     with torch.no_grad():
         ref509 = hf509(tokens509).logits
     assert _max_rel_err(torch.load(tmp_path / "vocab509.tp2.pt")[..., :509], ref509) <= REL_TOL
+    assert _max_rel_err(torch.load(tmp_path / "vocab509tp1.tp2.pt")[..., :509], ref509) <= REL_TOL
 
 
 @pytest.mark.parametrize(("hidden_act", "expected"), [("gelu", "gelu"), ("gelu_new", "gelu_tanh")])
@@ -258,6 +266,31 @@ def test_released_alpha_v1_gelu_imports_exactly(tmp_path, hidden_act, expected):
     hf = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**hf, "hidden_act": hidden_act}))
     assert checkpoint.read_config(convert_from_hf(src, tmp_path / "out")).act_fn_name == expected
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_new", "gelu_fast"])
+def test_hand_written_tanh_gelu_round_trips_with_its_name(tmp_path, single_rank, hidden_act):
+    """An HF GPT-NeoX model with ``gelu_new`` or ``gelu_fast`` (the tanh approximation written out by
+    hand): imported, it computes ``transformers``' logits; exported, it says the same ``hidden_act`` and
+    holds the same tensors, so the round trip leaves config.json as it was."""
+    model, hf_dir = _tanh_case(tmp_path)  # pre-activations of order 1: the GeLU forms differ there
+    hf = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**hf, "hidden_act": hidden_act}))
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    run = convert_from_hf(hf_dir, tmp_path / "run")
+    cfg = checkpoint.read_config(run)
+    assert (cfg.act_fn_name, cfg.hf_hidden_act) == ("gelu_tanh", hidden_act)
+    imported = build_model(cfg, VOCAB).eval()
+    checkpoint.load_into_model(run, imported, 0, 1)
+    with torch.no_grad():
+        assert _max_rel_err(imported(_tokens()), ref(_tokens()).logits) <= REL_TOL
+    back = convert_to_hf(run, tmp_path / "back", dtype="fp32")
+    assert json.loads((back / "config.json").read_text())["hidden_act"] == hidden_act
+    _, original = hf_conversion.read_hf_dir(hf_dir)
+    _, result = hf_conversion.read_hf_dir(back)
+    assert sorted(result) == sorted(original) and all(torch.equal(result[k], t) for k, t in original.items())
+    with pytest.raises(ConfigError, match="hf_hidden_act.*'gelu_new' is not a Hugging Face name of .*'gelu'"):
+        tiny_config("stablelm-base-alpha-v1", hf_hidden_act="gelu_new")
 
 
 # ------------------------------------------------------------------------------------- precision

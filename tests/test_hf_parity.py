@@ -1,5 +1,5 @@
-"""The framework's logits equal `transformers`' for every StableLM architecture, at TP=1 and TP=2, and
-HF → framework → HF conversion is bit-exact."""
+"""The framework's logits equal `transformers`' for every StableLM architecture (and the tiny Llama 2 of
+GPT-NeoX's configs), at TP=1 and TP=2, and HF → framework → HF conversion is bit-exact."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.model_helpers import TINY_ARCHS, randomize, tiny_config
 VOCAB = 256
 REL_TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
+HF_CLASSES = {"stablelm-base-alpha-v1": "GPTNeoXForCausalLM", "llama-2": "LlamaForCausalLM"}
 
 
 def assert_rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL) -> None:
@@ -34,8 +35,14 @@ def single_rank():
     parallel.destroy()
 
 
-def _framework_model(arch: str, seed: int = 0):
-    cfg = tiny_config(arch)
+# Beside each tiny architecture as shipped, variants checked at TP=2 too: name -> (arch, overrides).
+TP2_CASES = {arch: (arch, {}) for arch in sorted(TINY_ARCHS)}
+TP2_CASES["llama-2-tied-codellama-theta"] = ("llama-2", {"no_weight_tying": False, "rotary_emb_base": 1e6})
+TP2_CASES["llama-2-biases"] = ("llama-2", {"use_bias_in_attn_linear": True, "use_bias_in_mlp": True})
+
+
+def _framework_model(arch: str, seed: int = 0, **overrides):
+    cfg = tiny_config(arch, **overrides)
     torch.manual_seed(seed)
     model = build_model(cfg, VOCAB, seed=seed).eval()
     randomize(model, seed)
@@ -52,7 +59,7 @@ def test_logits_match_transformers_tp1(arch, tmp_path, single_rank):
     hf_dir = tmp_path / "hf"
     hf_conversion.write_hf_dir(hf_dir, cfg, model.local_state_dict(), VOCAB)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    expected_class = "GPTNeoXForCausalLM" if arch == "stablelm-base-alpha-v1" else "StableLmForCausalLM"
+    expected_class = HF_CLASSES.get(arch, "StableLmForCausalLM")
     assert type(hf).__name__ == expected_class
     tokens = _tokens()
     with torch.no_grad():
@@ -73,9 +80,9 @@ def test_logits_match_transformers_tp1(arch, tmp_path, single_rank):
 def _tp2_worker(rank: int, world: int, work: str) -> None:
     parallel.initialize(2)
     work_dir = Path(work)
-    for arch in sorted(TINY_ARCHS):
-        case = torch.load(work_dir / f"{arch}.pt")
-        cfg = tiny_config(arch, model_parallel_size=2)
+    for name, (arch, overrides) in TP2_CASES.items():
+        case = torch.load(work_dir / f"{name}.pt")
+        cfg = tiny_config(arch, model_parallel_size=2, **overrides)
         model = build_model(cfg, VOCAB).eval()
         model.load_canonical_state_dict(case["state"])
         with torch.no_grad():
@@ -83,23 +90,23 @@ def _tp2_worker(rank: int, world: int, work: str) -> None:
         shards = [torch.empty_like(local) for _ in range(world)]
         torch.distributed.all_gather(shards, local, group=parallel.tp_group())
         if rank == 0:
-            torch.save(torch.cat(shards, dim=-1), work_dir / f"{arch}.tp2.pt")
+            torch.save(torch.cat(shards, dim=-1), work_dir / f"{name}.tp2.pt")
 
 
 def test_logits_match_transformers_tp2(tmp_path, single_rank):
     references = {}
-    for arch in sorted(TINY_ARCHS):
-        cfg, model = _framework_model(arch, seed=3)
-        hf_dir = tmp_path / arch
+    for name, (arch, overrides) in TP2_CASES.items():
+        cfg, model = _framework_model(arch, seed=3, **overrides)
+        hf_dir = tmp_path / name
         hf_conversion.write_hf_dir(hf_dir, cfg, model.local_state_dict(), VOCAB)
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         tokens = _tokens(seed=4)
         with torch.no_grad():
-            references[arch] = hf(tokens).logits
-        torch.save({"state": model.local_state_dict(), "tokens": tokens}, tmp_path / f"{arch}.pt")
+            references[name] = hf(tokens).logits
+        torch.save({"state": model.local_state_dict(), "tokens": tokens}, tmp_path / f"{name}.pt")
     run_distributed(_tp2_worker, 2, str(tmp_path))
-    for arch, ref in references.items():
-        assert_rel_close(torch.load(tmp_path / f"{arch}.tp2.pt"), ref)
+    for name, ref in references.items():
+        assert_rel_close(torch.load(tmp_path / f"{name}.tp2.pt"), ref)
 
 
 def _random_hf_dir(arch: str, path: Path) -> None:

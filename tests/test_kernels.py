@@ -1,4 +1,5 @@
-"""Reference kernels (the CPU path) against independent float64 formulas, forward and backward; the
+"""Reference kernels (the CPU path: rotary, SwiGLU, LayerNorm, RMSNorm) against independent float64
+formulas, forward and backward; the
 chunked vocab-parallel cross-entropy (one rank and two gloo ranks); selective recomputation."""
 
 from __future__ import annotations
@@ -55,6 +56,13 @@ def layer_norm_truth(x, w, b, eps):
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     out = (x - mean) / torch.sqrt(var + eps) * w.to(F64)
     return out + b.to(F64) if b is not None else out
+
+
+def rms_norm_truth(x, w, eps):
+    """RMSNorm with eps inside the root (Llama's, transformers', GPT-NeoX's fused kernel): the vector
+    divided by its root mean square, from the sum of squares."""
+    x = x.to(F64)
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * w.to(F64)
 
 
 def swiglu_truth(x):
@@ -150,6 +158,40 @@ def test_per_head_layer_norm_reference(bias):
     assert_close_all(got_out + got_grad, truth_out + truth_grad, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (F64, 1e-12)])
+def test_rms_norm_reference(residual, dtype, tol):
+    """Inputs of mean square ~0.01 and eps 1e-2: eps weighs as much as the signal, so eps added to the
+    mean square (this formula) and to the root (GPT-NeoX's unfused module) differ by far more than the
+    tolerance; the test pins the formula, not only the shape of the computation."""
+    torch.manual_seed(5)
+    n, eps = 40, 1e-2
+    x, r, w = torch.randn(6, 3, n) * 0.1, torch.randn(6, 3, n) * 0.05, torch.randn(n)
+    inputs = [t.to(dtype) for t in ([x, w, r] if residual else [x, w])]
+
+    def fused(x, w, r=None):
+        return kernels.add_rms_norm(x, r, w, eps) if residual else kernels.rms_norm(x, w, eps)
+
+    def truth(x, w, r=None):
+        return (rms_norm_truth(x + r, w, eps), x + r) if residual else rms_norm_truth(x, w, eps)
+
+    got_out, got_grad = _grads(fused, inputs)
+    truth_out, truth_grad = _grads(truth, [t.to(F64) for t in inputs])
+    assert_close_all(got_out + got_grad, truth_out + truth_grad, atol=tol, rtol=tol)
+    x64 = x.to(F64)
+    neox_unfused = x64 / (x64.pow(2).mean(-1, keepdim=True).sqrt() + eps) * w.to(F64)
+    assert (neox_unfused - rms_norm_truth(x64, w, eps)).abs().max() > 100 * tol
+
+
+def test_per_head_rms_norm_reference():
+    torch.manual_seed(6)
+    heads, d = 4, 16
+    inputs = [torch.randn(5, 2, heads, d) * 2, torch.randn(heads, d)]
+    got_out, got_grad = _grads(lambda x, w: kernels.per_head_rms_norm(x, w, 1e-6), inputs)
+    truth_out, truth_grad = _grads(lambda x, w: rms_norm_truth(x, w, 1e-6), [t.to(F64) for t in inputs])
+    assert_close_all(got_out + got_grad, truth_out + truth_grad, atol=2e-5, rtol=2e-5)
+
+
 def test_dispatch_uses_reference_on_cpu(monkeypatch):
     x = torch.randn(4)
     assert not _dispatch.use_triton(x)
@@ -174,7 +216,13 @@ def test_one_kernel_forced_to_the_reference(monkeypatch):
     """``reference:layernorm`` (the whole-step A/B of one kernel) forces only the named kernels; a
     name that is no kernel is one clear error."""
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference:layernorm, swiglu")
-    assert [_dispatch._mode(k) for k in _dispatch.KERNELS] == ["reference", "reference", "auto", "auto"]
+    assert [_dispatch._mode(k) for k in _dispatch.KERNELS] == [
+        "reference",
+        "reference",
+        "auto",
+        "auto",
+        "auto",
+    ]
     assert _dispatch._mode(None) == "auto"
     monkeypatch.setenv(_dispatch.ENV_VAR, "reference:layernrom")
     with pytest.raises(ValueError, match="unknown kernel layernrom; name some of layernorm, swiglu"):

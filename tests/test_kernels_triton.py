@@ -28,7 +28,15 @@ if not ON_GPU and not triton.knobs.runtime.interpret:
 from megatron_stablelm import kernels  # noqa: E402
 from tests.model_helpers import TINY_ARCHS  # noqa: E402
 
-from .test_kernels import F64, _grads, assert_close_all, layer_norm_truth, rotary_truth, swiglu_truth  # noqa: E402
+from .test_kernels import (  # noqa: E402
+    F64,
+    _grads,
+    assert_close_all,
+    layer_norm_truth,
+    rms_norm_truth,
+    rotary_truth,
+    swiglu_truth,
+)
 
 MODULE = "megatron_stablelm.kernels.triton_ops"
 
@@ -137,6 +145,46 @@ def test_per_head_layer_norm(ops, dtype, atol, bias):
     assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(ops, dtype, atol, residual):
+    """RMSNorm (the LayerNorm kernels without the mean) against float64 and the reference, with eps
+    large against the inputs' mean square so the formula is pinned."""
+    torch.manual_seed(7)
+    n, eps = 48, 1e-2
+    x = (torch.randn(7, 3, n) * 0.2).to(dtype).to(DEVICE)
+    r = (torch.randn(7, 3, n) * 0.1).to(dtype).to(DEVICE)
+    w = torch.randn(n).to(dtype).to(DEVICE)
+    inputs = [x, w, r] if residual else [x, w]
+
+    def make(mod):
+        def fn(x, w, r=None):
+            if mod is None:
+                return (rms_norm_truth(x + r, w, eps), x + r) if residual else rms_norm_truth(x, w, eps)
+            return mod.add_rms_norm(x, r, w, eps) if residual else mod.rms_norm(x, w, eps)
+
+        return fn
+
+    got = _grads(make(ops), inputs)
+    truth = _grads(make(None), [t.to(F64) for t in inputs])
+    ref = _grads(make(kernels), inputs)  # CPU tensors → the PyTorch reference
+    tol = atol * 5 if dtype == torch.bfloat16 else 1e-4  # dw sums over rows
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
+    assert_close_all(got[0] + got[1], ref[0] + ref[1], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+def test_per_head_rms_norm(ops, dtype, atol):
+    torch.manual_seed(8)
+    heads, d = 3, 16
+    x = (torch.randn(5, 2, heads, d) * 2).to(dtype).to(DEVICE)
+    w = torch.randn(heads, d).to(dtype).to(DEVICE)
+    got = _grads(lambda x, w: ops.per_head_rms_norm(x, w, 1e-6), [x, w])
+    truth = _grads(lambda x, w: rms_norm_truth(x, w, 1e-6), [x.to(F64), w.to(F64)])
+    tol = atol * 5 if dtype == torch.bfloat16 else 1e-4
+    assert_close_all(got[0] + got[1], truth[0] + truth[1], atol=tol, rtol=tol)
+
+
 def _ce_truth(logits, target):
     """float64 per-token loss ``logsumexp(x) - x[target]``, written out (no torch cross_entropy)."""
     x = logits.to(F64)
@@ -238,8 +286,8 @@ def test_public_functions_dispatch_to_triton_on_gpu(ops):
 # The kernels a forward + backward of each tiny architecture must reach (GeLU models have no SwiGLU;
 # only the QK-norm model has the per-head LayerNorm).
 _KERNEL_FUNCTIONS = (
-    "layer_norm", "add_layer_norm", "per_head_layer_norm", "apply_rotary", "apply_rotary_qk", "swiglu",
-    "row_logsumexp", "cross_entropy_grad",
+    "layer_norm", "add_layer_norm", "per_head_layer_norm", "rms_norm", "add_rms_norm", "per_head_rms_norm",
+    "apply_rotary", "apply_rotary_qk", "swiglu", "row_logsumexp", "cross_entropy_grad",
 )  # fmt: skip
 
 
@@ -289,10 +337,11 @@ def _both_ways(monkeypatch, cfg, dtype: torch.dtype):
     finally:
         parallel.destroy()
     expected = {"row_logsumexp", "cross_entropy_grad", "apply_rotary_qk"}
-    expected |= {"swiglu"} if cfg.mlp_type == "gated" else set()
-    expected |= {"per_head_layer_norm"} if cfg.qk_norm else set()
+    expected |= {"swiglu"} if cfg.is_gated_mlp and cfg.act_fn_name == "silu" else set()
+    rms = cfg.norm == "rmsnorm"
+    expected |= {"per_head_rms_norm" if rms else "per_head_layer_norm"} if cfg.qk_norm else set()
     assert expected <= calls.keys(), calls
-    assert calls.keys() & {"layer_norm", "add_layer_norm"}, calls
+    assert calls.keys() & ({"rms_norm", "add_rms_norm"} if rms else {"layer_norm", "add_layer_norm"}), calls
     assert results["triton"][1].keys() == results["reference"][1].keys()
     return results["reference"], results["triton"]
 
@@ -330,3 +379,18 @@ def test_whole_model_through_the_kernels_in_bf16(monkeypatch):
     for name in ref_grads:
         error = (grads[name] - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12)
         assert error < 5e-2, (name, error.item())
+
+
+@NATIVE_ON_GPU
+def test_rmsnorm_in_the_other_block_layouts_through_the_kernels(monkeypatch):
+    """``norm: rmsnorm`` wherever a config puts a norm beside Llama's sequential block: a parallel
+    residual with two norms and the per-head QK-norm (RMSNorm per head), through the Triton kernels and
+    through the references."""
+    from tests.model_helpers import tiny_config
+
+    cfg = tiny_config("llama-2", gpt_j_residual=True, qk_norm=True)
+    (ref_loss, ref_grads), (loss, grads) = _both_ways(monkeypatch, cfg, torch.float32)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert any(".q_norm." in name for name in ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -149,7 +149,7 @@ def test_neox_model_with_bookkeeping_keys_loads(tmp_path, capsys):
     out = capsys.readouterr().out
     for key in ("layernorm_fusion", "s3_region", "global_num_gpus", "comment", "deepspeed_extra_args",
                 "text_gen_type", "maximum_tokens", "profile_step_start", "memory_profiling_path",
-                "comet_workspace", "rms_norm_epsilon", "gmlp_attn_dim", "moe_num_experts", "te_fp8_format"):  # fmt: skip
+                "comet_workspace", "gmlp_attn_dim", "moe_num_experts", "te_fp8_format"):  # fmt: skip
         assert out.count(f"ignoring '{key}'") == 1, key
     assert "did you mean" not in out
 
@@ -178,7 +178,8 @@ def test_model_file_plus_local_setup(tmp_path):
         ("sparsity_config: {block: 16}\n", "sparse attention"),
         ("use_qk_layernorm: true\n", "one norm over all heads"),
         ("train_impl: dpo\n", "DPO"),
-        ("norm: rmsnorm\n", "RMSNorm"),
+        ("norm: scalenorm\n", "ScaleNorm"),
+        ("norm: te_rmsnorm\n", "Transformer Engine norms"),
         ("pos_emb: learned\n", "learned absolute position embeddings"),
         ("attention_config: [[[mamba], all]]\n", "Mamba layers"),
         ("attention_config: [[[local], 2]]\n", "local (windowed) attention"),

@@ -1,4 +1,5 @@
-"""Tokenizers: both kinds load from local files, round-trip text, and fail clearly."""
+"""Tokenizers: every kind (tokenizer.json, tiktoken ranks, SentencePiece) loads from local files, round-trips
+text, and fails clearly."""
 
 from __future__ import annotations
 
@@ -138,3 +139,56 @@ def test_tiktoken_export_keeps_the_arcade100k_id_gap(tmp_path):
     auto = _auto_tokenizer(tok, tmp_path)
     text = "abc<|endoftext|>ab<|im_end|>"
     assert auto(text)["input_ids"] == tok.encode(text) == [100255, 99, 100257, 100255, 100278]
+
+
+# ------------------------------------------------------------------------------------------ SentencePiece
+SPM_TEXTS = [
+    *TEXTS,
+    "  leading and  double spaces ",
+    "bytes outside the model: ʃ ∮ 𝄞",
+    "<s> </s> <unk> as text",
+]
+
+
+@pytest.mark.parametrize("eod_piece", [False, True], ids=["llama-like", "with-endoftext"])
+def test_spm_tokenizer_gives_sentencepiece_ids(eod_piece):
+    """GPT-NeoX's SPMTokenizer: the ids are sentencepiece's own ``encode`` (no BOS/EOS added) and the
+    end of document is ``piece_to_id("<|endoftext|>")``, which is the unknown piece (0) for a model
+    without it, as GPT-NeoX appends it to Llama's."""
+    import sentencepiece
+
+    from tests.data_helpers import tiny_sentencepiece_model
+
+    path = tiny_sentencepiece_model(eod_piece)
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    tok = build_tokenizer(tokenizer_type="SPMTokenizer", vocab_file=path)
+    assert tok.encode_batch(SPM_TEXTS) == [sp.encode(t) for t in SPM_TEXTS]
+    assert [tok.decode(sp.encode(t)) for t in SPM_TEXTS] == [sp.decode(sp.encode(t)) for t in SPM_TEXTS]
+    assert tok.vocab_size == sp.get_piece_size() == 400
+    assert tok.eod == sp.piece_to_id("<|endoftext|>")
+    if eod_piece:
+        assert tok.eod == 3 and not tok.eod_is_unknown and tok.eos_id == 3
+    else:
+        assert tok.eod == sp.unk_id() == 0 and tok.eod_is_unknown and tok.eos_id == sp.eos_id() == 2
+    assert tok.unique_identifiers["class"] == "SPMTokenizer"
+    with pytest.raises(TokenizerError, match="not a SentencePiece model"):
+        build_tokenizer(tokenizer_type="SPMTokenizer", vocab_file=tiny_tokenizer_files()["json"])
+
+
+def test_spm_preprocessing_appends_neox_eod(tmp_path):
+    """tools/preprocess_data.py's pipeline with SPMTokenizer: each document is sentencepiece's ids
+    followed by the end-of-document id GPT-NeoX appends (the unknown piece for a Llama-like model)."""
+    import sentencepiece
+
+    from megatron_stablelm.data.preprocess import preprocess
+    from tests.data_helpers import shard_documents, tiny_sentencepiece_model, write_jsonl
+
+    path = tiny_sentencepiece_model()
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    texts = [t for t in SPM_TEXTS if t]
+    src = write_jsonl(tmp_path / "docs.jsonl", texts)
+    preprocess(
+        [str(src)], str(tmp_path / "spm"), tokenizer_type="SPMTokenizer", vocab_file=path, progress=False
+    )
+    docs = shard_documents(str(tmp_path / "spm_text_document"))
+    assert docs == [sp.encode(t) + [sp.unk_id()] for t in texts]

@@ -12,7 +12,8 @@ architectural key they set must agree with the checkpoint. HF tensors the framew
 (non-zero biases where the config has none, ...) are refused with the tensor's name. A vocabulary
 that does not split over ``--tp`` ranks is padded with zero rows, as the trainer pads.
 
-The HF directory's tokenizer (a ``.tiktoken`` ranks file, else ``tokenizer.json``) is copied into
+The HF directory's tokenizer (a ``.tiktoken`` ranks file, else ``tokenizer.json``, else a SentencePiece
+``tokenizer.model``) is copied into
 ``OUT_DIR/tokenizer/`` and the saved config points at it, so ``tools/generate.py OUT_DIR`` needs no
 ``--tokenizer`` (unless ``--config`` names its own ``vocab_file``). OUT_DIR must not exist unless
 ``--force``: the new run directory is written under a staging name and replaces the old one only once
@@ -43,6 +44,17 @@ from megatron_stablelm.config import (
 from megatron_stablelm.tokenizers import TokenizerError, build_tokenizer, tokenizer_in_directory
 
 TOKENIZER_DIR = "tokenizer"
+# The keys that spell the MLP together (its kind, activation and width rule): a YAML giving any of them
+# gives the MLP in its own spelling (GPT-NeoX's ``activation: swiglu`` + ``intermediate_size``, say),
+# which replaces the import's whole (``mlp_type: llama`` + the HF width); the widths are then compared.
+MLP_KEYS = (
+    "mlp_type",
+    "activation",
+    "bias_gelu_fusion",
+    "intermediate_size",
+    "expansion_factor",
+    "mlp_multiple_of",
+)
 
 
 def _merged_config(cfg: Config, configs: list[str], settings: dict) -> Config:
@@ -52,6 +64,8 @@ def _merged_config(cfg: Config, configs: list[str], settings: dict) -> Config:
     user = load_config(configs, overrides=settings, validate=False)
     origin = {ALIASES.get(key, key): str(path) for path in configs for key in read_yaml(path)}
     given = {key: getattr(user, key) for key in origin if key in FIELDS}
+    if any(key in given for key in MLP_KEYS):
+        given = {**{key: getattr(user, key) for key in MLP_KEYS}, **given}
     merged = dataclasses.replace(
         cfg, **{**given, "config_files": user.config_files, "ignored_keys": user.ignored_keys}
     )

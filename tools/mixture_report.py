@@ -4,7 +4,9 @@
     python tools/mixture_report.py configs/stablelm-2-1_6b.yml configs/data/stablelm-2-1_6b.yml \
         [--dp-size 512] [--data-root DIR] [--override k=v ...]
 
-Only the shards' ``.idx`` files are read (no index is built). ``--dp-size`` defaults to what
+Every missing shard is listed first, all at once, each with the ``tools/preprocess_data.py`` recipe
+command that makes it (and the tool exits 2). Only the shards' ``.idx`` files are read (no index is
+built). ``--dp-size`` defaults to what
 ``train_batch_size`` implies (else 1); a source above ``mixture_epochs_warning`` epochs is flagged.
 ``--data-root DIR`` resolves the config's relative shard prefixes (``data/<source>/<subset>`` in
 ``configs/data/``) against DIR instead of the working directory.
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.data_root is not None:
             cfg = with_data_root(cfg, args.data_root)
+        from megatron_stablelm.data.recipes import check_shards_present
+
+        check_shards_present(cfg)
         dp = planned_dp_size(cfg, args.dp_size)
         print(mixture_report(cfg, dp_size=dp))
     except (ConfigError, DataError, ShardError) as err:

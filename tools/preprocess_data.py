@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--reader", choices=READERS, default="native", help="datasets: load_dataset(streaming=True)"
     )
     p.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
-    p.add_argument("--vocab-file", help="tokenizer.json or .tiktoken ranks file")
+    p.add_argument("--vocab-file", help="tokenizer.json, .tiktoken ranks file or SentencePiece .model")
     p.add_argument("--merge-file", default=None, help="accepted for GPT-NeoX compatibility; unused")
     p.add_argument("--append-eod", action="store_true", help="append the EOD token to every document")
     p.add_argument("--workers", type=positive_int, default=1)

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from megatron_stablelm.config.precision import SHORT_NAMES
 
-NORMS = ("layernorm",)
+NORMS = ("layernorm", "rmsnorm")
 # GPT-NeoX's gated activations: the MLP is gated with this activation and sized by GPT-NeoX's rule.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}
 ACTIVATIONS = ("gelu", "silu", "swish", "relu", *GATED_ACTIVATIONS)
+# ``hf_hidden_act``: the names ``transformers`` gives each function the MLP computes (``act_fn_name``),
+# the first the one an export writes unless the config kept another from an import. ``gelu_new`` and
+# ``gelu_fast`` are GeLU's tanh approximation written out by hand (equal to ``gelu_pytorch_tanh`` up to
+# rounding).
+HF_ACTIVATION_NAMES = {
+    "gelu": ("gelu",),
+    "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"),
+    "silu": ("silu", "swish"),
+    "relu": ("relu",),
+}
 POS_EMBS = ("rotary",)
 ATTENTION_HEAD_TYPES = ("multihead", "groupedquery", "multiquery")
 MLP_TYPES = ("regular", "gated", "llama")
@@ -70,10 +80,12 @@ ZERO_KEYS_DROPPED = frozenset(
 )
 FP16_KEYS_DROPPED = frozenset({"type"})  # GPT-NeoX's precision name inside the block
 RECOMPUTE_GRANULARITIES = ("full", "selective")
+# ``fp8``: torchao's scaling recipes for FP8 GEMMs in the linear layers (megatron_stablelm/kernels/fp8.py)
+FP8_RECIPES = ("tensorwise", "rowwise")
 DISTRIBUTED_BACKENDS = ("nccl", "gloo")
 DATA_IMPLS = ("mmap", "infer")  # GPT-NeoX's "infer" finds the mmap format, the only one written here
 OUTPUT_LAYER_PARALLELISMS = ("column",)
-TOKENIZER_TYPES = ("HFTokenizer", "TiktokenTokenizer")
+TOKENIZER_TYPES = ("HFTokenizer", "TiktokenTokenizer", "SPMTokenizer")
 # ``wandb_resume``: the modes of ``wandb.init(resume=...)``.
 WANDB_RESUME_MODES = ("allow", "must", "never", "auto")
 # The data splits, as spelled in the ``{split}_data_paths`` / ``{split}_data_weights`` keys.
@@ -91,17 +103,17 @@ ARCHITECTURE_KEYS = (
     "is_gated_mlp",
     "act_fn_name",
     "norm",
-    "layernorm_epsilon",
+    "norm_epsilon",
     "pos_emb",
     "rotary_dim",
     "rotary_emb_base",
     "gpt_j_residual",
     "gpt_j_tied",
     "qk_norm",
-    "use_bias_in_norms",
-    "use_bias_in_qk_norm",
+    "norm_bias",
+    "qk_norm_bias",
     "qkv_bias",
     "dense_bias",
-    "use_bias_in_mlp",
+    "mlp_bias",
     "tied_embeddings",
 )

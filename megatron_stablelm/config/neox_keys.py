@@ -68,9 +68,10 @@ IGNORED_KEYS: dict[str, str] = {
     "gradient_predivide_factor": "gradients are reduced by TrainingEngine (token-weighted mean)",
     "sparse_gradients": "embedding gradients are dense",
     # ---- keys GPT-NeoX derives or that only matter with a refused feature
-    "rms_norm_epsilon": "only used with norm: rmsnorm, which is refused",
     "scalenorm_epsilon": "only used with norm: scalenorm, which is refused",
-    "rmsnorm_fusion": "only used with norm: rmsnorm, which is refused",
+    "rmsnorm_fusion": "the RMSNorm kernel is chosen automatically; it computes x * rsqrt(mean(x^2) + eps), the "
+    "formula of GPT-NeoX's fused RMSNorm (rmsnorm_fusion: true), Llama's and transformers' (GPT-NeoX's unfused "
+    "module divides by rms + eps instead: a relative difference of order eps / mean(x^2))",
     "rpe_num_buckets": "only used with pos_emb: rpe, which is refused",
     "rpe_max_distance": "only used with pos_emb: rpe, which is refused",
     "gmlp_attn_dim": "only used by gMLP layers (attention_config 'gmlp'/'amlp'), which are refused",
@@ -247,7 +248,6 @@ ALIASES: dict[str, str] = {
 
 # (key, GPT-NeoX value) -> the feature it needs, for choice keys whose value this framework lacks.
 UNSUPPORTED_VALUES: dict[tuple[str, str], str] = {
-    ("norm", "rmsnorm"): "RMSNorm",
     ("norm", "scalenorm"): "ScaleNorm",
     ("norm", "te_rmsnorm"): "Transformer Engine norms",
     ("norm", "te_layernorm"): "Transformer Engine norms",
@@ -269,7 +269,6 @@ UNSUPPORTED_VALUES: dict[tuple[str, str], str] = {
         "tokenizer_type",
         "HFGPT2Tokenizer",
     ): "transformers' GPT-2 tokenizer; use HFTokenizer with a tokenizer.json",
-    ("tokenizer_type", "SPMTokenizer"): "SentencePiece models",
     ("tokenizer_type", "CharLevelTokenizer"): "a character-level tokenizer",
 }
 

@@ -68,8 +68,10 @@ class Config:
     mlp_multiple_of: int | None = positive()  # None: 256 for mlp_type gated, 1 (GPT-NeoX's) otherwise
     activation: str = "gelu"
     bias_gelu_fusion: bool = False  # GPT-NeoX: GeLU in its tanh approximation (act_fn_name "gelu_tanh")
-    norm: str = "layernorm"
+    hf_hidden_act: str | None = None  # the HF name of the activation, kept from an import for the export
+    norm: str = "layernorm"  # or rmsnorm (weight only: GPT-NeoX's RMSNorm has no bias)
     layernorm_epsilon: float = positive(1.0e-5)
+    rms_norm_epsilon: float = positive(1.0e-8)  # GPT-NeoX's default; its Llama configs set 1e-6 / 1e-5
     pos_emb: str = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: float = positive(10000.0)
@@ -112,6 +114,7 @@ class Config:
     fp16: dict | None = None
     fp32_allreduce: bool = False
     full_precision_lm_cross_entropy: bool = False
+    fp8: str | None = None  # FP8 GEMMs in the linear layers: tensorwise / rowwise (kernels/fp8.py)
 
     # ---------------------------------------------------------------- optimisation
     optimizer: dict | None = None
@@ -271,6 +274,29 @@ class Config:
         if self.mlp_multiple_of is None:
             return base, base
         return _round_up(base, 2 * multiple), _round_up(base, multiple)
+
+    @property
+    def norm_epsilon(self) -> float:
+        """The epsilon of every norm: ``rms_norm_epsilon`` for RMSNorm, else ``layernorm_epsilon``
+        (GPT-NeoX's two keys)."""
+        return self.rms_norm_epsilon if self.norm == "rmsnorm" else self.layernorm_epsilon
+
+    @property
+    def norm_bias(self) -> bool:
+        """Whether the norms have a bias: ``use_bias_in_norms`` for LayerNorm; RMSNorm never has one
+        (GPT-NeoX's RMSNorm is a weight only, as Llama's)."""
+        return self.use_bias_in_norms and self.norm != "rmsnorm"
+
+    @property
+    def mlp_bias(self) -> bool:
+        """Whether the MLP projections have biases: ``use_bias_in_mlp``, except for GPT-NeoX's
+        ``mlp_type: llama`` (its LLaMAParallelMLP has none)."""
+        return self.use_bias_in_mlp and self.mlp_type != "llama"
+
+    @property
+    def qk_norm_bias(self) -> bool:
+        """Whether the per-head QK norms have a bias (``use_bias_in_qk_norm``, LayerNorm only)."""
+        return self.qk_norm and self.use_bias_in_qk_norm and self.norm != "rmsnorm"
 
     @property
     def qkv_bias(self) -> bool:

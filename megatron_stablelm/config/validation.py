@@ -26,9 +26,11 @@ from megatron_stablelm.config.choices import (
     DEEPSPEED_FP16_KEYS,
     DEEPSPEED_ZERO_KEYS,
     DISTRIBUTED_BACKENDS,
+    FP8_RECIPES,
     FP16_KEYS_DROPPED,
     GATED_ACTIVATIONS,
     GATED_MLP_TYPES,
+    HF_ACTIVATION_NAMES,
     INIT_METHODS,
     LR_DECAY_STYLES,
     MLP_TYPES,
@@ -63,6 +65,7 @@ CHOICES: dict[str, Sequence[Any]] = {
     "output_layer_parallelism": OUTPUT_LAYER_PARALLELISMS,
     "data_impl": DATA_IMPLS,
     "recompute_granularity": RECOMPUTE_GRANULARITIES,
+    "fp8": FP8_RECIPES,
     "distributed_backend": DISTRIBUTED_BACKENDS,
     "tokenizer_type": TOKENIZER_TYPES,
     "wandb_resume": WANDB_RESUME_MODES,
@@ -106,12 +109,21 @@ def validate_config(cfg: Config, origin: Mapping[str, str] | None = None, *, tra
             "rotary_interleaved",
             "interleaved (GPT-J style) rotary is not supported; StableLM uses false",
         )
+    hf_names = HF_ACTIVATION_NAMES.get(cfg.act_fn_name, ())
+    if cfg.hf_hidden_act is not None and cfg.hf_hidden_act not in hf_names:
+        names = ", ".join(hf_names) or "none"
+        check.fail(
+            "hf_hidden_act",
+            f"{cfg.hf_hidden_act!r} is not a Hugging Face name of the MLP's activation {cfg.act_fn_name!r} "
+            f"(its names: {names})",
+        )
     _check_model_shape(check)
     _check_mlp_width(check)
     _check_parallel_shape(check)
     _check_lists(check)
     _check_fim(check)
     _check_precision_and_zero(check)
+    _check_fp8(check)
     _check_schedule(check, training)
     _check_long_run(check)
     if cfg.attention_config is not None:
@@ -365,6 +377,32 @@ def _check_deepspeed_block(check: _Checker, key: str, allowed: frozenset[str]) -
         close = difflib.get_close_matches(unknown[0], sorted(allowed), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         check.fail(key, f"unknown sub-key '{unknown[0]}' (DeepSpeed's config has no such key){hint}")
+
+
+def _check_fp8(check: _Checker) -> None:
+    """FP8 GEMMs (``fp8``, megatron_stablelm/kernels/fp8.py): bf16 or fp32 compute, and the dimensions
+    of every linear's three GEMMs on one TP rank multiples of 16 (``torch._scaled_mm``'s constraint).
+    The device is checked where the model runs."""
+    cfg = check.cfg
+    if cfg.fp8 is None:
+        return
+    if cfg.params_dtype_name == "fp16":
+        check.fail(
+            "fp8",
+            f"{cfg.fp8!r} needs bf16 (or fp32) training, not fp16: fp16's loss scaling and FP8's "
+            "per-tensor scales are not combined here; use bf16",
+        )
+    tp = cfg.model_parallel_size
+    dims = (
+        ("hidden_size", cfg.hidden_size),
+        ("the QKV outputs per TP rank", (cfg.num_attention_heads + 2 * cfg.kv_heads) * cfg.head_dim // tp),
+        ("the attention output's inputs per TP rank", cfg.num_attention_heads * cfg.head_dim // tp),
+        ("the MLP width per TP rank", cfg.ffn_hidden_size // tp),
+        ("the tokens of a micro-batch", cfg.seq_length * cfg.train_micro_batch_size_per_gpu),
+    )
+    for what, size in dims:
+        if size % 16:
+            check.fail("fp8", f"FP8 GEMMs need multiples of 16, but {what} is {size}")
 
 
 def _check_schedule(check: _Checker, training: bool) -> None:

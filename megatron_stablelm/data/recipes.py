@@ -35,7 +35,16 @@ from typing import Any
 from megatron_stablelm.data.errors import DataError
 from megatron_stablelm.data.preprocess import Selection, Target
 
-__all__ = ["RECIPE_DIR", "Recipe", "available_sources", "load_recipe", "recipe_targets"]
+__all__ = [
+    "RECIPE_DIR",
+    "Recipe",
+    "available_sources",
+    "check_shards_present",
+    "load_recipe",
+    "missing_shards",
+    "recipe_command",
+    "recipe_targets",
+]
 
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 _KEYS = {"source", "description", "download", "files", "format", "text_field", "metadata_fields", "subsets"}
@@ -276,3 +285,85 @@ def recipe_targets(
         )
         for name in chosen
     ]
+
+
+# ------------------------------------------------------------------------------------------ missing shards
+# How the recipe commands of the README (and of a missing-shard message) pass the tokenizer.
+TOKENIZER_ARGS = "$TOK"
+TOKENIZER_ARGS_EXAMPLE = (
+    "--tokenizer-type TiktokenTokenizer --vocab-file arcade100k.tiktoken --append-eod --workers 16"
+)
+
+
+def recipe_for_prefix(prefix: str) -> tuple[Recipe, str | None] | None:
+    """``(recipe, subset)`` of the shipped recipe whose output ``prefix`` is (``<root>/<source>/<subset>``;
+    ``subset`` None for a corpus with one output), or None when no recipe writes that name."""
+    parent, name = os.path.split(os.path.normpath(prefix))
+    source = os.path.basename(parent)
+    if source not in available_sources():
+        return None
+    recipe = load_recipe(source)
+    if recipe.subsets_by == "none":
+        return (recipe, None) if name == recipe.source else None
+    if recipe.subsets_by == "field":
+        return (recipe, None) if name == recipe.output else None
+    if recipe.closed and name not in recipe.names:
+        return None
+    return recipe, name
+
+
+def recipe_command(prefix: str) -> str | None:
+    """The ``tools/preprocess_data.py`` command (the README's form: downloads under ``RAW/<source>``,
+    tokenizer arguments in ``$TOK``) that writes ``prefix``, or None when no shipped recipe does."""
+    found = recipe_for_prefix(prefix)
+    if found is None:
+        return None
+    recipe, subset = found
+    root = os.path.dirname(os.path.dirname(os.path.normpath(prefix))) or "."
+    command = (
+        f"python tools/preprocess_data.py --source {recipe.source} --input-root RAW/{recipe.source} "
+        f"--output-root {root} {TOKENIZER_ARGS}"
+    )
+    return command + (f" --subset {subset}" if subset is not None else "")
+
+
+def _config_prefixes(cfg: Any) -> list[str]:
+    prefixes = [cfg.data_path] if cfg.data_path else []
+    for split in ("train", "valid", "test"):
+        prefixes += getattr(cfg, f"{split}_data_paths") or []
+    return list(dict.fromkeys(prefixes))
+
+
+def missing_shards(cfg: Any) -> list[str]:
+    """The shard prefixes the config names (``data_path``, ``*_data_paths``) whose ``.bin`` or ``.idx``
+    does not exist, in the config's order."""
+    return [
+        prefix
+        for prefix in _config_prefixes(cfg)
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]
+
+
+def check_shards_present(cfg: Any) -> None:
+    """Refuse a config naming shards that do not exist with one :class:`DataError` listing every missing
+    prefix at once, each with the recipe command that makes it: a data mixture is usually made by
+    several preprocessing runs, and finding the missing shards one failed start at a time (hours into
+    a preprocessing plan) is what this prevents. Only file existence is checked (constant time)."""
+    missing = missing_shards(cfg)
+    if not missing:
+        return
+    lines = [
+        f"{len(missing)} of the shards the config names do not exist (.bin/.idx); make them first "
+        f"({TOKENIZER_ARGS}: the tokenizer arguments, e.g. {TOKENIZER_ARGS_EXAMPLE}):"
+    ]
+    for prefix in missing:
+        how = recipe_command(prefix)
+        if how is None:
+            plain = prefix.removesuffix("_text_document")
+            how = (
+                f"no corpus recipe writes this name: python tools/preprocess_data.py --input FILES "
+                f"--output-prefix {plain} {TOKENIZER_ARGS}"
+                + ("" if plain != prefix else " (it writes PREFIX_text_document)")
+            )
+        lines.append(f"  {prefix}: {how}")
+    raise DataError("\n".join(lines))

@@ -1,4 +1,5 @@
-"""Element-wise kernels and attention backends used by the model.
+"""Element-wise kernels (rotary, SwiGLU, LayerNorm, RMSNorm, cross-entropy) and attention backends used by
+the model.
 
 Each public function keeps one signature and picks its implementation per call: a fused Triton kernel
 for CUDA tensors when Triton is installed, the plain PyTorch ``*_reference`` function otherwise (CPU
@@ -29,10 +30,15 @@ from megatron_stablelm.kernels.cross_entropy import (
 from megatron_stablelm.kernels.norms import (
     add_layer_norm,
     add_layer_norm_reference,
+    add_rms_norm,
+    add_rms_norm_reference,
     layer_norm,
     layer_norm_reference,
     per_head_layer_norm,
     per_head_layer_norm_reference,
+    per_head_rms_norm,
+    rms_norm,
+    rms_norm_reference,
 )
 from megatron_stablelm.kernels.recompute import attention_core, checkpointed, recompute_attention_core
 from megatron_stablelm.kernels.rotary import (
@@ -49,6 +55,8 @@ __all__ = [
     "AttentionSelection",
     "add_layer_norm",
     "add_layer_norm_reference",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "apply_rotary",
     "apply_rotary_qk",
     "apply_rotary_reference",
@@ -64,8 +72,11 @@ __all__ = [
     "layer_norm_reference",
     "per_head_layer_norm",
     "per_head_layer_norm_reference",
+    "per_head_rms_norm",
     "recompute_attention_core",
     "resolve_attention_backend",
+    "rms_norm",
+    "rms_norm_reference",
     "rotary_cos_sin",
     "select_attention_backend",
     "selected_attention_backend",

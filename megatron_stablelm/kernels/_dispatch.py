@@ -32,7 +32,7 @@ def triton_available() -> bool:
 
 
 # The kernels ``reference:NAME[,NAME]`` can name (each covers its variants).
-KERNELS = ("layernorm", "swiglu", "rotary", "cross_entropy")
+KERNELS = ("layernorm", "swiglu", "rotary", "cross_entropy", "rmsnorm")
 
 
 def _mode(kernel: str | None = None) -> str:
@@ -77,5 +77,5 @@ def triton_ops() -> ModuleType:
     CPU-only runs)."""
     from megatron_stablelm.kernels import triton_ops as module
 
-    log.info("element-wise kernels: Triton (fused rotary, SwiGLU, LayerNorm, cross-entropy)")
+    log.info("element-wise kernels: Triton (fused rotary, SwiGLU, LayerNorm / RMSNorm, cross-entropy)")
     return module

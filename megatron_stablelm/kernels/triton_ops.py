@@ -1,10 +1,11 @@
-"""Triton kernels for the memory-bound element-wise parts of a StableLM layer.
+"""Triton kernels for the memory-bound element-wise parts of a StableLM (or Llama) layer.
 
 Why hand-written Triton: each of these ops reads and writes an activation once, so on a GPU they are
 pure memory traffic. PyTorch's eager reference launches several kernels per op (e.g. rotary: slice,
 negate, cat, two multiplies, add, cat) and saves intermediates for backward; one fused kernel per
 op reads its input once and saves only what backward needs (SwiGLU saves its input, LayerNorm saves
-its input plus two floats per row). All arithmetic is fp32 in registers whatever the storage dtype.
+its input plus two floats per row; RMSNorm runs the same kernels without the mean). All arithmetic is
+fp32 in registers whatever the storage dtype.
 
 Every function here has the signature of its reference in the sibling modules and is tested against
 it (and against float64) on CPU under ``TRITON_INTERPRET=1``. Importing this module imports Triton;
@@ -251,7 +252,10 @@ def _ln_fwd(
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    RMS: tl.constexpr,
 ):
+    """LayerNorm, or with ``RMS`` RMSNorm (no centring: the mean stored is 0, ``rstd`` is
+    ``1 / sqrt(mean(x^2) + eps)``)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -262,7 +266,10 @@ def _ln_fwd(
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * n_cols + cols, x, mask=mask)
         x = x.to(tl.float32)
-    mean = tl.sum(x, axis=0) / n_cols
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.sum(x, axis=0) / n_cols
     xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / n_cols + eps)
     param = (row % heads) * n_cols + cols
@@ -293,8 +300,9 @@ def _ln_bwd(
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_DSUM: tl.constexpr,
+    RMS: tl.constexpr,
 ):
-    """Each program walks rows ``pid, pid + n_programs, ...``; ``n_programs`` is a multiple of
+    """With ``RMS`` the gradient of RMSNorm (no mean term). Each program walks rows ``pid, pid + n_programs, ...``; ``n_programs`` is a multiple of
     ``heads`` so all of a program's rows use the same head's weights and its partial dw/db belong to
     that head."""
     pid = tl.program_id(0)
@@ -317,8 +325,11 @@ def _ln_bwd(
         xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
         wdy = w * dy
         c1 = tl.sum(xhat * wdy, axis=0) / n_cols
-        c2 = tl.sum(wdy, axis=0) / n_cols
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        if RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            c2 = tl.sum(wdy, axis=0) / n_cols
+            dx = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DSUM:
             dx += tl.load(dsum_ptr + base + cols, mask=cmask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + base + cols, dx.to(dx_ptr.dtype.element_ty), mask=cmask)
@@ -341,8 +352,10 @@ def _bwd_programs(rows: int, heads: int, device: torch.device) -> int:
 
 
 class _LayerNorm(torch.autograd.Function):
+    """LayerNorm, or RMSNorm with ``rms`` (then ``bias`` is None)."""
+
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, heads):
+    def forward(ctx, x, residual, weight, bias, eps, heads, rms=False):
         n = x.shape[-1]
         x2 = x.reshape(-1, n).contiguous()
         rows = x2.shape[0]
@@ -362,10 +375,11 @@ class _LayerNorm(torch.autograd.Function):
         if rows:
             _ln_fwd[(rows,)](
                 x2, res2, total, w, b, y, mean, rstd, n, heads, eps,
-                BLOCK=triton.next_power_of_2(n), HAS_BIAS=bias is not None, HAS_RES=has_res,
+                BLOCK=triton.next_power_of_2(n), HAS_BIAS=bias is not None, HAS_RES=has_res, RMS=rms,
             )  # fmt: skip
         ctx.save_for_backward(total, w, mean, rstd)
         ctx.has_bias, ctx.has_res, ctx.heads, ctx.shape = bias is not None, has_res, heads, x.shape
+        ctx.rms = rms
         ctx.bias_dtype = bias.dtype if bias is not None else None
         y = y.view(x.shape)
         return (y, total.view(x.shape)) if has_res else (y, None)
@@ -385,12 +399,12 @@ class _LayerNorm(torch.autograd.Function):
         if rows:
             _ln_bwd[(programs,)](
                 x2, w, mean, rstd, dy2, dsum2, dx, dw_part, db_part, rows, n, heads, programs,
-                BLOCK=triton.next_power_of_2(n), HAS_BIAS=ctx.has_bias, HAS_DSUM=has_dsum,
+                BLOCK=triton.next_power_of_2(n), HAS_BIAS=ctx.has_bias, HAS_DSUM=has_dsum, RMS=ctx.rms,
             )  # fmt: skip
         dw = dw_part.view(-1, *w.shape).sum(0).to(w.dtype)
         db = db_part.view(-1, *w.shape).sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
         dx = dx.view(ctx.shape)
-        return dx, (dx if ctx.has_res else None), dw, db, None, None
+        return dx, (dx if ctx.has_res else None), dw, db, None, None, None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -412,6 +426,29 @@ def per_head_layer_norm(
     if x.shape[-2] != heads:
         raise ValueError(f"x has {x.shape[-2]} heads, weight has {heads}")
     return _LayerNorm.apply(x, None, weight, bias, eps, heads)[0]
+
+
+# ---------------------------------------------------------------------------------------- RMSNorm
+# The LayerNorm kernels with ``RMS``: one read of the input, ``rstd`` saved per row.
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _LayerNorm.apply(x, None, weight, None, eps, 1, True)[0]
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)`` reading each input once."""
+    y, total = _LayerNorm.apply(x, residual, weight, None, eps, 1, True)
+    return y, total
+
+
+def per_head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    heads = weight.shape[0]
+    if x.shape[-2] != heads:
+        raise ValueError(f"x has {x.shape[-2]} heads, weight has {heads}")
+    return _LayerNorm.apply(x, None, weight, None, eps, heads, True)[0]
 
 
 # ---------------------------------------------------------------------------------- cross-entropy
