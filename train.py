@@ -248,6 +248,7 @@ def _train(args: argparse.Namespace, stop) -> int:
             padded_vocab=padded,
             stop=stop,
             resume=resume,
+            layout=layout,
         )
         trainer.setup()
         result = trainer.train()

@@ -106,7 +106,7 @@ def logits_comparison(checkpoint: Path, hf_dir: Path, seq: int, device: str = "c
 
     loaded = load_checkpoint_model(checkpoint, tp_size=1, device=device, dtype="bf16")
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.bfloat16).to(device).eval()
-    vocab = min(hf.config.vocab_size, int(loaded.meta["padded_vocab_size"]))
+    vocab = min(hf.config.vocab_size, loaded.meta.padded_vocab_size)
     tokens = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         ours = loaded.model(tokens, torch.arange(seq, device=device)[None]).float()[..., :vocab]

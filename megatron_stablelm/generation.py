@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_stablelm import parallel
 from megatron_stablelm.checkpoint import CheckpointError, load_into_model, read_header
+from megatron_stablelm.checkpoint.meta import ModelMeta
 from megatron_stablelm.checkpoint.model_files import config_at_tp_size
 from megatron_stablelm.config import Config, ConfigError
 from megatron_stablelm.config.precision import SHORT_NAMES, torch_dtype
@@ -74,7 +75,7 @@ class LoadedModel:
 
     cfg: Config
     model: StableLMModel
-    meta: dict
+    meta: ModelMeta
     checkpoint: Path
 
     @property
@@ -117,8 +118,8 @@ def load_checkpoint_model(
     if tp_size is None:
         tp_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = config_at_tp_size(ckpt, meta, cfg, tp_size, "run")
-    vocab = int(meta["padded_vocab_size"])
-    name = dtype or meta.get("dtype", "float32")  # a checkpoint records torch's name of its dtype
+    vocab = meta.padded_vocab_size
+    name = dtype or meta.dtype or "float32"  # a checkpoint records torch's name of its dtype
     if name not in SHORT_NAMES:
         raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(SHORT_NAMES)}")
     parallel.initialize(tp_size, backend="nccl" if device.type == "cuda" else "gloo")

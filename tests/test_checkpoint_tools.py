@@ -41,7 +41,7 @@ def _add_training_files(ckpt: Path, dp: int = 2) -> None:
     cfg = checkpoint.read_config(ckpt)
     meta = checkpoint.read_meta(ckpt)
     gen = torch.Generator().manual_seed(7)
-    for tp_rank in range(meta["tp_size"]):
+    for tp_rank in range(meta.tp_size):
         shard = _tensors(ckpt / checkpoint.shard_filename(tp_rank))
         files: list[dict[str, torch.Tensor]] = [{} for _ in range(dp)]
         for i, (name, t) in enumerate(sorted(shard.items())):
@@ -51,7 +51,7 @@ def _add_training_files(ckpt: Path, dp: int = 2) -> None:
             save_file(tensors, str(ckpt / f"optim_tp{tp_rank:02d}_dp{dp_rank:03d}.safetensors"))
     state = {"format": 1, "iteration": 10, "consumed_samples": 80, "consumed_tokens": 2560}
     state.update(has_optimizer=True, adam_step=10, optimizer_keys=["exp_avg", "exp_avg_sq"], world_size=2)
-    state.update(tp_size=meta["tp_size"], dp_size=dp)
+    state.update(tp_size=meta.tp_size, dp_size=dp)
     (ckpt / "train_state.json").write_text(json.dumps(state))
     for rank in range(2):
         torch.save({"torch": torch.get_rng_state()}, ckpt / f"rng_rank{rank:05d}.pt")
@@ -62,7 +62,7 @@ def _optimizer(ckpt: Path) -> dict[str, list[torch.Tensor]]:
     """Every optimizer tensor, per TP rank, whichever DP file holds it."""
     meta = checkpoint.read_meta(ckpt)
     out: dict[str, list[torch.Tensor]] = {}
-    for tp_rank in range(meta["tp_size"]):
+    for tp_rank in range(meta.tp_size):
         for path in sorted(ckpt.glob(f"optim_tp{tp_rank:02d}_dp*.safetensors")):
             for key, t in _tensors(path).items():
                 out.setdefault(key, []).append(t)
@@ -79,7 +79,7 @@ def test_reshard_round_trip_is_bit_exact(arch, tmp_path, single_rank):
     back = checkpoint.resolve_checkpoint(tmp_path / "tp1")
     assert two.name == back.name == src.name
     # model shards and metadata: bit for bit
-    assert checkpoint.read_meta(two)["tp_size"] == 2
+    assert checkpoint.read_meta(two).tp_size == 2
     original = _tensors(src / checkpoint.shard_filename(0))
     assert _tensors(back / checkpoint.shard_filename(0)).keys() == original.keys()
     for name, t in _tensors(back / checkpoint.shard_filename(0)).items():
@@ -106,6 +106,20 @@ def test_reshard_round_trip_is_bit_exact(arch, tmp_path, single_rank):
     state = json.loads((back / "train_state.json").read_text())
     assert state["iteration"] == 10 and state["has_optimizer"] and state["tp_size"] == 1
     assert not list(back.glob("rng_rank*.pt"))
+
+
+def test_model_meta_record_reads_and_writes_the_same_file(tmp_path, single_rank):
+    """``model_meta.json`` read into its record and written back is the same text; a malformed entry
+    is refused naming the file and the tensor."""
+    run, _ = make_checkpoint("stablelm-2-12b", tmp_path, seed=1)
+    path = checkpoint.resolve_checkpoint(run) / "model_meta.json"
+    meta = checkpoint.read_meta(run)
+    assert json.dumps(meta.to_json(), indent=1) == path.read_text()
+    assert meta.vocab_size is None and meta.export_vocab_size == meta.padded_vocab_size
+    data = json.loads(path.read_text())
+    name = next(iter(data["splits"]))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path}: the split of '{name}'"):
+        checkpoint.ModelMeta.from_json(path, dict(data, splits=dict(data["splits"], **{name: [0]})))
 
 
 def test_reshard_refuses_bad_input_and_can_drop_the_optimizer(tmp_path, capsys, single_rank):
@@ -145,7 +159,7 @@ def test_reshard_force_replaces_the_destination_only_when_complete(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert sorted(p.name for p in dst.iterdir()) == ["old.txt"]
     assert reshard_main([str(run), str(dst), "--tp", "2", "--force"]) == 0
-    assert checkpoint.read_meta(checkpoint.resolve_checkpoint(dst))["tp_size"] == 2
+    assert checkpoint.read_meta(checkpoint.resolve_checkpoint(dst)).tp_size == 2
     assert not (dst / "old.txt").exists()
     assert reshard_main([str(run), str(run), "--tp", "2", "--force"]) == 2  # never over its own source
     assert "holds the checkpoint" in capsys.readouterr().err and checkpoint.resolve_checkpoint(run)

@@ -95,3 +95,16 @@ def test_single_data_path_is_split_without_overlap(tmp_path):
     assert len(docs["train"]) == 969 and len(docs["valid"]) == 30 and len(docs["test"]) == 1
     its = build_data_iterators(cfg, tok, report=False)
     assert len(list(itertools.islice(its.test, 100))) == 5 * 2  # eval_iters x grad_accum micro-batches
+
+
+def test_a_shard_smaller_than_one_sample_is_named(tmp_path):
+    from megatron_stablelm.data.datasets import plan_splits
+    from megatron_stablelm.data.mixture import format_mixture_report
+    from tests.data_helpers import data_config
+
+    write_synthetic_shard(str(tmp_path / "tiny"), [5, 5], 0, 100)  # 10 tokens; a sample needs 33
+    plan = plan_splits(data_config(train_data_paths=[str(tmp_path / "tiny")]), 100, scan_tokens=False)[0]
+    report = format_mixture_report(plan, 32, 4.0)
+    assert (
+        f"WARNING: '{tmp_path / 'tiny'}' holds 10 tokens in the train split, fewer than one sample" in report
+    )

@@ -200,7 +200,7 @@ def _tp2_worker(rank: int, world: int, work: str) -> None:
     work_dir = Path(work)
     for case in ("tanh", "vocab509", "vocab509tp1"):
         run = work_dir / case
-        model = build_model(checkpoint.read_config(run), checkpoint.read_meta(run)["padded_vocab_size"])
+        model = build_model(checkpoint.read_config(run), checkpoint.read_meta(run).padded_vocab_size)
         checkpoint.load_into_model(run, model.eval(), rank, world)
         with torch.no_grad():
             local = model(torch.load(work_dir / f"{case}.tokens.pt"))
@@ -237,15 +237,14 @@ def test_tanh_gelu_and_padded_vocab_match_transformers_tp1_tp2(tmp_path, single_
     # imported at TP=1, the same model must run at TP=2: padded as training pads, to 128 × TP rows
     torch.save(tokens509, tmp_path / "vocab509tp1.tokens.pt")
     assert (
-        checkpoint.read_meta(convert_from_hf(src509, tmp_path / "vocab509tp1", tp=1))["padded_vocab_size"]
-        == 512
+        checkpoint.read_meta(convert_from_hf(src509, tmp_path / "vocab509tp1", tp=1)).padded_vocab_size == 512
     )
     meta = checkpoint.read_meta(tmp_path / "vocab509")
-    assert meta["tp_size"] == 2 and meta["padded_vocab_size"] % 2 == 0 and meta["padded_vocab_size"] > 509
+    assert meta.tp_size == 2 and meta.padded_vocab_size % 2 == 0 and meta.padded_vocab_size > 509
     state = checkpoint.read_canonical_state_dict(tmp_path / "vocab509")
     assert not torch.any(state["embedding.weight"][509:]) and not torch.any(state["output.weight"][509:])
     # and the export gives the HF model's shape back: 509 rows, the same tensors
-    assert meta["vocab_size"] == 509
+    assert meta.vocab_size == 509
     back = AutoModelForCausalLM.from_pretrained(convert_to_hf(tmp_path / "vocab509", tmp_path / "back509"))
     assert back.config.vocab_size == 509
     for name, tensor in hf509.state_dict().items():
@@ -385,7 +384,7 @@ def test_force_replaces_only_when_the_new_output_is_complete(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "run"]
     assert (run / "old").read_text() == "old run"
     convert_from_hf(src, run, force=True)
-    assert not (run / "old").exists() and checkpoint.read_meta(run)["tp_size"] == 1
+    assert not (run / "old").exists() and checkpoint.read_meta(run).tp_size == 1
 
     assert convert_to_hf_main([str(run), str(out)]) == 2  # the command line: refused, named
     assert "--force" in capsys.readouterr().err and (out / "old").is_file()
@@ -402,7 +401,7 @@ def test_force_replaces_only_when_the_new_output_is_complete(tmp_path, monkeypat
         convert_from_hf(src, tmp_path, force=True)
     with pytest.raises(ValueError, match="holds the checkpoint"):
         convert_to_hf(run, run, force=True)
-    assert checkpoint.read_meta(run)["tp_size"] == 1 and (src / "config.json").is_file()
+    assert checkpoint.read_meta(run).tp_size == 1 and (src / "config.json").is_file()
     _, tensors = hf_conversion.read_hf_dir(out)
     _, original = hf_conversion.read_hf_dir(src)
     assert all(torch.equal(tensors[k], original[k]) for k in original)

@@ -140,7 +140,7 @@ def test_round_trip_is_bit_exact(arch, tp, tmp_path, single_rank):
     from tools.convert_to_hf import convert_to_hf
 
     convert_from_hf(src, ckpt, tp=tp)
-    assert checkpoint.read_meta(ckpt)["tp_size"] == tp
+    assert checkpoint.read_meta(ckpt).tp_size == tp
     out = tmp_path / "hf_out"
     convert_to_hf(ckpt, out, dtype="fp32")
     _, result = hf_conversion.read_hf_dir(out)

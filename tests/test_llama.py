@@ -224,9 +224,9 @@ def test_hf_llama_imports_and_exports_bit_exact(tmp_path, single_rank):
         run = convert_from_hf(src, tmp_path / case / "run", tp=1)
         cfg, meta = checkpoint.read_config(run), checkpoint.read_meta(run)
         assert cfg.norm == "rmsnorm" and cfg.tokenizer_type == "SPMTokenizer"
-        assert meta["padded_vocab_size"] % 256 == 0 and meta.get("vocab_size", vocab) == vocab
+        assert meta.padded_vocab_size % 256 == 0 and (meta.vocab_size or vocab) == vocab
         tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(4))
-        model = build_model(cfg, meta["padded_vocab_size"]).eval()
+        model = build_model(cfg, meta.padded_vocab_size).eval()
         checkpoint.load_into_model(run, model, 0, 1)
         with torch.no_grad():
             assert _rel_err(model(tokens)[..., :vocab], hf(tokens).logits) <= REL_TOL, case

@@ -14,7 +14,9 @@ from megatron_stablelm.training.faults import FAULTS_ENV, Faults
 from megatron_stablelm.training.spikes import SpikeGuard, parse_iteration_ranges
 from tests.train_helpers import run_ranks, tiny_dict
 
-SPIKES = dict(spike_loss_ratio=2.0, spike_rollback_skips=2, spike_rollback_window=2)
+SPIKES = dict(
+    spike_loss_ratio=2.0, spike_rollback_skips=2, spike_rollback_window=2, spike_grad_norm_ratio=5.0
+)
 
 
 def test_the_guard_decides_on_the_running_mean():
@@ -27,6 +29,14 @@ def test_the_guard_decides_on_the_running_mean():
     assert guard.is_spike(6, 99.0) and not guard.should_roll_back(6)  # 3 fell out of the window
     assert guard.is_spike(7, 99.0) and guard.should_roll_back(7)
     assert not SpikeGuard(ratio=None).is_spike(1, 1e9)
+    # gradient norms: their own running mean; a spike counts toward the rollback (it cannot be skipped)
+    grads = SpikeGuard(ratio=None, rollback_skips=2, rollback_window=5, grad_ratio=3.0)
+    assert not grads.is_grad_spike(1, 1.0) and not grads.is_grad_spike(2, 2.0)
+    assert grads.grad_ewm == pytest.approx(0.8 * 1.0 + 0.2 * 2.0)
+    assert not grads.is_grad_spike(3, float("nan")) and not grads.is_grad_spike(3, None)
+    assert grads.is_grad_spike(4, 10.0) and not grads.should_roll_back(4)
+    assert grads.is_grad_spike(5, 10.0) and grads.should_roll_back(5)
+    assert grads.state_dict()["grad_ewm"] == pytest.approx(1.2)
 
 
 def test_ranges_and_faults_are_read_and_bad_ones_named():
@@ -34,8 +44,8 @@ def test_ranges_and_faults_are_read_and_bad_ones_named():
     for bad in ("5-", "9-3", "0-2", "x"):
         with pytest.raises(ValueError, match="skip_train_iteration_range"):
             parse_iteration_ranges([bad])
-    faults = Faults.from_env({FAULTS_ENV: "spike@3, hang@1:7"})
-    assert faults.spikes == {3} and faults.hangs == {1: 7}
+    faults = Faults.from_env({FAULTS_ENV: "spike@3, hang@1:7, gradspike@4"})
+    assert faults.spikes == {3} and faults.hangs == {1: 7} and faults.grad_spikes == {4}
     with pytest.raises(ValueError, match="spike@x"):
         Faults.from_env({FAULTS_ENV: "spike@x"})
 
@@ -46,12 +56,13 @@ def _losses(record: dict) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def spiky(tmp_path_factory):
-    """8 iterations with forced spikes at 3 (skipped) and 5, 6 (two within the window of 2: rolled back
-    to iter_4, iterations 5-6 skipped), saving every 2."""
+    """8 iterations with forced loss spikes at 3 (skipped) and 5, 6 (two within the window of 2: rolled
+    back to iter_4, iterations 5-6 skipped), and a gradient-only spike at 8 (applied, counted), saving
+    every 2."""
     root = tmp_path_factory.mktemp("spikes")
     cfg = tiny_dict(train_iters=8, checkpoint_factor=2, save=str(root / "run"), **SPIKES)
     mp = pytest.MonkeyPatch()
-    mp.setenv(FAULTS_ENV, "spike@3,spike@5,spike@6")
+    mp.setenv(FAULTS_ENV, "spike@3,spike@5,spike@6,gradspike@8")
     try:
         recs = run_ranks(2, cfg, root / "out", save_weights=True)
     finally:
@@ -67,6 +78,7 @@ def test_a_spike_is_skipped_on_every_rank_like_a_step_never_applied(spiky, tmp_p
     assert rank0["state"] == rank1["state"]
     # the counters are the kept history's: the spikes at 5 and 6 went with the rollback to iter_4
     assert rank0["state"]["spike_skips"] == 1
+    assert rank0["state"]["grad_norm_spikes"] == 1 and "iteration 8: gradient norm" in log
     # the same run with iteration 3's batch dropped by hand, no spike: identical from then on
     plain = run_ranks(2, tiny_dict(train_iters=8, skip_train_iteration_range=["3"]), tmp_path / "out")[0]
     assert [_losses(plain)[i] for i in (1, 2, 4)] == [_losses(rank0)[i] for i in (1, 2, 4)]  # bitwise

@@ -175,7 +175,7 @@ def convert_to_hf(
     hf_conversion.architecture_for(cfg)  # refuse early, before reading tensors
     state = read_canonical_state_dict(ckpt)
     # a model imported from HF and padded to split over TP goes back at the HF model's vocabulary size
-    rows = meta.get("vocab_size", meta["padded_vocab_size"])
+    rows = meta.export_vocab_size
     state = {k: v[:rows] if k in hf_conversion.VOCAB_ROWS else v for k, v in state.items()}
     with StagedDirectory(out, overwrite=force) as tmp:
         eod_id = eod[1] if eod else None

@@ -30,8 +30,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_stablelm.cli import non_negative_int, positive_int, run_command
+
+if TYPE_CHECKING:  # for the annotation only: like every heavy import here, loaded inside the functions
+    from megatron_stablelm.checkpoint.meta import ModelMeta
 
 DEFAULT_MAX_TOKENS = 131072  # per dataset: a perplexity within ~1% in minutes on a CPU, not hours
 DEFAULT_MICRO_BATCH = 4  # --data windows and lm-eval requests; validation: the config's eval batch
@@ -81,7 +85,7 @@ def _lm_eval_summary(results: dict) -> dict:
 
 
 def _checked_inputs(
-    args: argparse.Namespace, ckpt: Path, meta: dict, cfg
+    args: argparse.Namespace, ckpt: Path, meta: ModelMeta, cfg
 ) -> tuple[list[str] | None, list[str] | None]:
     """The datasets and lm-eval tasks to run (no datasets and no tasks: the trainer's validation
     loss; no task names: the config's), every shard and ``--seq-length`` (against the checkpoint's
@@ -106,7 +110,7 @@ def _checked_inputs(
             f"(max_position_embeddings of {ckpt})"
         )
     for prefix in args.data or []:
-        check_shard(prefix, meta["padded_vocab_size"])
+        check_shard(prefix, meta.padded_vocab_size)
     return args.data, tasks
 
 

@@ -2,6 +2,7 @@
 
 * :mod:`.layout`: file and directory names, format versions, finding a checkpoint (``latest``);
 * :mod:`.atomic`: staged writing and atomic publication (every writer uses it);
+* :mod:`.meta`: ``model_meta.json`` as one typed record (:class:`ModelMeta`);
 * :mod:`.model_files`: model shards per TP rank under canonical names, merged and re-split on read;
 * :mod:`.optimizer_files`: Adam state per canonical parameter;
 * :mod:`.rng`: random generator states;
@@ -26,9 +27,11 @@ from megatron_stablelm.checkpoint.layout import (
 )
 from megatron_stablelm.lazy import lazy_attributes
 
-# The model-file functions need torch and safetensors; they load on first use (PEP 562), so that a
-# command which only reports a bad path or a bad config does not pay for importing torch.
+# The model-file functions need torch and safetensors (and the metadata record, served from there, the
+# splits' ShardSpec); they load on first use (PEP 562), so that a command which only reports a bad
+# path or a bad config does not pay for importing torch.
 _MODEL_FILES = {
+    "ModelMeta",
     "iter_canonical_tensors",
     "load_into_model",
     "read_canonical_state_dict",
@@ -49,6 +52,7 @@ __all__ = [
     "META_FILE",
     "TRAIN_STATE_FILE",
     "CheckpointError",
+    "ModelMeta",
     "StagedDirectory",
     "has_checkpoint",
     "iter_canonical_tensors",

@@ -12,7 +12,14 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_stablelm.checkpoint.layout import LATEST_FILE, CheckpointError, is_staging, staging_name
+from megatron_stablelm.checkpoint.layout import (
+    LATEST_FILE,
+    CheckpointError,
+    is_staging,
+    latest_staging_name,
+    retired_name,
+    staging_name,
+)
 
 
 class StagedDirectory:
@@ -96,7 +103,7 @@ def publish(tmp: Path, final: Path) -> None:
     """Rename the complete, synced directory ``tmp`` to ``final``, replacing an existing one only once
     the new one is in place, and make the rename durable."""
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(retired_name(final.name))
         shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
         os.rename(tmp, final)
@@ -130,7 +137,7 @@ def fsync_tree(root: Path) -> None:
 def write_latest(root: str | Path, name: str) -> None:
     """Point ``root/latest`` at checkpoint ``name`` (atomic replace)."""
     root = Path(root)
-    tmp = root / f".{LATEST_FILE}.tmp-{os.getpid()}"
+    tmp = root / latest_staging_name()
     tmp.write_text(name + "\n")
     fsync_file(tmp)
     os.replace(tmp, root / LATEST_FILE)

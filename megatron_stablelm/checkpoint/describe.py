@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from megatron_stablelm.checkpoint.layout import CheckpointError, iteration_of
+from megatron_stablelm.checkpoint.meta import ModelMeta
 from megatron_stablelm.checkpoint.model_files import iter_canonical_tensors, read_header
 from megatron_stablelm.checkpoint.selection import read_train_state
 from megatron_stablelm.config import ARCHITECTURE_KEYS
@@ -31,10 +32,10 @@ USAGE_KEYS = (
 )
 
 
-def _tensor_entries(ckpt: Path, meta: dict, norms: bool) -> dict[str, dict[str, Any]]:
+def _tensor_entries(ckpt: Path, meta: ModelMeta, norms: bool) -> dict[str, dict[str, Any]]:
     tensors: dict[str, dict[str, Any]] = {
-        name: {"shape": list(shape), "dtype": meta["dtype"], "numel": math.prod(int(d) for d in shape)}
-        for name, shape in meta["shapes"].items()
+        name: {"shape": list(shape), "dtype": meta.dtype, "numel": math.prod(shape)}
+        for name, shape in meta.shapes.items()
     }
     if not norms:
         return tensors
@@ -61,9 +62,9 @@ def describe_checkpoint(path: str | Path, norms: bool = True) -> dict[str, Any]:
         "consumed_samples": (state or {}).get("consumed_samples"),
         "consumed_tokens": (state or {}).get("consumed_tokens"),
         "train_state": state,
-        "tp_size": meta["tp_size"],
-        "dtype": meta["dtype"],
-        "padded_vocab_size": meta["padded_vocab_size"],
+        "tp_size": meta.tp_size,
+        "dtype": meta.dtype,
+        "padded_vocab_size": meta.padded_vocab_size,
         "parameters": sum(t["numel"] for t in tensors.values()),
         "config": {key: getattr(cfg, key) for key in (*ARCHITECTURE_KEYS, *USAGE_KEYS)},
         "files": {p.name: p.stat().st_size for p in sorted(ckpt.iterdir()) if p.is_file()},

@@ -21,6 +21,7 @@ rest. Everything else in this package reads and writes through these names.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -88,14 +89,32 @@ def file_kind(name: str) -> str:
     return "unknown"
 
 
+# The hidden names a writer uses beside what it publishes: hidden (a leading dot) and never an
+# ``iter_N``, so no reader takes them for a complete checkpoint.
+_STAGING_SUFFIX = ".tmp"
+_RETIRED_MARK = ".old-"
+
+
 def staging_name(final_name: str) -> str:
     """Where a checkpoint is written before it is published (a hidden sibling)."""
-    return f".{final_name}.tmp"
+    return f".{final_name}{_STAGING_SUFFIX}"
+
+
+def retired_name(final_name: str) -> str:
+    """The hidden name a published directory is renamed to before it is removed (replaced by a re-save,
+    or pruned): a crash mid-removal leaves this name, not a half-deleted ``final_name``. The process id
+    keeps two writers' names apart."""
+    return f".{final_name}{_RETIRED_MARK}{os.getpid()}"
+
+
+def latest_staging_name() -> str:
+    """Where the next ``latest`` is written before it atomically replaces the current one."""
+    return f".{LATEST_FILE}{_STAGING_SUFFIX}-{os.getpid()}"
 
 
 def is_staging(name: str) -> bool:
-    """A staging directory, or the previous copy of a re-saved checkpoint, left by a killed writer."""
-    return name.startswith(".") and (name.endswith(".tmp") or ".old-" in name)
+    """A staging directory, or a retired copy (:func:`retired_name`), left by a killed writer."""
+    return name.startswith(".") and (name.endswith(_STAGING_SUFFIX) or _RETIRED_MARK in name)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

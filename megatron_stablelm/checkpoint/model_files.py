@@ -1,8 +1,8 @@
 """Model weights on disk: one safetensors file per tensor-parallel rank, under canonical names.
 
-``model_meta.json`` records, beside the TP size, padded vocabulary and dtype, every tensor's whole
-(TP-independent) shape and how it splits over TP ranks, so a checkpoint is read (merged, re-split,
-converted) without rebuilding the model. Loading at another TP size merges and re-splits tensor by
+``model_meta.json`` (:class:`~.meta.ModelMeta`) records, beside the TP size, padded vocabulary and
+dtype, every tensor's whole (TP-independent) shape and how it splits over TP ranks, so a checkpoint
+is read (merged, re-split, converted) without rebuilding the model. Loading at another TP size merges and re-splits tensor by
 tensor, so memory stays bounded by the largest single tensor.
 """
 
@@ -22,11 +22,11 @@ from megatron_stablelm.checkpoint.atomic import StagedDirectory
 from megatron_stablelm.checkpoint.layout import (
     CONFIG_FILE,
     META_FILE,
-    MODEL_FORMAT,
     CheckpointError,
     resolve_checkpoint,
     shard_filename,
 )
+from megatron_stablelm.checkpoint.meta import ModelMeta
 from megatron_stablelm.config import Config, ConfigError, config_from_dict, validate_config
 from megatron_stablelm.sharding import REPLICATED, ShardSpec
 
@@ -46,14 +46,6 @@ def _model_splits(cfg: Config) -> dict[str, ShardSpec]:
 def _split(splits: dict[str, ShardSpec], name: str) -> ShardSpec:
     """A tensor the model does not have is stored whole (loading such a checkpoint is refused)."""
     return splits.get(name, REPLICATED)
-
-
-def _spec_to_json(spec: ShardSpec) -> list:
-    return [spec.dim, spec.parts]
-
-
-def _spec_from_json(value: list) -> ShardSpec:
-    return ShardSpec(value[0], value[1])
 
 
 def write_model_files(
@@ -77,19 +69,15 @@ def write_model_files(
     if tp_rank != 0:
         return [shard]
     splits = _model_splits(cfg)
-    meta = {
-        "format_version": MODEL_FORMAT,
-        "tp_size": tp_size,
-        "padded_vocab_size": padded_vocab_size,
-        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-        "shapes": {
-            name: list(_split(splits, name).full_shape(t.shape, tp_size)) for name, t in tensors.items()
-        },
-        "splits": {name: _spec_to_json(_split(splits, name)) for name in tensors},
-    }
-    if vocab_size is not None and vocab_size != padded_vocab_size:
-        meta["vocab_size"] = vocab_size
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    meta = ModelMeta(
+        tp_size=tp_size,
+        padded_vocab_size=padded_vocab_size,
+        dtype=str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        shapes={name: _split(splits, name).full_shape(t.shape, tp_size) for name, t in tensors.items()},
+        splits={name: _split(splits, name) for name in tensors},
+        vocab_size=vocab_size if vocab_size != padded_vocab_size else None,
+    )
+    (directory / META_FILE).write_text(json.dumps(meta.to_json(), indent=1))
     (directory / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return [shard, directory / META_FILE, directory / CONFIG_FILE]
 
@@ -124,28 +112,19 @@ def save_canonical_model(
     save_model(directory, cfg, shards, padded_vocab_size, vocab_size)
 
 
-def read_meta(directory: str | Path) -> dict:
-    """``model_meta.json`` of a checkpoint, checked (format, TP size, vocabulary, one shape and split per
-    tensor) and every shard file's header; errors name the file."""
+def read_meta(directory: str | Path) -> ModelMeta:
+    """``model_meta.json`` of a checkpoint, checked (:meth:`ModelMeta.from_json`), and every shard
+    file's header; errors name the file."""
     directory = resolve_checkpoint(directory)
     path = directory / META_FILE
     try:
-        meta = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{path}: not a readable checkpoint description ({_one_line(err)})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != MODEL_FORMAT:
-        found = meta.get("format_version") if isinstance(meta, dict) else type(meta).__name__
-        raise CheckpointError(f"{path}: unsupported checkpoint format {found}")
-    for key in ("tp_size", "padded_vocab_size"):
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise CheckpointError(f"{path}: '{key}' must be a positive integer, not {value!r}")
-    shapes, splits = meta.get("shapes"), meta.get("splits", {})
-    if not isinstance(shapes, dict) or not shapes or not isinstance(splits, dict):
-        raise CheckpointError(f"{path}: 'shapes' must map every tensor to its shape")
-    for rank in range(meta["tp_size"]):
+    meta = ModelMeta.from_json(path, data)
+    for rank in range(meta.tp_size):
         if not (directory / shard_filename(rank)).is_file():
-            raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta['tp_size']})")
+            raise CheckpointError(f"{directory}: missing {shard_filename(rank)} (TP size {meta.tp_size})")
         check_safetensors_file(directory / shard_filename(rank))
     return meta
 
@@ -189,7 +168,7 @@ def read_config(directory: str | Path) -> Config:
         raise CheckpointError(f"{path}: not a readable checkpoint config ({_one_line(err)})") from None
 
 
-def read_header(path: str | Path) -> tuple[Path, dict, Config]:
+def read_header(path: str | Path) -> tuple[Path, ModelMeta, Config]:
     """``(checkpoint dir, metadata, config)`` of a checkpoint or run directory, every failure reported
     as a :class:`CheckpointError` naming the path (tools call this before any process group exists)."""
     ckpt = resolve_checkpoint(path)
@@ -209,7 +188,7 @@ def read_header(path: str | Path) -> tuple[Path, dict, Config]:
         ) from None
 
 
-def config_at_tp_size(directory: Path, meta: dict, cfg: Config, tp_size: int, purpose: str) -> Config:
+def config_at_tp_size(directory: Path, meta: ModelMeta, cfg: Config, tp_size: int, purpose: str) -> Config:
     """The checkpoint's config at tensor-parallel size ``tp_size``, or a :class:`ConfigError` naming the
     checkpoint, the purpose ("run", "reshard"...) and why its model does not split that way."""
     if tp_size < 1:
@@ -219,19 +198,19 @@ def config_at_tp_size(directory: Path, meta: dict, cfg: Config, tp_size: int, pu
         validate_config(new_cfg)
     except ConfigError as err:
         raise ConfigError(f"{directory}: cannot {purpose} at TP={tp_size}: {err}") from None
-    if int(meta["padded_vocab_size"]) % tp_size:
+    if meta.padded_vocab_size % tp_size:
         raise ConfigError(
             f"{directory}: cannot {purpose} at TP={tp_size}: the padded vocabulary "
-            f"{meta['padded_vocab_size']} does not split over {tp_size} ranks"
+            f"{meta.padded_vocab_size} does not split over {tp_size} ranks"
         )
     return new_cfg
 
 
-def tensor_splits(meta: dict, cfg: Config) -> dict[str, ShardSpec]:
+def tensor_splits(meta: ModelMeta, cfg: Config) -> dict[str, ShardSpec]:
     """How each saved tensor splits over TP: as recorded, or (checkpoints written before the record
     existed) as the model built from the checkpoint's config splits it."""
-    if "splits" in meta:
-        return {name: _spec_from_json(value) for name, value in meta["splits"].items()}
+    if meta.splits is not None:
+        return dict(meta.splits)
     return _model_splits(cfg)
 
 
@@ -241,9 +220,9 @@ def iter_canonical_tensors(
     """Yield whole-model tensors one at a time, merged across the saved TP shards."""
     directory, meta, cfg = read_header(directory)
     splits = tensor_splits(meta, cfg)
-    handles = [safe_open(str(directory / shard_filename(r)), framework="pt") for r in range(meta["tp_size"])]
-    for name in names or list(meta["shapes"]):
-        if name not in meta["shapes"]:
+    handles = [safe_open(str(directory / shard_filename(r)), framework="pt") for r in range(meta.tp_size)]
+    for name in names or list(meta.shapes):
+        if name not in meta.shapes:
             raise CheckpointError(f"{directory}: no tensor '{name}'")
         yield name, splits[name].merge([h.get_tensor(name) for h in handles])
 
@@ -258,7 +237,7 @@ def load_into_model(directory: str | Path, model: torch.nn.Module, tp_rank: int,
     the model and mismatches are reported with the tensor's name."""
     directory, meta, cfg = read_header(directory)
     params = dict(model.named_parameters())
-    saved = set(meta["shapes"])
+    saved = set(meta.shapes)
     if set(params) != saved:
         missing, extra = sorted(set(params) - saved), sorted(saved - set(params))
         raise CheckpointError(
@@ -275,22 +254,22 @@ def load_into_model(directory: str | Path, model: torch.nn.Module, tp_rank: int,
 
 def _copy_shards(
     directory: Path,
-    meta: dict,
+    meta: ModelMeta,
     cfg: Config,
     params: dict[str, torch.nn.Parameter],
     tp_rank: int,
     tp_size: int,
 ) -> None:
     splits = tensor_splits(meta, cfg)
-    same_tp = meta["tp_size"] == tp_size
+    same_tp = meta.tp_size == tp_size
     handle = safe_open(str(directory / shard_filename(tp_rank)), framework="pt") if same_tp else None
     with torch.no_grad():
         for name, param in params.items():
             spec = splits[name]
             full_shape = list(spec.full_shape(param.shape, tp_size))
-            if full_shape != list(meta["shapes"][name]):
+            if full_shape != list(meta.shapes[name]):
                 raise CheckpointError(
-                    f"{directory}: '{name}' has shape {meta['shapes'][name]} in the checkpoint but "
+                    f"{directory}: '{name}' has shape {list(meta.shapes[name])} in the checkpoint but "
                     f"{full_shape} in the model built from the config"
                 )
             if same_tp:

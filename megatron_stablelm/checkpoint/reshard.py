@@ -32,6 +32,7 @@ from megatron_stablelm.checkpoint.layout import (
     iteration_dirname,
     iteration_of,
 )
+from megatron_stablelm.checkpoint.meta import ModelMeta
 from megatron_stablelm.checkpoint.model_files import (
     check_safetensors_file,
     config_at_tp_size,
@@ -52,20 +53,19 @@ def _files_by_kind(ckpt: Path) -> dict[str, list[str]]:
     return kinds
 
 
-def _resplit_model(ckpt: Path, out: Path, cfg: Config, tp: int, vocab: int) -> None:
-    splits = tensor_splits(read_header(ckpt)[1], cfg)
+def _resplit_model(ckpt: Path, out: Path, meta: ModelMeta, cfg: Config, tp: int) -> None:
+    splits = tensor_splits(meta, cfg)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for name, full in iter_canonical_tensors(ckpt):
         for rank in range(tp):
             shards[rank][name] = splits[name].split(full, rank, tp)
-    vocab_size = read_header(ckpt)[1].get("vocab_size")
     for rank in range(tp):
-        write_model_files(out, cfg, rank, tp, shards[rank], vocab, vocab_size)
+        write_model_files(out, cfg, rank, tp, shards[rank], meta.padded_vocab_size, meta.vocab_size)
 
 
-def _resplit_optimizer(ckpt: Path, out: Path, meta: dict, cfg: Config, tp: int) -> int:
+def _resplit_optimizer(ckpt: Path, out: Path, meta: ModelMeta, cfg: Config, tp: int) -> int:
     """One optimizer file per new TP rank; returns the number of tensors."""
-    shards = OptimizerShards(ckpt, meta["tp_size"])
+    shards = OptimizerShards(ckpt, meta.tp_size)
     splits = tensor_splits(meta, cfg)
     per_rank: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for key in shards.keys:
@@ -110,7 +110,7 @@ def reshard_checkpoint(
     with StagedDirectory(dst, overwrite=force) as run:
         out = run / name
         out.mkdir()
-        _resplit_model(ckpt, out, new_cfg, tp, int(meta["padded_vocab_size"]))
+        _resplit_model(ckpt, out, meta, new_cfg, tp)
         if kept_optimizer:
             count = _resplit_optimizer(ckpt, out, meta, cfg, tp)
             log(f"optimizer state: {count} tensors resharded to TP={tp}")
@@ -128,7 +128,7 @@ def reshard_checkpoint(
             log(f"skipped unknown file {unknown}")
         if state is not None:
             state["has_optimizer"] = bool(state.get("has_optimizer")) and kept_optimizer
-            state["resharded_from"] = {"path": str(ckpt), "tp_size": meta["tp_size"]}
+            state["resharded_from"] = {"path": str(ckpt), "tp_size": meta.tp_size}
             state["tp_size"] = tp
             (out / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=1))
         write_latest(run, name)

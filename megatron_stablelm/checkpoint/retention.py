@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from megatron_stablelm.checkpoint.layout import LATEST_FILE, META_FILE, iteration_of
+from megatron_stablelm.checkpoint.layout import LATEST_FILE, META_FILE, iteration_of, retired_name
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
@@ -33,7 +33,7 @@ def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     )
     doomed = [path for _, path in older[: max(len(older) - (keep - 1), 0)]]
     for path in doomed:
-        hidden = path.with_name(f".{path.name}.old-{os.getpid()}")
+        hidden = path.with_name(retired_name(path.name))
         os.rename(path, hidden)
         shutil.rmtree(hidden, ignore_errors=True)
     return doomed

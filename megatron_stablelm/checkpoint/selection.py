@@ -32,6 +32,7 @@ from megatron_stablelm.checkpoint.layout import (
     rng_filename,
     shard_filename,
 )
+from megatron_stablelm.checkpoint.meta import ModelMeta
 from megatron_stablelm.checkpoint.model_files import read_header, safetensors_header
 from megatron_stablelm.checkpoint.optimizer_files import (
     file_fragments,
@@ -47,7 +48,7 @@ class CheckpointInfo:
     """A checkpoint found fit for a config; everything needed to decide before building anything."""
 
     path: Path
-    meta: dict
+    meta: ModelMeta
     config: Config
     train_state: dict | None  # None: weights only (e.g. converted from Hugging Face)
     warnings: list[str] = field(default_factory=list)
@@ -128,10 +129,10 @@ def checkpoint_for_config(cfg: Config, path: str | Path, padded_vocab: int | Non
                 + "; ".join(diffs)
                 + " (set no_checkpoint_arg_validation: true only if you know the shapes still match)"
             )
-    if padded_vocab is not None and meta["padded_vocab_size"] != padded_vocab:
+    if padded_vocab is not None and meta.padded_vocab_size != padded_vocab:
         raise CheckpointError(
-            f"{directory}: the checkpoint's padded vocabulary is {meta['padded_vocab_size']} rows but the "
-            f"config gives {padded_vocab} (set padded_vocab_size: {meta['padded_vocab_size']})"
+            f"{directory}: the checkpoint's padded vocabulary is {meta.padded_vocab_size} rows but the "
+            f"config gives {padded_vocab} (set padded_vocab_size: {meta.padded_vocab_size})"
         )
     state = read_train_state(directory)
     if state is not None and state.get("has_optimizer"):
@@ -151,13 +152,13 @@ def checkpoint_for_config(cfg: Config, path: str | Path, padded_vocab: int | Non
     return info
 
 
-def _check_optimizer_files(directory: Path, meta: dict, state: dict) -> None:
+def _check_optimizer_files(directory: Path, meta: ModelMeta, state: dict) -> None:
     """From the headers alone: every TP rank's optimizer files hold, for each parameter of this
     checkpoint and each saved state key, that rank's model-shard shape exactly (one whole tensor, or
     fragments that tile it once): an optimizer file from another model, run or DP size is named here,
     not met as a shape error mid-load."""
     keys = state.get("optimizer_keys") or []
-    for tp_rank in range(meta["tp_size"]):
+    for tp_rank in range(meta.tp_size):
         files = optim_files(directory, tp_rank)
         if not files:
             raise CheckpointError(f"{directory}: optimizer files for TP rank {tp_rank} are missing")

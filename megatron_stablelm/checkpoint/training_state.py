@@ -335,7 +335,7 @@ def load_model_weights(info: CheckpointInfo, model: torch.nn.Module) -> None:
 
 
 def _restore_optimizer(info: CheckpointInfo, engine: EngineState, state: dict[str, Any]) -> None:
-    shards = OptimizerShards(info.path, info.meta["tp_size"])
+    shards = OptimizerShards(info.path, info.meta.tp_size)
     splits = tensor_splits(info.meta, info.config)
     engine.prepare_state(int(state["adam_step"]))
     keys = [k for k in state["optimizer_keys"] if engine.accepts_state_key(k)]

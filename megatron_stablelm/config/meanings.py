@@ -84,6 +84,7 @@ MEANINGS: dict[str, str] = {
     "seed": "seed of initialisation, data order and dropout",
     "max_nonfinite_steps": "abort after this many skipped (non-finite) steps in a row",
     "spike_loss_ratio": "skip the update of a step whose loss exceeds this multiple of its running mean (span 9); unset: off",
+    "spike_grad_norm_ratio": "count a step whose gradient norm exceeds this multiple of its running mean as a spike toward a rollback (its update is already applied); unset: off",
     "spike_rollback_skips": "after this many spike skips within spike_rollback_window iterations, roll back to the last checkpoint and skip the data since; unset: off",
     "spike_rollback_window": "iterations over which spike skips are counted for a rollback",
     "skip_train_iteration_range": "iterations whose batches are read and dropped without an update, e.g. ['101-200', '251-300'] (Megatron-DeepSpeed)",

@@ -135,6 +135,7 @@ class Config:
     max_nonfinite_steps: int = non_negative(10, zero_means="never aborts")  # skipped steps in a row
     watchdog_timeout: float = non_negative(1800.0, zero_means="turns the hang watchdog off")  # seconds
     spike_loss_ratio: float | None = positive()  # skip an update whose loss exceeds this x its running mean
+    spike_grad_norm_ratio: float | None = positive()  # a gradient norm above this x its running mean
     spike_rollback_skips: int | None = positive()  # this many spike skips within the window: roll back
     spike_rollback_window: int = positive(100)  # iterations
     skip_train_iteration_range: list | None = None  # ["A-B", ...]: iterations whose batches are dropped

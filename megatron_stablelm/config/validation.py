@@ -338,8 +338,10 @@ def _check_long_run(check: _Checker) -> None:
             "cannot be used with fp16: a skipped spike goes through the overflow path, which fp16's loss "
             "scaler would count as an overflow (use bf16)",
         )
-    if cfg.spike_rollback_skips and not cfg.spike_loss_ratio:
-        check.fail("spike_rollback_skips", "counts spike skips: set spike_loss_ratio too")
+    if cfg.spike_grad_norm_ratio is not None and cfg.spike_grad_norm_ratio <= 1:
+        check.fail("spike_grad_norm_ratio", f"must exceed 1, got {cfg.spike_grad_norm_ratio}")
+    if cfg.spike_rollback_skips and not (cfg.spike_loss_ratio or cfg.spike_grad_norm_ratio):
+        check.fail("spike_rollback_skips", "counts spikes: set spike_loss_ratio or spike_grad_norm_ratio too")
     from megatron_stablelm.training.spikes import parse_iteration_ranges
 
     try:

@@ -76,7 +76,12 @@ def format_mixture_report(plan: SplitPlan, seq_length: int, warn_epochs: float) 
         f"  {'total':<{width}}  {data_total:>17,}  {100.0:>6.2f}  {1.0:>7.4f}  {planned_total:>17,}  {overall:>7.2f}"
     )
     for r in rows:
-        if r.warn:
+        if r.tokens <= seq_length:  # a truncated or nearly empty shard, most likely
+            lines.append(
+                f"WARNING: '{r.source}' holds {r.tokens:,} tokens in the {plan.name} split, fewer than one "
+                f"sample ({seq_length + 1} tokens): every sample repeats it within itself"
+            )
+        elif r.warn:
             lines.append(
                 f"WARNING: '{r.source}' will be repeated {r.epochs:.2f} times (> mixture_epochs_warning="
                 f"{warn_epochs:g})"

@@ -34,6 +34,7 @@ class StepRecord:
     tokens: int
     skipped: bool
     spike: bool = False  # skipped because its loss spiked (spikes.py), not because it was non-finite
+    grad_spike: bool = False  # applied, but its gradient norm spiked (counts toward a rollback)
 
 
 @dataclass

@@ -112,6 +112,7 @@ class TrainState:
     nonfinite_iterations: int = 0
     nonfinite_in_a_row: int = 0
     spike_skips: int = 0  # updates skipped because the loss spiked (spikes.py)
+    grad_norm_spikes: int = 0  # applied updates whose gradient norm spiked
     data_skipped_iterations: int = 0  # iterations of a skip window: batches read and dropped
 
     def as_dict(self) -> dict[str, int]:
@@ -180,9 +181,13 @@ class Trainer:
         fault_hook: FaultHook | None = None,
         stop: StopRequest | None = None,
         resume: ResumePlan | None = None,
+        layout: BatchLayout | None = None,
     ) -> None:
         self.cfg = cfg
-        self.resume = resume  # where the run starts, when the caller (train.py) has decided it already
+        # What train.py already decided before the heavy imports (config validated, batch layout at this
+        # world size, where the run starts): handed over, so the preflight does not check it twice.
+        self.resume = resume
+        self._checked_layout = layout
         self.make_data = make_data
         self.padded_vocab = padded_vocab
         self._log = log
@@ -219,8 +224,9 @@ class Trainer:
         checkpoint to load (existence, completeness, architecture). Raises ConfigError/CheckpointError."""
         cfg = self.cfg
         _, world = world_from_env()
-        validate_config(cfg, training=True)
-        self.layout = validate_layout(cfg, world)
+        if self._checked_layout is None:
+            validate_config(cfg, training=True)
+        self.layout = self._checked_layout or validate_layout(cfg, world)
         if self.layout.accumulation != cfg.gradient_accumulation_steps:
             self.log(
                 f"[setup] gradient_accumulation_steps = {self.layout.accumulation}, derived from train_batch_size"
@@ -231,7 +237,12 @@ class Trainer:
             self.skip_windows = parse_iteration_ranges(cfg.skip_train_iteration_range)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        self.spikes = SpikeGuard(cfg.spike_loss_ratio, cfg.spike_rollback_skips, cfg.spike_rollback_window)
+        self.spikes = SpikeGuard(
+            cfg.spike_loss_ratio,
+            cfg.spike_rollback_skips,
+            cfg.spike_rollback_window,
+            cfg.spike_grad_norm_ratio,
+        )
         if cfg.padded_vocab_size is None and self.padded_vocab % cfg.model_parallel_size:
             raise ConfigError(
                 f"padded vocab {self.padded_vocab} is not divisible by TP={cfg.model_parallel_size}"
@@ -429,6 +440,15 @@ class Trainer:
         if nonfinite and outcome.applied:
             self.log(f"[train] WARNING: iteration {step_number}: non-finite loss but the update was applied")
         self._count_step(step_number, outcome.applied, nonfinite, nonfinite_loss, outcome.grad_norm)
+        grad_spike = outcome.applied and self.spikes.is_grad_spike(step_number, outcome.grad_norm)
+        if grad_spike:
+            self.state.grad_norm_spikes += 1
+            self.log(
+                f"[train] iteration {step_number}: gradient norm {outcome.grad_norm:.4g} is "
+                f"{outcome.grad_norm / self.spikes.grad_ewm:.2f}x its running mean (spike_grad_norm_ratio "
+                f"{self.cfg.spike_grad_norm_ratio:g}); the update was applied (the norm comes with it) and "
+                "counts toward a rollback"
+            )
         return StepRecord(
             iteration=step_number,
             loss=mean_loss,
@@ -439,6 +459,7 @@ class Trainer:
             tokens=self.layout.global_batch * self.cfg.seq_length,
             skipped=not outcome.applied,
             spike=spike,
+            grad_spike=grad_spike,
         )
 
     def _count_spike(self, step_number: int, loss: float) -> None:
@@ -545,9 +566,7 @@ class Trainer:
             if self.rank == 0:
                 start_over.apply(self.log)
             self.resume.start_over = None
-        vocab_size = (
-            self.checkpoint.meta.get("vocab_size") if self.checkpoint else None
-        )  # kept from an import
+        vocab_size = self.checkpoint.meta.vocab_size if self.checkpoint else None  # kept from an import
         args = (
             self.cfg.save,
             self.engine,
@@ -712,7 +731,7 @@ class Trainer:
             result.lrs[rec.iteration] = rec.lr
             self.metrics.record(rec)
         self.watchdog.beat(f"iteration {rec.iteration}")
-        if rec.spike and self.spikes.should_roll_back(rec.iteration):
+        if (rec.spike or rec.grad_spike) and self.spikes.should_roll_back(rec.iteration):
             self._roll_back(result)
             return False
         limit = self.cfg.max_nonfinite_steps

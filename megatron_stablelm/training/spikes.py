@@ -2,6 +2,8 @@
 
 Large runs spike. Two remedies from the literature, both off by default here:
 
+* **Gradient-norm spikes** (``spike_grad_norm_ratio``, same running mean): the norm is known only
+  after the update, so such a step is logged and counted toward a rollback rather than skipped.
 * **Skip the step** (metaseq's ``ewm_ratio_to_skip_batch``, off by default there too): the step's loss
   (token mean over every DP rank, so every rank decides alike) is compared with an exponentially
   weighted mean of the previous steps' losses, span 9 (metaseq's); above ``spike_loss_ratio`` times that
@@ -28,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_stablelm.checkpoint.layout import SKIP_WINDOWS_FILE
+from megatron_stablelm.checkpoint.layout import SKIP_WINDOWS_FILE, staging_name
 
 EWM_SPAN = 9  # metaseq's span for its loss mean
 
@@ -56,15 +58,30 @@ def in_ranges(iteration: int, ranges: list[tuple[int, int]]) -> bool:
     return any(a <= iteration <= b for a, b in ranges)
 
 
+def _exceeds(mean: float | None, value: float, ratio: float) -> tuple[bool, float]:
+    """(whether ``value`` spikes above ``ratio`` × ``mean``, the mean it leaves): a spike does not move
+    the mean (metaseq's rule); anything else joins it with span :data:`EWM_SPAN`."""
+    if mean is not None and value > ratio * mean:
+        return True, mean
+    alpha = 2.0 / (EWM_SPAN + 1)
+    return False, value if mean is None else (1 - alpha) * mean + alpha * value
+
+
 @dataclass
 class SpikeGuard:
-    """The decision, on values every rank shares (so every rank takes the same branch)."""
+    """The decision, on values every rank shares (so every rank takes the same branch).
+
+    The loss is known before the update, so a loss spike skips it. The gradient norm is known only
+    once DeepSpeed has stepped (ZeRO computes it inside its optimizer step), so a gradient-norm spike
+    cannot be skipped: it is logged and counted toward the rollback, which undoes it."""
 
     ratio: float | None
     rollback_skips: int | None = None
     rollback_window: int = 100
+    grad_ratio: float | None = None
     ewm: float | None = None  # running mean of the accepted steps' losses
-    recent_skips: list[int] = field(default_factory=list)  # iterations skipped as spikes
+    grad_ewm: float | None = None  # running mean of the accepted steps' gradient norms
+    recent_skips: list[int] = field(default_factory=list)  # iterations that spiked (toward a rollback)
 
     @property
     def enabled(self) -> bool:
@@ -74,23 +91,31 @@ class SpikeGuard:
         """Whether the step's loss spikes; otherwise it joins the running mean."""
         if not self.enabled:
             return False
-        if self.ewm is not None and loss > self.ratio * self.ewm:
+        spike, self.ewm = _exceeds(self.ewm, loss, self.ratio)
+        if spike:
             self.recent_skips.append(iteration)
-            return True
-        alpha = 2.0 / (EWM_SPAN + 1)
-        self.ewm = loss if self.ewm is None else (1 - alpha) * self.ewm + alpha * loss
-        return False
+        return spike
+
+    def is_grad_spike(self, iteration: int, grad_norm: float | None) -> bool:
+        """Whether an applied step's gradient norm spiked (``spike_grad_norm_ratio``)."""
+        if not self.grad_ratio or grad_norm is None or grad_norm != grad_norm:  # off, or NaN
+            return False
+        spike, self.grad_ewm = _exceeds(self.grad_ewm, grad_norm, self.grad_ratio)
+        if spike and iteration not in self.recent_skips:
+            self.recent_skips.append(iteration)
+        return spike
 
     def should_roll_back(self, iteration: int) -> bool:
         self.recent_skips = [i for i in self.recent_skips if i > iteration - self.rollback_window]
         return bool(self.rollback_skips) and len(self.recent_skips) >= self.rollback_skips
 
     def state_dict(self) -> dict:
-        return {"ewm": self.ewm, "recent_skips": list(self.recent_skips)}
+        return {"ewm": self.ewm, "grad_ewm": self.grad_ewm, "recent_skips": list(self.recent_skips)}
 
     def load_state_dict(self, state: dict | None) -> None:
         state = state or {}
         self.ewm = state.get("ewm")
+        self.grad_ewm = state.get("grad_ewm")
         self.recent_skips = [int(i) for i in state.get("recent_skips", [])]
 
 
@@ -112,6 +137,6 @@ def record_skip_window(run_dir: str | Path, window: tuple[int, int], reason: str
     entries.append(
         {"first": window[0], "last": window[1], "reason": reason, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     )
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(staging_name(path.name))
     tmp.write_text(json.dumps(entries, indent=1) + "\n")
     tmp.replace(path)
