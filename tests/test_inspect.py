@@ -106,3 +106,23 @@ def test_inspect_without_tokenizer_needs_vocab(tmp_path):
     assert proc.returncode == 2 and "padded_vocab_size" in proc.stderr and "missing.json" in proc.stderr
     proc = run_inspect(str(cfg), "--padded-vocab-size", "512")
     assert proc.returncode == 0 and "padded vocab:        512" in proc.stdout
+
+
+def test_the_estimate_uses_the_zero_stage_the_trainer_runs():
+    """bf16 always runs under ZeRO (stage 1 at least): a config asking for stage 0 is estimated at the
+    stage it gets, its optimizer state split over DP (the estimate used the requested stage)."""
+    import dataclasses
+
+    from megatron_stablelm.inspect import estimate_memory
+
+    cfg = load_config([ROOT / "configs" / "stablelm-2-1_6b.yml"], report_ignored=False)
+    asked_0 = dataclasses.replace(cfg, zero_optimization={**(cfg.zero_optimization or {}), "stage": 0})
+    assert asked_0.params_dtype_name == "bf16" and asked_0.effective_zero_stage == 1
+    stage_1 = dataclasses.replace(cfg, zero_optimization={**(cfg.zero_optimization or {}), "stage": 1})
+    assert (
+        estimate_memory(asked_0, 100352, dp=8).optimizer == estimate_memory(stage_1, 100352, dp=8).optimizer
+    )
+    assert (
+        estimate_memory(asked_0, 100352, dp=8).optimizer * 8
+        == estimate_memory(asked_0, 100352, dp=1).optimizer
+    )
