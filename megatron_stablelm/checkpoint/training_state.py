@@ -255,9 +255,17 @@ def save_training_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory."""
     root = Path(root)
-    staged = _begin(root, int(train_state["iteration"]))
-    snap = take_snapshot(engine, cfg, (padded_vocab, vocab_size), train_state)
+    staged, snap = _begin_snapshot(root, engine, cfg, (padded_vocab, vocab_size), train_state)
     return _publish(root, staged, snap.iteration, _write_failure(staged.tmp, snap))
+
+
+def _begin_snapshot(
+    root: Path, engine: EngineState, cfg: Config, vocab: tuple[int, int | None], train_state: dict[str, Any]
+) -> tuple[StagedDirectory, Snapshot]:
+    """The part of a save that holds the step, synchronous or not: the staging directory opened
+    (collective) and this rank's share copied to host memory."""
+    staged = _begin(root, int(train_state["iteration"]))
+    return staged, take_snapshot(engine, cfg, vocab, train_state)
 
 
 class AsyncCheckpointWriter:
@@ -293,8 +301,7 @@ class AsyncCheckpointWriter:
             raise RuntimeError("a save is already in flight: poll(wait=True) first")
         self._root = Path(root)
         self.started = time.perf_counter()
-        self._staged = _begin(self._root, int(train_state["iteration"]))
-        snap = take_snapshot(engine, cfg, (padded_vocab, vocab_size), train_state)
+        self._staged, snap = _begin_snapshot(self._root, engine, cfg, (padded_vocab, vocab_size), train_state)
         self._iteration, self._failure = snap.iteration, None
 
         def write() -> None:

@@ -274,12 +274,12 @@ class TrainingEngine:
         param = self._params[name]
         if not self._master:
             value = param if key == MASTER_KEY else self.optimizer.state[param][key]
-            return 0, value.detach().float().reshape(-1).cpu().clone()
+            return 0, value.detach().float().reshape(-1).to("cpu", copy=True)
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:
             return None
         fragment = mapping.get_hp_fragment(None if key == MASTER_KEY else key)
-        return mapping.lp_fragment_address.start, fragment.detach().float().reshape(-1).cpu().clone()
+        return mapping.lp_fragment_address.start, fragment.detach().float().reshape(-1).to("cpu", copy=True)
 
     def set_state(self, name: str, key: str, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
